@@ -1,0 +1,67 @@
+"""One attention function with interchangeable backends.
+
+``sdpa`` uses PyTorch's fused kernels (flash / memory-efficient on GPU, fused on CPU), ``xformers`` the
+memory-efficient CUDA kernels of xformers, ``math`` the plain reference. ``auto`` picks xformers on CUDA tensors
+when it is installed, else sdpa. Callers pass ``dropout_p`` only in training mode (``p if self.training else 0``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if backend == "xformers":
+        if device.type != "cuda":
+            raise ValueError(
+                "attention backend 'xformers' runs on CUDA tensors only; use backend='sdpa' (or 'auto') on "
+                f"{device.type}"
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise ValueError("attention backend 'xformers' needs the xformers package: pip install 'neurotransfer[cuda]'")
+    return backend
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Reference attention, softmax accumulated in float32 whatever the input dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    attn = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, h, N, N)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    return (attn @ v.float()).to(q.dtype)
+
+
+def scaled_dot_product(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v on ``(B, heads, N, head_dim)`` tensors; returns ``(B, heads, N, head_dim)``."""
+    if q.ndim != 4:
+        raise ValueError(f"attention expects (B, heads, N, head_dim) tensors, got shape {tuple(q.shape)}")
+    backend = resolve_backend(backend, q.device)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        # xformers wants (B, N, heads, head_dim)
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p
+        )
+        return out.transpose(1, 2)
+    return math_attention(q, k, v, dropout_p)
