@@ -1,0 +1,81 @@
+"""Configs: dataclass defaults ⊕ YAML file ⊕ ``key=value`` overrides (OmegaConf), resolved and saved with the run.
+
+The schema is a dataclass (typed fields, one comment per field), so a wrong key or a value of the wrong type is an
+error naming the key, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import ConfigError
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        where = f"key '{key}'" if key else "a key"
+        raise ConfigError(f"{source}: {where} is not valid: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def load_config(schema: type | Any, file: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Defaults from ``schema`` (a dataclass type or instance), then the YAML ``file``, then ``key=value`` overrides.
+
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and where it came from.
+    """
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        cfg = _merge(cfg, loaded, str(path))
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config does not resolve: {e}") from None
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The config as its schema's dataclass instance (typed attribute access)."""
+    return OmegaConf.to_object(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg), resolve=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
