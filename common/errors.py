@@ -21,6 +21,10 @@ class DataError(NeurotransferError, ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
 
+    def __reduce__(self):
+        # DataLoader workers pickle exceptions to the main process: rebuild from both arguments, not the message.
+        return (type(self), (self.path, self.problem))
+
 
 class CheckpointError(NeurotransferError, ValueError):
     """A checkpoint or weight file cannot be read or does not fit the model."""

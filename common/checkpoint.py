@@ -1,0 +1,261 @@
+"""Encoder export/import as safetensors + JSON metadata, atomic writes, and pickle-free ``.pt`` reading.
+
+An export is one ``.safetensors`` file: the backbone's state dict plus, in the safetensors header under the
+key ``neurotransfer``, a JSON object with ``arch`` (``model.arch``: the registry name and kwargs that
+rebuild it), ``input_size``, ``spacing``, ``intensity`` and free-form provenance (``corpus``,
+``objective``, ``step``, ``manifest_hash`` …); ``package_version`` is added automatically. Nothing here
+unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import common
+from common.errors import CheckpointError
+
+METADATA_KEY = "neurotransfer"
+# Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
+REQUIRED_METADATA = ("input_size", "spacing", "intensity")
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    The temporary name ends with the target's own name, so writers that pick a format from the suffix
+    (``.nii.gz``, ``.safetensors``) behave as for the target. On an exception the temporary file is removed
+    and an existing ``path`` is left untouched. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise CheckpointError(f"atomic write of {path}: nothing was written to the temporary file {tmp}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS/filesystem, where it is skipped.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def manifest_hash(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes: provenance of the data manifest a model was trained on."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: cannot hash the manifest, the file does not exist")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ .pt / .pth
+def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``.
+
+    A file that needs full pickle (custom classes, numpy arrays, ...) is refused with a ``CheckpointError``:
+    unpickling can run arbitrary code, so the project never does it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"\bGLOBAL ([\w.]+)", str(e))
+        what = f" (it contains {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: this file needs full pickle to load{what} and is refused, because unpickling can run "
+            "arbitrary code. Re-save it as a plain state dict of tensors "
+            "(torch.save(model.state_dict(), ...)) or as safetensors."
+        ) from e
+    except Exception as e:  # a truncated zip, a text file, ...
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+# --------------------------------------------------------------------------------------------- strict loading
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``state`` into ``model``; missing/unexpected keys or shape mismatches raise ``CheckpointError``.
+
+    All problems are listed at once, and nothing is loaded unless everything fits.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model — " + " | ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Size):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _model_arch(model: nn.Module) -> dict:
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, Mapping) or "name" not in arch:
+        raise CheckpointError(
+            f"cannot export a {type(model).__name__}: it has no `arch` dict "
+            "({'name': ..., 'kwargs': {...}}); build backbones with common.models.create_backbone so they "
+            "can be rebuilt from the export"
+        )
+    return {"name": arch["name"], "kwargs": dict(arch.get("kwargs", {}))}
+
+
+def export_backbone(model: nn.Module, path: str | Path, metadata: Mapping[str, Any]) -> Path:
+    """Write ``model``'s weights and ``metadata`` to the safetensors file ``path`` (atomically).
+
+    ``metadata`` must hold ``input_size``, ``spacing`` and ``intensity`` (``input_size`` may be left out when
+    the model has an ``img_size``); anything else JSON-serialisable is kept as provenance. ``arch`` is taken
+    from ``model.arch`` and ``package_version`` from ``common.__version__``. Returns ``path``.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: an export must be a .safetensors file")
+    meta = dict(metadata)
+    arch = _model_arch(model)
+    if "arch" in meta and _roundtrip(meta["arch"]) != _roundtrip(arch):
+        raise CheckpointError(
+            f"{path}: metadata['arch'] = {meta['arch']} disagrees with the model's own arch {arch}; "
+            "leave it out"
+        )
+    meta["arch"] = arch
+    if "input_size" not in meta and getattr(model, "img_size", None) is not None:
+        meta["input_size"] = model.img_size
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path}: export metadata lacks {', '.join(missing)}; pass them so a fine-tune can preprocess "
+            "inputs the way the encoder was trained"
+        )
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None and _size3(meta["input_size"]) != _size3(img_size):
+        raise CheckpointError(
+            f"{path}: metadata input_size {meta['input_size']} differs from the model's img_size {img_size}; "
+            "the export would describe inputs the model was not built for"
+        )
+    meta["package_version"] = common.__version__
+    try:
+        header = json.dumps(meta, default=_jsonable, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: export metadata is not JSON serialisable ({e})") from e
+
+    # clone + contiguous: tied/shared tensors (and views) become independent, as safetensors requires.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={METADATA_KEY: header})
+    return path
+
+
+def _size3(size: Any) -> list[int]:
+    return [int(size)] * 3 if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+
+
+def _roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_jsonable, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------ import
+def read_export_metadata(path: str | Path) -> dict:
+    """The metadata dict of an export, read from the safetensors header without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such export file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            f"{path}: a safetensors file without neurotransfer metadata, so not an export of "
+            "common.checkpoint; import foreign weights through finetune's weight import instead"
+        )
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the neurotransfer metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict) or "name" not in meta["arch"]:
+        raise CheckpointError(f"{path}: the neurotransfer metadata has no arch {{'name', 'kwargs'}}")
+    return meta
+
+
+def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, metadata)`` of an export, for callers that adapt weights before loading them."""
+    meta = read_export_metadata(path)
+    try:
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the tensors ({e})") from e
+    return state, meta
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the exported backbone with ``common.models.create_backbone`` and load its weights strictly."""
+    from common import models  # imported here: models import nothing from checkpoint, keep it that way
+
+    state, meta = read_export(path, device="cpu")
+    name = meta["arch"]["name"]
+    try:
+        model = models.create_backbone(name, **meta["arch"].get("kwargs", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild backbone {name!r} from the export's arch ({e})") from e
+    load_state_dict_strict(model, state, path)
+    return model.to(device), meta
