@@ -54,12 +54,3 @@ def test_save_roundtrip(tmp_path):
     assert load_config(Run, out).steps == 7
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]
 
-
-def test_data_error_survives_pickling():
-    # DataLoader workers send exceptions to the main process by pickling them
-    import pickle
-
-    from common.errors import DataError
-
-    e = pickle.loads(pickle.dumps(DataError("/x/a.nii.gz", "has NaN")))
-    assert isinstance(e, DataError) and str(e) == "/x/a.nii.gz: has NaN" and e.problem == "has NaN"
