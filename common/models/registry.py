@@ -1,0 +1,68 @@
+"""The one backbone registry: names to factories, and the ``arch`` record that rebuilds a model.
+
+Model files register their factories with ``@register_backbone(name)``; importing ``common.models`` imports
+them all, so ``create_backbone`` sees every name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.nn as nn
+
+from common.errors import ConfigError
+
+Factory = Callable[..., nn.Module]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register_backbone(name: str) -> Callable[[Factory], Factory]:
+    """Decorator registering ``factory(img_size, in_chans, **kwargs) -> nn.Module`` under ``name``."""
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered (by {_REGISTRY[name].__module__})")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _json_ready(value: Any) -> Any:
+    """Tuples as lists, so ``arch`` survives a JSON round trip (checkpoint metadata) unchanged."""
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
+
+
+def create_backbone(
+    name: str, img_size: int | Sequence[int] = 96, in_chans: int = 1, **kwargs: Any
+) -> nn.Module:
+    """Build backbone ``name`` for ``img_size`` (int or (D, H, W)) volumes with ``in_chans`` channels.
+
+    The model's ``arch`` attribute records ``{"name": name, "kwargs": {img_size, in_chans, **kwargs}}``
+    (tuples as lists, JSON-ready) so that ``create_backbone(arch["name"], **arch["kwargs"])`` rebuilds the
+    same architecture.
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    model = _REGISTRY[name](img_size=img_size, in_chans=in_chans, **kwargs)
+    model.arch = {"name": name, "kwargs": _json_ready({"img_size": img_size, "in_chans": in_chans, **kwargs})}
+    return model
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any], accepted: frozenset[str]) -> None:
+    """Raise a ConfigError naming the backbone when ``kwargs`` has keys its factory does not take."""
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"backbone {name!r} got unknown keyword argument(s) {unknown}; it accepts {sorted(accepted)}"
+        )
