@@ -33,7 +33,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"{device.type}"
             )
         if importlib.util.find_spec("xformers") is None:
-            raise ValueError("attention backend 'xformers' needs the xformers package: pip install 'neurotransfer[cuda]'")
+            raise ValueError(
+                "attention backend 'xformers' needs the xformers package: pip install 'neurotransfer[cuda]'"
+            )
     return backend
 
 
