@@ -27,13 +27,27 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {where} is not valid: {e.msg if hasattr(e, 'msg') else e}") from None
 
 
+def _open_mappings(node: DictConfig) -> None:
+    """Struct mode closes every node; free-form mappings (fields typed ``dict[...]`` or ``Any``, such as a
+    backbone's kwargs) must take new keys, so only the dataclass-typed nodes stay closed."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type in (dict, None):
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_mappings(child)
+
+
 def load_config(schema: type | Any, file: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults from ``schema`` (a dataclass type or instance), then the YAML ``file``, then ``key=value`` overrides.
 
-    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and where it came from.
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and where it came from;
+    fields typed as plain mappings (``dict[str, Any]``) accept any key.
     """
-    cfg = OmegaConf.structured(schema)
+    cfg = schema if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    _open_mappings(cfg)
     if file is not None:
         path = Path(file)
         if not path.is_file():

@@ -54,3 +54,17 @@ def test_save_roundtrip(tmp_path):
     assert load_config(Run, out).steps == 7
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]
 
+
+
+@dataclass
+class Model:
+    name: str = "vit"
+    kwargs: dict = field(default_factory=dict)
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_free_form_mapping_takes_new_keys_but_typed_nodes_stay_closed():
+    cfg = load_config(Model, None, ["kwargs.depth=2", "kwargs.patch_size=[2,16,16]"])
+    assert cfg.kwargs.depth == 2 and list(cfg.kwargs.patch_size) == [2, 16, 16]
+    with pytest.raises(ConfigError, match="optim.momentum"):
+        load_config(Model, None, ["optim.momentum=0.9"])
