@@ -1,0 +1,178 @@
+"""The generator's settings: one typed dataclass tree, defaults in ``configs/synth/default.yaml``.
+
+Every effect size is a config value so a study can make disease effects stronger or weaker without code
+changes. Distances are millimetres; intensities are on the output scale [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.errors import ConfigError
+
+CONTRASTS = ("t1", "random")
+TASKS = ("ad", "pd", "brain_age")
+NOISE_TYPES = ("rician", "gaussian")
+
+
+def _tuples(obj: object, names: tuple[str, ...]) -> None:
+    # OmegaConf hands sequences back as lists; keep the tuples the types say (configs then compare equal)
+    for name in names:
+        setattr(obj, name, tuple(float(v) for v in getattr(obj, name)))
+
+
+@dataclass
+class AffineConfig:
+    """Random rigid + scaling pose of each subject's head relative to the template."""
+
+    rotation_deg: float = 8.0  # max absolute rotation about each axis (uniform)
+    scaling: float = 0.04  # per-axis scale factor drawn from 1 ± scaling (head shape)
+    mean_head_scale: float = 0.95  # native brains are ~5 % smaller (linear) than the MNI152 template
+    head_size_sd: float = 0.04  # global (isotropic) log-scale sd: head size varies between people
+    sex_head_scale: float = 0.03  # males' heads +3 % linear size, females' -3 % (intracranial volume ~ ±9 %)
+    translation_mm: float = 3.0  # max absolute shift per axis; small so the brain stays inside the field of view
+
+
+@dataclass
+class NonlinearConfig:
+    """SynthSeg-style smooth diffeomorphism: low-resolution random velocity field, integrated."""
+
+    velocity_sd_mm: float = 2.0  # sd of the random velocity at its coarse control points
+    control_spacing_mm: float = 32.0  # spacing of those control points: larger = smoother shape changes
+    lattice_mm: float = 8.0  # lattice the random velocity is integrated on (it is smooth: coarse is exact enough)
+    integration_steps: int = 5  # scaling-and-squaring steps (2**steps Euler sub-steps)
+    grid_lattice_mm: float = 4.0  # lattice of the atrophy fields and the composed grid, upsampled to full res
+
+
+@dataclass
+class AtrophyConfig:
+    """Covariate-driven anatomy changes. ``*_mm`` values move region boundaries by about that many mm.
+
+    Ageing effects scale with ``((age - age_onset) / (age_max - age_onset)) ** age_exponent`` (0 at onset,
+    1 at ``age_max``, accelerating); disease effects add on top. Each subject's effects are multiplied by a
+    log-normal factor with sd ``individual_sd``, so two subjects with the same covariates differ.
+    """
+
+    age_onset: float = 20.0
+    age_max: float = 90.0
+    age_exponent: float = 1.5
+    ventricle_age_mm: float = 2.5  # lateral-ventricle enlargement reached at age_max
+    ventricle_ad_mm: float = 1.5  # extra enlargement in AD
+    ventricle_pd_mm: float = 0.2  # slight enlargement in PD
+    hippocampus_age_mm: float = 0.6  # hippocampal shrinkage reached at age_max
+    hippocampus_ad_mm: float = 1.1  # extra hippocampal (medial-temporal) shrinkage in AD
+    cortical_thinning_age: float = 0.5  # share of boundary grey matter turned to CSF at age_max
+    cortical_thinning_ad: float = 0.1  # extra global thinning in AD
+    temporal_thinning_ad: float = 0.35  # extra thinning of temporal-lobe cortex in AD
+    midbrain_pd_mm: float = 0.8  # midbrain / substantia-nigra shrinkage in PD
+    putamen_pd_mm: float = 0.6  # putamen shrinkage in PD
+    individual_sd: float = 0.25  # log-normal sd of each subject's effect multiplier
+    max_mm: float = 4.5  # cap on any boundary movement: keeps the (not integrated) atrophy warp fold-free
+
+
+@dataclass
+class ContrastConfig:
+    """Tissue intensities. ``t1``: WM > GM > CSF (jittered); ``random``: independent uniform tissue means."""
+
+    t1_csf: float = 0.18
+    t1_gm: float = 0.48
+    t1_wm: float = 0.78
+    t1_site_sd: float = 0.04  # sd of a site's shift of each tissue mean (scanner/sequence differences)
+    t1_subject_sd: float = 0.015  # sd of each subject's further shift
+    min_gap: float = 0.08  # t1 ordering is enforced with at least this gap between neighbouring tissues
+    random_low: float = 0.03  # range of a tissue mean under ``random``
+    random_high: float = 0.9
+    gamma_log_sd: float = 0.12  # log-sd of a gamma (contrast curve) change, SynthSeg style; 0 turns it off
+
+
+@dataclass
+class ScannerConfig:
+    """Ranges a site's (scanner's) profile is drawn from; a subject jitters around its site's profile."""
+
+    bias_sd: tuple[float, float] = (0.05, 0.25)  # sd of the log bias field (multiplicative intensity shading)
+    bias_control_spacing_mm: float = 48.0  # smoothness of the bias field
+    noise_sd: tuple[float, float] = (0.008, 0.035)  # noise sd on the [0, 1] intensity scale
+    rician_probability: float = 0.7  # share of sites with Rician (magnitude) noise, the rest Gaussian
+    inplane_mm: tuple[float, float] = (0.9, 1.4)  # acquired in-plane resolution (not finer than output)
+    slice_mm: tuple[float, float] = (1.0, 3.5)  # acquired slice thickness along one axis
+    subject_noise_log_sd: float = 0.15  # each subject's noise sd varies around the site's by this log-sd
+
+    def __post_init__(self) -> None:
+        _tuples(self, ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"))
+
+
+@dataclass
+class CohortConfig:
+    """Who is in a labelled cohort and a pre-training corpus."""
+
+    ad_age: tuple[float, float] = (55.0, 90.0)  # ages drawn uniformly in task ad (both groups)
+    pd_age: tuple[float, float] = (45.0, 85.0)  # ages in task pd
+    brain_age_age: tuple[float, float] = (20.0, 90.0)  # ages in task brain_age (all CN)
+    corpus_age: tuple[float, float] = (20.0, 90.0)  # ages in ``generate`` / the on-the-fly corpus
+    corpus_ad_fraction: float = 0.15  # share of AD subjects in the pre-training corpus
+    corpus_pd_fraction: float = 0.15  # share of PD subjects in the pre-training corpus
+
+    def __post_init__(self) -> None:
+        _tuples(self, ("ad_age", "pd_age", "brain_age_age", "corpus_age"))
+
+
+@dataclass
+class SynthConfig:
+    """Everything that decides a synthetic volume, apart from the seed and the subject's index."""
+
+    spacing: float = 1.0  # output voxel size in mm (isotropic)
+    shape_1mm: tuple[int, int, int] = (
+        160,
+        192,
+        160,
+    )  # field of view in voxels at 1 mm; scaled at other spacings
+    contrast: str = "t1"  # "t1" or "random"
+    affine: AffineConfig = field(default_factory=AffineConfig)
+    nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
+    atrophy: AtrophyConfig = field(default_factory=AtrophyConfig)
+    intensity: ContrastConfig = field(default_factory=ContrastConfig)
+    scanner: ScannerConfig = field(default_factory=ScannerConfig)
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+
+    def __post_init__(self) -> None:
+        self.shape_1mm = tuple(int(s) for s in self.shape_1mm)
+        validate(self)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Output (D, H, W) at ``spacing``: the 1 mm field of view scaled."""
+        return tuple(max(1, round(n / self.spacing)) for n in self.shape_1mm)
+
+
+def _range(name: str, value: tuple[float, float], low: float = 0.0) -> None:
+    if len(value) != 2 or not low <= value[0] <= value[1]:
+        raise ConfigError(f"synth config: {name} must be (low, high) with {low} <= low <= high, got {tuple(value)}")
+
+
+def validate(cfg: SynthConfig) -> None:
+    """Raise ConfigError naming the key when a value cannot work (checked before any volume is made)."""
+    if not cfg.spacing > 0:
+        raise ConfigError(f"synth config: spacing must be > 0 mm, got {cfg.spacing}")
+    if cfg.contrast not in CONTRASTS:
+        raise ConfigError(f"synth config: contrast must be one of {CONTRASTS}, got {cfg.contrast!r}")
+    if len(cfg.shape_1mm) != 3 or min(cfg.shape_1mm) < 8:
+        raise ConfigError(f"synth config: shape_1mm must be three sizes >= 8, got {cfg.shape_1mm}")
+    n = cfg.nonlinear
+    if min(n.lattice_mm, n.control_spacing_mm, n.grid_lattice_mm) <= 0:
+        raise ConfigError("synth config: nonlinear.lattice_mm, control_spacing_mm and grid_lattice_mm must be > 0")
+    if not 0 <= cfg.atrophy.max_mm <= 5.0:
+        raise ConfigError(
+            f"synth config: atrophy.max_mm must lie in [0, 5] (larger warps fold), got {cfg.atrophy.max_mm}"
+        )
+    if cfg.nonlinear.integration_steps < 0:
+        raise ConfigError("synth config: nonlinear.integration_steps must be >= 0")
+    s = cfg.scanner
+    for name in ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"):
+        _range(f"scanner.{name}", getattr(s, name))
+    for name in ("ad_age", "pd_age", "brain_age_age", "corpus_age"):
+        _range(f"cohort.{name}", getattr(cfg.cohort, name))
+    c = cfg.cohort
+    if c.corpus_ad_fraction < 0 or c.corpus_pd_fraction < 0 or c.corpus_ad_fraction + c.corpus_pd_fraction > 1:
+        raise ConfigError("synth config: cohort.corpus_ad_fraction + corpus_pd_fraction must lie in [0, 1]")
+    if not 0 <= cfg.intensity.random_low < cfg.intensity.random_high <= 1:
+        raise ConfigError("synth config: intensity.random_low < intensity.random_high must lie in [0, 1]")

@@ -1,0 +1,109 @@
+"""Render a subject plan into a volume: warp the anatomy once, then add the scanner's artefacts.
+
+Per volume: template-space image (one matrix product over 5 tissue channels) -> lattice fields (pose,
+integrated random velocity, atrophy displacement; bias) -> one trilinear upsample of (grid, bias) -> one
+``grid_sample`` -> bias, acquisition resolution, noise, gamma -> clip to [0, 1]. Labels (optional) take one
+nearest ``grid_sample``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synth.anatomy import BRAIN_CENTRE_MM, anatomy_at, output_affine
+from synth.artefacts import acquire, log_bias_field
+from synth.atrophy import atrophy_basis, atrophy_displacement, template_lattice
+from synth.config import SynthConfig
+from synth.contrast import form_image, source_weights
+from synth.deformation import Lattice, compose_grid, integrate, random_pose, random_velocity
+from synth.regions import CSF, GM, WM
+from synth.resize import resize
+from synth.subject import SubjectPlan
+
+
+@dataclass
+class SyntheticVolume:
+    image: torch.Tensor  # (1, D, H, W) float32 in [0, 1]
+    labels: torch.Tensor | None  # (D, H, W) uint8, synth.regions.LABELS
+    affine: np.ndarray  # (4, 4) RAS+ voxel -> mm
+    plan: SubjectPlan
+    head_scale: float
+
+
+def head_scale(cfg: SynthConfig, plan: SubjectPlan) -> float:
+    """The subject's head-size factor without making the volume (the pose is its volume seed's first draw)."""
+    return random_pose(cfg.affine, np.random.default_rng(plan.volume_seed), plan.sex)[2]
+
+
+class Generator:
+    """Makes volumes for one config; the template resamples are cached per process (built on first use)."""
+
+    def __init__(self, cfg: SynthConfig):
+        self.cfg = cfg
+        self.shape = cfg.shape
+        self.affine = output_affine(cfg.spacing, self.shape)
+        self.anatomy = anatomy_at(cfg.spacing)
+        self.velocity_lattice = template_lattice(cfg.nonlinear.lattice_mm)
+        self.atrophy_lattice = template_lattice(cfg.nonlinear.grid_lattice_mm)
+        self.basis = atrophy_basis(cfg.nonlinear.grid_lattice_mm)
+        first = self.affine[:3, 3]
+        last = first + cfg.spacing * (np.asarray(self.shape) - 1)
+        self.out_lattice = Lattice.spanning(first, last, cfg.nonlinear.grid_lattice_mm)
+        self.source_lattice = Lattice(
+            origin=self.anatomy.origin_mm,
+            step=np.full(3, self.anatomy.spacing),
+            size=tuple(self.anatomy.source.shape[1:]),
+        )
+
+    def __call__(self, plan: SubjectPlan, with_labels: bool = False) -> SyntheticVolume:
+        rng = np.random.default_rng(plan.volume_seed)
+        cfg, scanner = self.cfg, plan.scanner
+        # lattice stage: where each output point reads the template, and the bias field
+        matrix, shift, head = random_pose(cfg.affine, rng, plan.sex)  # first draw: see head_scale()
+        noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        velocity = random_velocity(cfg.nonlinear, rng, self.velocity_lattice)  # (3, d, h, w) mm
+        shape_warp = integrate(velocity, self.velocity_lattice, cfg.nonlinear.integration_steps)
+        atrophy = atrophy_displacement(plan.effects, self.basis)
+        where = compose_grid(
+            self.out_lattice,
+            (matrix, shift),
+            BRAIN_CENTRE_MM,
+            [(shape_warp, self.velocity_lattice), (atrophy, self.atrophy_lattice)],
+        )
+        grid = self.source_lattice.normalise(where)  # (d, h, w, 3)
+        bias = log_bias_field(self.out_lattice, scanner.bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
+        coarse = torch.cat([grid.permute(3, 0, 1, 2), bias[None]])  # (4, d, h, w)
+        fine = resize(coarse, self.shape, align_corners=True)[None]  # (1, 4, D, H, W)
+        grid = fine[:, :3].permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3)
+
+        # image: partial-volume mix on the template grid, one warp, then the scanner
+        weights = source_weights(np.asarray(scanner.means), plan.effects)
+        source = form_image(self.anatomy.source, weights)  # (1, 1, X, Y, Z)
+        image = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        image = image * fine[:, 3:].exp_()
+        image = acquire(image, cfg.spacing, scanner.resolution_mm, scanner.noise_sd, scanner.rician, noise_gen)
+        image = image.clamp_(0.0, 1.0).pow_(scanner.gamma)[0]  # (1, D, H, W)
+
+        labels = self._labels(grid, weights, plan) if with_labels else None
+        return SyntheticVolume(image=image.contiguous(), labels=labels, affine=self.affine, plan=plan, head_scale=head)
+
+    def _labels(self, grid: torch.Tensor, weights: torch.Tensor, plan: SubjectPlan) -> torch.Tensor:
+        # tissue after cortical thinning, on the template grid; regions override; one nearest-neighbour warp
+        src = self.anatomy.source
+        thinned = (
+            plan.effects.cortical_thinning * src[3]
+            + min(plan.effects.temporal_thinning, 1 - plan.effects.cortical_thinning) * src[4]
+        )
+        tissue = torch.stack([src[0] + thinned, src[1] - thinned, src[2]])  # (3, X, Y, Z)
+        label = torch.tensor([CSF, GM, WM], dtype=torch.uint8)[tissue.argmax(0)]
+        label[self.anatomy.brain < 0.5] = 0
+        regions = self.anatomy.regions
+        label = torch.where(regions > 0, regions, label)
+        warped = F.grid_sample(
+            label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
+        )
+        return warped[0, 0].to(torch.uint8)
