@@ -1,0 +1,148 @@
+"""The pre-training config schema: typed dataclasses, one comment per field saying why it exists.
+
+Values are merged as these defaults ⊕ a YAML recipe (``configs/pretrain/``) ⊕ ``key=value`` overrides by
+``common.config.load_config``; a wrong key or type is a ``ConfigError`` naming it. DeepSpeed's own settings
+(ZeRO stage, communication) live in the DeepSpeed JSON; what a recipe decides (batch, lr, precision) lives
+here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+CORPORA = ("synthmri", "medical", "video", "mixed")
+OBJECTIVES = ("mae", "simclr", "moco")
+
+
+@dataclass
+class SynthMRIConfig:
+    directory: str | None = (
+        None  # a directory written by `python -m synth`; None generates volumes on the fly
+    )
+    synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
+    overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
+
+
+@dataclass
+class MedicalConfig:
+    manifest: str | None = None  # CSV manifest (common.data format); either this or `directory`
+    directory: str | None = None  # a folder searched recursively for *.nii / *.nii.gz
+    intensity: str = "zscore"  # common's intensity normalisation: zscore | percentile
+    crop_from: list[int] | None = (
+        None  # preprocess to this (D, H, W) and take random input_size crops; None = input_size
+    )
+    flip_prob: float = 0.5  # per-axis random flip probability
+
+
+@dataclass
+class VideoConfig:
+    paths: list[str] = field(default_factory=list)  # video files and/or directories (searched recursively)
+    stride: int = 2  # frames between consecutive clip frames (temporal subsampling)
+    reader: str = "auto"  # auto | decord | pyav: decord when installed, PyAV as fallback
+    extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".webm", ".mov"])
+
+
+@dataclass
+class MixedConfig:
+    # sampling weight of each corpus in the mixture; 0 leaves a corpus out (its settings are then not needed)
+    synthmri: float = 1.0
+    medical: float = 1.0
+    video: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    input_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # (D, H, W) fed to the model
+    spacing: list[float] = field(
+        default_factory=lambda: [2.0, 2.0, 2.0]
+    )  # mm, for MRI corpora (and metadata)
+    batch_size: int = 4  # per rank, per micro-step
+    num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    max_bad_share: float = 0.2  # stop when this share of items read so far was unreadable / too short
+    min_items_for_bad_share: int = 32  # ... but only judge the share once this many items were tried
+    synthmri: SynthMRIConfig = field(default_factory=SynthMRIConfig)
+    medical: MedicalConfig = field(default_factory=MedicalConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    mixed: MixedConfig = field(default_factory=MixedConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_base_p16"  # a name from common.models.list_backbones()
+    # extra create_backbone keywords (patch_size, depth ...); an open mapping, so struct mode must not
+    # close it
+    kwargs: Any = field(default_factory=lambda: OmegaConf.create({}, flags={"struct": False}))
+    grad_checkpointing: bool = (
+        False  # recompute blocks in backward: less activation memory, ~30% more compute
+    )
+    attn_backend: str = "auto"  # auto | sdpa | xformers | math (ViTs)
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75  # He et al.: 0.75 for images; VideoMAE: 0.9 for video
+    masking: str = "random"  # random (per token) | tube (one spatial mask repeated along D, VideoMAE)
+    norm_pix_loss: bool = True  # regress per-patch normalised pixels (better features, He et al. Table 1)
+    decoder_dim: int = 384  # light decoder: width ...
+    decoder_depth: int = 4  # ... blocks ...
+    decoder_heads: int = 12  # ... and heads
+
+
+@dataclass
+class ContrastiveConfig:
+    temperature: float = 0.2  # SimCLR 0.1-0.5; MoCo v3 0.2
+    proj_dim: int = 256  # output width of the projection head
+    proj_hidden: int = 2048  # hidden width of projection / prediction MLPs
+    momentum: float = 0.99  # MoCo v3: momentum encoder EMA at step 0, raised to 1 by a cosine over training
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.4, 1.0]
+    )  # random resized crop, share of each axis
+    affine_prob: float = 0.5  # random rotation / scaling
+    intensity_prob: float = 0.8  # random contrast / scale / shift
+    noise_prob: float = 0.5  # Gaussian noise
+    blur_prob: float = 0.5  # Gaussian blur
+    bias_field_prob: float = 0.3  # MRI bias field
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mae"  # mae | simclr | moco
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4  # peak learning rate (after warm-up), for the global batch as configured
+    min_lr_ratio: float = 0.0  # cosine floor as a share of lr
+    weight_decay: float = 0.05  # AdamW decay on weights; off for norms, biases, position embeddings, tokens
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # MAE's AdamW betas
+    warmup_steps: int = 40  # linear warm-up, optimizer steps
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the run
+    precision: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
+    seed: int = 0  # data streams, masking and initialisation derive from it
+    log_every: int = 10  # scalars to TensorBoard and metrics.jsonl
+    image_every: int = 100  # MAE input / masked / reconstruction slices; 0 disables
+    checkpoint_every: int = 100  # DeepSpeed checkpoint (+ export) every N steps; 0: only at the end
+    keep_checkpoints: int = 2  # older checkpoint tags are deleted
+    max_nonfinite_streak: int = 10  # stop after this many NaN/Inf losses in a row
+
+
+@dataclass
+class PretrainConfig:
+    corpus: str = "synthmri"  # synthmri | medical | video | mixed (the --corpus flag sets it)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,72 @@
+"""Medical images: NIfTI files from a manifest or a directory, preprocessed by common's pipeline, then random
+``input_size`` crops and flips."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureType, RandFlip, RandSpatialCrop
+
+from common.data import PreprocessConfig, build_preprocess, read_manifest
+from common.errors import ConfigError, DataError
+from pretrain.corpora.stream import file_at
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def find_nifti(directory: str | Path) -> list[Path]:
+    """``*.nii`` / ``*.nii.gz`` files under ``directory`` (recursively), sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(directory, "medical image directory does not exist")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    if not files:
+        raise DataError(directory, "no NIfTI files (*.nii, *.nii.gz) found in this directory or below it")
+    return files
+
+
+class MedicalSource:
+    """Preprocessed ``(1, *input_size)`` volumes; items are random crops of ``crop_from``-sized volumes."""
+
+    name = "medical"
+
+    def __init__(self, cfg, input_size: Sequence[int], spacing: Sequence[float], seed: int = 0):
+        if (cfg.manifest is None) == (cfg.directory is None):
+            raise ConfigError(
+                "corpus medical needs exactly one of data.medical.manifest (CSV) or "
+                "data.medical.directory (NIfTI folder)"
+            )
+        if cfg.manifest is not None:
+            self.files = [
+                Path(p) for p in read_manifest(cfg.manifest, required=("path",), check_files=False)["path"]
+            ]
+        else:
+            self.files = find_nifti(cfg.directory)
+        self.manifest = cfg.manifest
+        crop_from = list(cfg.crop_from) if cfg.crop_from is not None else list(input_size)
+        if any(c < s for c, s in zip(crop_from, input_size)):
+            raise ConfigError(
+                f"data.medical.crop_from {crop_from} must be at least data.input_size "
+                f"{list(input_size)} on every axis"
+            )
+        self.preprocess_cfg = PreprocessConfig(
+            spacing=tuple(spacing), shape=tuple(crop_from), intensity=cfg.intensity
+        )
+        self.preprocess = build_preprocess(self.preprocess_cfg)
+        self.augment = Compose(
+            [
+                RandSpatialCrop(roi_size=[int(s) for s in input_size], random_center=True, random_size=False),
+                *[RandFlip(prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)],
+                EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+            ]
+        )
+        self.seed = seed
+
+    def item(self, position: int, rng: np.random.Generator) -> torch.Tensor:
+        path = self.files[file_at(position, len(self.files), self.seed)]
+        volume = self.preprocess({"image": str(path)})["image"]  # (1, *crop_from); DataError if unreadable
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        return torch.as_tensor(self.augment(volume)).contiguous()  # (1, *input_size)

@@ -1,0 +1,296 @@
+"""DeepSpeed, in one place: process group, config, the training engine, checkpoints and full-weight access.
+
+Everything else in ``pretrain`` sees a plain ``nn.Module`` objective and this module's ``Engine``. DeepSpeed
+owns the optimizer (AdamW), the schedule (``WarmupCosineLR``), gradient accumulation and clipping, ZeRO
+(stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+
+from common.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+# Keys the pretrain config decides; a DeepSpeed JSON may repeat them only with the same value.
+OWNED_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "torch_autocast",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the ``deepspeed`` launcher described, or make a world of one for plain
+    ``python``.
+
+    Returns (rank, world_size). Also gives each local rank its share of the CPU threads unless
+    ``OMP_NUM_THREADS`` says otherwise.
+    """
+    if "WORLD_SIZE" not in os.environ:  # plain `python pretrain/main.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    backend = get_accelerator().communication_backend_name()  # nccl on CUDA; gloo (or ccl) on CPU
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_type() -> str:
+    return get_accelerator().device_name()
+
+
+def bf16_supported() -> bool:
+    """Whether the accelerator computes in bf16 natively (on CPU: AVX512-BF16 or AMX; emulation is slower)."""
+    if device_type() != "cpu":
+        return get_accelerator().is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16`` where the hardware has it, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return precision
+
+
+def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON file (ZeRO stage, communication) ⊕ what the pretrain ``cfg`` decides."""
+    base: dict[str, Any] = {"zero_optimization": {"stage": 0}}
+    source = "default DeepSpeed config"
+    if ds_json is not None:
+        source = str(ds_json)
+        try:
+            base = json.loads(Path(ds_json).read_text())
+        except OSError as e:
+            raise ConfigError(f"{ds_json}: cannot read the DeepSpeed config ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{ds_json}: not valid JSON ({e})") from None
+    for section in ("fp16", "bf16"):
+        if base.get(section, {}).get("enabled", False):
+            raise ConfigError(
+                f"{source}: '{section}' is enabled; set the precision with train.precision "
+                "(bf16 runs as DeepSpeed torch_autocast with fp32 master weights)"
+            )
+    o = cfg.optim
+    ours = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.accumulation_steps,
+        "gradient_clipping": float(o.grad_clip),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": 1e-8,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },  # torch's AdamW: no JIT-compiled op needed on any accelerator
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.train.steps,
+                "warmup_num_steps": o.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": o.min_lr_ratio,
+            },
+        },
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+    }
+    for key in OWNED_KEYS:
+        if key in base and base[key] != ours[key]:
+            raise ConfigError(
+                f"{source}: '{key}' = {base[key]!r} conflicts with the pretrain config "
+                f"({ours[key]!r}); remove it from the DeepSpeed JSON and set it in the YAML recipe"
+            )
+    global_batch = cfg.data.batch_size * o.accumulation_steps * world_size
+    if "train_batch_size" in base and base["train_batch_size"] != global_batch:
+        raise ConfigError(
+            f"{source}: train_batch_size {base['train_batch_size']} != data.batch_size × "
+            f"optim.accumulation_steps × world size = {global_batch}; remove train_batch_size"
+        )
+    stage = base.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return {
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **base,
+        **ours,
+        "train_batch_size": global_batch,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weights; none on norms, biases, position embeddings and tokens
+    (``no_weight_decay``)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Engine:
+    """A DeepSpeed engine around ``model`` with the few operations the trainer needs."""
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any]):
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if self.zero_stage == 3 and hasattr(model, "after_step"):
+            raise ConfigError(
+                "this objective updates a momentum encoder in place, which ZeRO stage 3 partitions; "
+                "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"
+            )
+        self.config = ds_config
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
+            config=ds_config,
+        )
+        self.device = self.ds.device
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.ds(self.to_device(batch))  # autocast (bf16) is applied inside when enabled
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank, so that all ranks skip a bad step together (one sync)."""
+        flag = torch.isfinite(loss.detach().float()).float()
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        if self.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value.item())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        if self.world_size == 1:
+            return [obj]
+        dist.all_gather_object(out, obj)
+        return out
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def is_boundary(self) -> bool:
+        """Whether the next ``step`` ends a gradient accumulation window (an optimizer step)."""
+        return self.ds.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm before clipping: DeepSpeed's when it tracks one, else computed from the grads
+        (ZeRO 0 in fp32, where gradients are whole and already averaged after ``backward`` at a boundary)."""
+        norm = self.ds.get_global_grad_norm()
+        if norm is not None:
+            return float(norm)
+        if self.zero_stage == 0:
+            grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+            return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return None
+
+    def step(self) -> None:
+        self.ds.step()
+
+    @property
+    def global_step(self) -> int:
+        return self.ds.global_steps
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """A DeepSpeed checkpoint ``folder/tag`` (collective: every rank calls it); ``folder/latest`` is
+        rewritten only after every file of the tag is written, so a kill mid-save leaves the previous one."""
+        self.ds.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=True)
+
+    def load(self, folder: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Restore model, optimizer, schedule from ``folder`` (``tag`` or ``latest``); returns (tag, client
+        state)."""
+        path, client = self.ds.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(
+                f"{folder}: no DeepSpeed checkpoint{'' if tag is None else f' {tag!r}'} to resume"
+            )
+        if tag is None:
+            tag = (Path(folder) / "latest").read_text().strip()
+        return tag, client or {}
+
+    @contextlib.contextmanager
+    def full_parameters(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them
+        already)."""
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield module
+        else:
+            yield module
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def peak_memory_gb(self) -> float:
+        """Peak memory of this rank: accelerator memory allocated, or on CPU the process's peak RSS (VmHWM:
+        its own address space; ``ru_maxrss`` would include the launcher's, inherited across exec)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20  # kB
+        except (OSError, StopIteration):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

@@ -1,0 +1,59 @@
+"""SimCLR: two augmented views of a volume attract, every other view in the (global) batch repels.
+
+Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020: the NT-Xent
+(normalised temperature-scaled cross-entropy) loss over 2N views, projection MLP on the backbone's features.
+Negatives are gathered from all data-parallel ranks, as with SimCLR's large-batch TPU training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.errors import ConfigError
+from pretrain.objectives.gather import gather_with_grad
+from pretrain.objectives.heads import mlp_head
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of paired embeddings z1, z2 (B, d): mean over the 2B local anchors of ``-log exp(s(a, a+)/T) /
+    Σ_{k ≠ a} exp(s(a, k)/T)`` with cosine similarity s, over the global batch."""
+    z_local = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)  # (2B, d)
+    B = z1.shape[0]
+    z1_all, rank = gather_with_grad(z_local[:B])  # (W*B, d)
+    z2_all, _ = gather_with_grad(z_local[B:])
+    n_global = z1_all.shape[0]
+    z_all = torch.cat([z1_all, z2_all], dim=0)  # (2WB, d)
+    logits = z_local @ z_all.T / temperature  # (2B, 2WB)
+    own = torch.arange(B, device=z1.device) + rank * B  # this rank's samples in the global batch
+    self_idx = torch.cat([own, own + n_global])  # (2B,) where each anchor sits in z_all
+    positive = torch.cat([own + n_global, own])  # (2B,) its other view
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n_global).bool(), float("-inf"))
+    return F.cross_entropy(logits, positive)
+
+
+class SimCLR(nn.Module):
+    """Backbone + projection MLP; ``forward({"view1", "view2"})`` returns ``{"loss"}``."""
+
+    def __init__(
+        self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.2
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"objective.contrastive.temperature must be > 0, got {temperature}")
+        self.encoder = encoder
+        self.projector = mlp_head(encoder.feature_dim, proj_hidden, proj_dim, num_layers=2, last_bn=False)
+        self.temperature = temperature
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        B = batch["view1"].shape[0]
+        views = torch.cat([batch["view1"], batch["view2"]], dim=0)  # (2B, 1, D, H, W): one pass, shared BN
+        z = self.projector(self.encoder.forward_features(views))  # (2B, proj_dim)
+        return {"loss": nt_xent(z[:B], z[B:], self.temperature)}

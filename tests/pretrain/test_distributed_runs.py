@@ -1,0 +1,136 @@
+"""Two-rank DeepSpeed runs on CPU (gloo), one per corpus, launched once: checkpoints, TensorBoard events read
+back, and an export that ``common`` loads strictly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from common.checkpoint import load_export
+from tests.pretrain.conftest import tiny_config, write_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_specs(tmp, nifti_dir, video_dir):
+    medical = {"medical": {"directory": str(nifti_dir), "crop_from": [20, 20, 20]}}
+    video = {"video": {"paths": [str(video_dir)], "stride": 1}}
+    tube_vit = {
+        "backbone": "vit_base_p16",
+        "kwargs": {"patch_size": [4, 8, 8], "embed_dim": 32, "depth": 2, "num_heads": 4},
+    }
+    return {  # corpus -> (config, DeepSpeed JSON): every ZeRO stage and objective once
+        "synthmri": (tiny_config(), "zero0.json"),
+        "medical": (tiny_config(data=medical, objective={"name": "simclr"}), "zero1.json"),
+        "video": (
+            tiny_config(
+                data={**video, "input_size": [8, 16, 16]},
+                model=tube_vit,
+                objective={
+                    "name": "mae",
+                    "mae": {
+                        "masking": "tube",
+                        "mask_ratio": 0.5,
+                        "decoder_dim": 32,
+                        "decoder_depth": 1,
+                        "decoder_heads": 4,
+                    },
+                },
+            ),
+            "zero3.json",
+        ),
+        "mixed": (tiny_config(data={**medical, **video}, objective={"name": "moco"}), "zero2.json"),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, nifti_dir, video_dir):
+    tmp = tmp_path_factory.mktemp("ds")
+    runs = []
+    for corpus, (cfg, ds_json) in run_specs(tmp, nifti_dir, video_dir).items():
+        runs.append(
+            [
+                "--corpus",
+                corpus,
+                "--config",
+                write_yaml(tmp / f"{corpus}.yaml", cfg),
+                "--output",
+                str(tmp / corpus),
+                "--deepspeed_config",
+                str(REPO / "configs/deepspeed" / ds_json),
+            ]
+        )
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "tests/pretrain/ds_driver.py"),
+            str(tmp / "runs.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return tmp, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("corpus", ["synthmri", "medical", "video", "mixed"])
+def test_two_rank_run_writes_checkpoints_events_and_a_strict_export(two_rank_runs, corpus):
+    tmp, log = two_rank_runs
+    out = tmp / corpus
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert kept == ["step00000002", "step00000004"]
+    assert (out / "config.yaml").is_file() and json.loads((out / "deepspeed.json").read_text())[
+        "train_batch_size"
+    ] == 4
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/volumes_per_s",
+        "train/data_wait_share",
+        "train/memory_peak_gb",
+    ]:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4], tag
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert all(v == v and abs(v) < 1e3 for v in losses)
+    if corpus in ("synthmri", "video"):  # MAE runs log input / masked / reconstruction slices
+        assert {"mae/input", "mae/masked", "mae/reconstruction"} <= set(tags["images"])
+        assert [e.step for e in events.Images("mae/input")] == [2, 4]
+
+    model, meta = load_export(out / "export" / "encoder.safetensors")  # strict: raises on any mismatch
+    assert meta["corpus"] == corpus and meta["step"] == 4
+    assert (
+        meta["objective"] == {"synthmri": "mae", "medical": "simclr", "video": "mae", "mixed": "moco"}[corpus]
+    )
+    assert meta["input_size"] == ([8, 16, 16] if corpus == "video" else [16, 16, 16])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    if corpus == "video":
+        assert lines[-1]["bad_items"] > 0  # the corrupt and the too-short file were skipped and counted
+        assert "skipped item" in log

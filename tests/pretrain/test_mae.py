@@ -1,0 +1,83 @@
+"""MAE: patch order, masking counts, tube masking, and the loss on masked patches only."""
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from common.models import create_backbone
+from pretrain.objectives.mae import MaskedAutoencoder
+
+
+def tiny_mae(ratio=0.75, masking="random", norm_pix=True, img=(16, 32, 32)):
+    enc = create_backbone("vit_base_p16", img_size=img, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    return MaskedAutoencoder(enc, ratio, masking, norm_pix, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+
+def test_patchify_matches_the_encoders_token_order_and_round_trips():
+    mae = tiny_mae()
+    x = torch.rand(2, 1, 16, 32, 32)
+    patches = mae.patchify(x)  # (2, 2*4*4, 512)
+    assert patches.shape == (2, 32, 512)
+    assert torch.equal(mae.unpatchify(patches), x)
+    # token 5 of a Conv3d patch grid (gd=2, gh=4, gw=4) is (d=0, h=1, w=1)
+    assert torch.equal(patches[0, 5], x[0, 0, 0:8, 8:16, 8:16].reshape(-1))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+def test_encoder_sees_exactly_the_visible_tokens(ratio):
+    mae = tiny_mae(ratio)
+    seen = []
+    mae.encoder.blocks[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    out = mae({"image": torch.rand(3, 1, 16, 32, 32)})
+    n = mae.encoder.num_patches
+    keep = int(n * (1 - ratio))
+    assert seen == [keep + 1]  # + cls token
+    assert out["mask"].shape == (3, n)
+    assert torch.equal(out["mask"].sum(1), torch.full((3,), float(n - keep)))
+
+
+def test_tube_masking_repeats_one_spatial_mask_along_depth():
+    mae = tiny_mae(0.75, "tube")
+    mask = mae({"image": torch.rand(2, 1, 16, 32, 32)})["mask"].reshape(2, 2, 16)  # (B, gd, gh*gw)
+    assert torch.equal(mask[:, 0], mask[:, 1])
+    assert torch.equal(mask.sum(-1), torch.full((2, 2), 12.0))  # 16 - int(16 * 0.25)
+    assert not torch.equal(mask[0], mask[1])  # each volume draws its own mask
+
+
+def test_perfect_reconstruction_gives_zero_loss_and_visible_patches_do_not_count():
+    mae = tiny_mae(norm_pix=True)
+    x = torch.rand(2, 1, 16, 32, 32)
+    _, mask, _ = mae.forward_encoder(x)
+    target = mae.target(x)
+    assert mae.forward_loss(x, target, mask).item() == pytest.approx(0.0, abs=1e-10)
+    wrong_visible = target + (1 - mask)[..., None] * 5.0  # errors on visible patches only
+    assert mae.forward_loss(x, wrong_visible, mask).item() == pytest.approx(0.0, abs=1e-10)
+    wrong_masked = target + mask[..., None] * 2.0
+    assert mae.forward_loss(x, wrong_masked, mask).item() == pytest.approx(4.0)
+
+
+def test_norm_pix_target_is_per_patch_standardised_and_raw_target_is_voxels():
+    x = torch.rand(1, 1, 16, 32, 32)
+    t = tiny_mae(norm_pix=True).target(x)
+    assert torch.allclose(t.mean(-1), torch.zeros(1, 32), atol=1e-5)
+    assert torch.allclose(t.std(-1), torch.ones(1, 32), atol=1e-3)
+    assert torch.equal(tiny_mae(norm_pix=False).target(x), tiny_mae().patchify(x))
+
+
+def test_images_are_middle_slices_in_unit_range():
+    mae = tiny_mae()
+    batch = {"image": torch.rand(2, 1, 16, 32, 32)}
+    images = mae.images(batch, mae(batch))
+    assert set(images) == {"input", "masked", "reconstruction"}
+    for img in images.values():
+        assert img.shape == (1, 32, 32) and 0 <= img.min() and img.max() <= 1
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        tiny_mae(1.0)
+    with pytest.raises(ConfigError, match="masking"):
+        tiny_mae(0.75, "block")
+    cnn = create_backbone("resnet18", img_size=32)
+    with pytest.raises(ConfigError, match="ViT"):
+        MaskedAutoencoder(cnn)

@@ -1,0 +1,214 @@
+"""The training loop in a world of one: kill-and-resume, NaN steps, the bad-item limit, DeepSpeed config."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.config import load_config
+from common.errors import ConfigError
+from common.models import create_backbone
+from pretrain.config import PretrainConfig
+from pretrain.corpora.stream import CorpusStream, make_loader
+from pretrain.engine import Engine, build_ds_config, init_distributed, param_groups
+from pretrain.main import export_metadata, main
+from pretrain.objectives import build_objective
+from pretrain.trainer import Trainer, TrainingDiverged
+from tests.pretrain.conftest import TINY_VIT, tiny_config, write_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(x["step"], x["loss"]) for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        tiny_config(
+            train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}
+        ),
+    )
+    args = ["--corpus", "synthmri", "--config", cfg]
+    assert main(args + ["--output", str(tmp_path / "ref")]) == 0  # uninterrupted reference
+
+    killed = tmp_path / "killed"
+    # a fresh process of its own (this one may already hold a world of one: drop its rendezvous variables)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain/main.py"), *args, "--output", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step00000002"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = latest.read_text().strip()
+    assert stopped_at < "step00000006"
+
+    assert main(args + ["--output", str(killed), "--resume", "auto"]) == 0
+    assert losses(killed) == pytest.approx(losses(tmp_path / "ref"), abs=1e-6)  # same steps, same values
+    a = load_file(tmp_path / "ref" / "export" / "encoder.safetensors")
+    b = load_file(killed / "export" / "encoder.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert main(args + ["--output", str(killed)]) == 2  # a fresh run refuses a folder with checkpoints
+
+
+class NaNSource:
+    """Random volumes, NaN at positions divisible by ``every`` (1: all of them)."""
+
+    name = "nan-test"
+
+    def __init__(self, every):
+        self.every = every
+
+    def item(self, position, rng):
+        if position % self.every == 0:
+            return torch.full((1, 16, 16, 16), float("nan"))
+        return torch.from_numpy(rng.random((1, 16, 16, 16), dtype="float32"))
+
+
+def make_trainer(tmp_path, every, streak=10):
+    init_distributed()
+    cfg = load_config(
+        PretrainConfig,
+        write_yaml(
+            tmp_path / "c.yaml",
+            tiny_config(
+                data={"num_workers": 0},
+                train={
+                    "steps": 4,
+                    "image_every": 0,
+                    "checkpoint_every": 0,
+                    "max_nonfinite_streak": streak,
+                    "precision": "fp32",
+                },
+            ),
+        ),
+    )
+    objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
+    engine = Engine(objective, build_ds_config(cfg, None, 1, "fp32"))
+    loader = lambda pos: make_loader(CorpusStream(NaNSource(every), 0, **pos.stream_kwargs()), 2, 0, 2)
+    return Trainer(cfg, tmp_path / "run", engine, objective, loader, export_metadata(cfg))
+
+
+def test_nonfinite_losses_skip_the_step_and_are_counted(tmp_path):
+    result = make_trainer(tmp_path, every=3).run()  # batches (0,1) (2,3) hold a NaN volume, (4,5) does not …
+    assert result["step"] == 4 and result["nonfinite"] == 8 and math.isfinite(result["loss"])
+    weights = load_file(tmp_path / "run" / "export" / "encoder.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_run_of_nonfinite_losses_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(TrainingDiverged, match="NaN/Inf for 3 micro-batches in a row"):
+        make_trainer(tmp_path, every=1, streak=3).run()
+
+
+def test_too_many_unreadable_items_stop_the_run(tmp_path, video_dir, capsys):
+    cfg = tiny_config(
+        data={
+            "input_size": [8, 16, 16],
+            "max_bad_share": 0.1,
+            "min_items_for_bad_share": 4,
+            "video": {
+                "paths": [
+                    str(video_dir / "corrupt.mp4"),
+                    str(video_dir / "video_000.mp4"),
+                    str(video_dir / "still_short.mp4"),
+                ]
+            },
+        },
+        model={"kwargs": {**TINY_VIT, "patch_size": [4, 8, 8]}},
+    )
+    code = main(
+        [
+            "--corpus",
+            "video",
+            "--config",
+            write_yaml(tmp_path / "c.yaml", cfg),
+            "--output",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2
+    assert "data.max_bad_share=10%" in capsys.readouterr().err
+
+
+def test_deepspeed_json_may_not_contradict_the_recipe(tmp_path):
+    cfg = load_config(PretrainConfig)
+    ds = build_ds_config(cfg, REPO / "configs/deepspeed/zero2.json", 2, "bf16")
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == cfg.data.batch_size * 2
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    for bad, match in [
+        ({"train_micro_batch_size_per_gpu": 99}, "train_micro_batch_size_per_gpu"),
+        ({"bf16": {"enabled": True}}, "train.precision"),
+        ({"zero_optimization": {"stage": 4}}, "stage"),
+    ]:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=match):
+            build_ds_config(cfg, path, 1, "fp32")
+
+
+def test_weight_decay_is_off_for_norms_biases_and_position_embeddings():
+    cfg = load_config(PretrainConfig)
+    objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
+    decay, no_decay = param_groups(objective, 0.05)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    off = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= off
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    assert "encoder.pos_embed" not in names.values() or "encoder.pos_embed" not in {
+        names[id(p)] for p in decay["params"]
+    }
+
+
+def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights():
+    init_distributed()
+    cfg = load_config(
+        PretrainConfig,
+        overrides=["data.batch_size=2", "train.steps=3", "optim.warmup_steps=1", "optim.lr=0.05"],
+    )
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    dtypes = []
+    net[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch):
+            return {"loss": (self.net(batch["x"]).float() - batch["y"]).pow(2).mean()}
+
+    engine = Engine(Regression(), build_ds_config(cfg, None, 1, "bf16"))
+    x = torch.randn(64, 8)
+    batch = {"x": x, "y": x.sum(1, keepdim=True)}
+    first = engine(batch)["loss"].item()
+    for _ in range(3):
+        loss = engine(batch)["loss"]
+        engine.backward(loss)
+        engine.step()
+    assert dtypes[0] == torch.bfloat16 and net[0].weight.dtype == torch.float32
+    assert engine(batch)["loss"].item() < first
