@@ -21,6 +21,8 @@ from common.errors import ConfigError
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
+    except TypeError as e:  # e.g. merging a mapping into a list
+        raise ConfigError(f"{source}: a value does not fit the config's structure: {e}") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         where = f"key '{key}'" if key else "a key"

@@ -1,0 +1,300 @@
+"""The whole pre-training-source comparison in one command (``python -m finetune experiment``).
+
+Stages, each resumable and skipped when its outputs exist:
+
+1. ``corpus``   unlabelled synthetic MRI for pre-training (``python -m synth generate``)
+2. ``cohorts``  labelled AD / PD / brain-age cohorts over K scanner sites (``python -m synth cohort``)
+3. ``video``    synthetic clips of moving, deforming shapes (the video corpus, no downloads)
+4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``pretrain/main.py``), each exporting an encoder
+5. ``finetune`` scratch vs every pre-trained init on every task and training fraction (``finetune.grid``),
+   with subject-level k-fold CV; then the same grid tested on held-out sites
+6. ``report``   ``report.md``: the tables, learning curves and out-of-site results
+
+The synth and pretrain stages run as child processes through the same CLIs a user runs (so DeepSpeed starts and
+ends cleanly, and each child resumes on its own terms); fine-tuning runs in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from common.config import save_config
+from common.errors import ConfigError, NeurotransferError
+from finetune.config import GridConfig, InitEntry
+
+log = logging.getLogger(__name__)
+
+TASKS = ("ad", "pd", "brain_age")
+PRETRAIN_MAIN = Path(__file__).resolve().parent.parent / "pretrain" / "main.py"
+
+
+@dataclass
+class CohortSpec:
+    n: int = 60  # subjects in the labelled cohort
+    sites: int = 3  # scanner sites; each gets both classes
+
+
+@dataclass
+class SynthStage:
+    spacing: float = 4.0  # mm, for the corpus and the cohorts (and the models' input grid)
+    corpus_n: int = 64  # unlabelled pre-training volumes
+    contrast: str = "t1"  # contrast of the pre-training corpus: t1 | random (contrast-agnostic)
+    cohorts: dict[str, CohortSpec] = field(
+        default_factory=lambda: {t: CohortSpec() for t in TASKS})  # task -> cohort size and sites
+    ood_sites: list[str] = field(default_factory=lambda: ["site2"])  # held out for the out-of-site test
+    overrides: list[str] = field(default_factory=list)  # synth config key=value for corpus and cohorts
+
+
+@dataclass
+class VideoStage:
+    count: int = 16  # synthetic clips
+    frames: int = 64  # frames per clip (>= input depth x stride)
+    height: int = 64
+    width: int = 64
+
+
+@dataclass
+class PretrainSpec:
+    name: str = "synthmri_mae"  # the init's label in the tables
+    corpus: str = "synthmri"  # synthmri | video
+    config: str = "configs/pretrain/quickstart.yaml"  # the recipe; model and input size come from `backbone`
+    backbone: str = "vit"  # label of the grid backbone it pre-trains (its name, kwargs and input size are used)
+    overrides: list[str] = field(default_factory=list)  # further pretrain key=value
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = "runs/experiment"  # everything goes here: data/, pretrain/, finetune/, report.md
+    seed: int = 0
+    workers: int = 2  # synth generator processes
+    synth: SynthStage = field(default_factory=SynthStage)
+    video: VideoStage = field(default_factory=VideoStage)
+    pretrain: list[PretrainSpec] = field(default_factory=lambda: [PretrainSpec()])
+    grid: GridConfig = field(default_factory=GridConfig)  # tasks and inits are filled in by the experiment
+    ood: bool = True  # also test every cell on the held-out sites (trained on the other sites)
+    ood_fractions: list[float] = field(default_factory=lambda: [1.0])  # fractions of the out-of-site grid
+
+
+# --------------------------------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def _child(cmd: list[str], log_file: Path) -> None:
+    """Run a CLI as a child process; its output goes to the terminal and to ``log_file``."""
+    log.info("$ %s", " ".join(cmd))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_file, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+        code = proc.wait()
+    if code != 0:
+        raise NeurotransferError(f"stage command failed with exit code {code}: {' '.join(cmd)} (log: {log_file})")
+
+
+class Experiment:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.data = self.out / "data"
+        self.backbones = {b.label: b for b in cfg.grid.backbones}
+        for spec in cfg.pretrain:
+            if spec.backbone not in self.backbones:
+                raise ConfigError(f"pretrain entry {spec.name!r}: backbone {spec.backbone!r} is not a grid "
+                                  f"backbone label ({sorted(self.backbones)})")
+            if spec.corpus not in ("synthmri", "video"):
+                raise ConfigError(f"pretrain entry {spec.name!r}: corpus must be synthmri or video, not "
+                                  f"{spec.corpus!r} (the experiment makes only these corpora)")
+        unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
+        if unknown:
+            raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ data
+    def _synth_cmd(self, *args: str) -> list[str]:
+        s = self.cfg.synth
+        return [sys.executable, "-m", "synth", *args, "--spacing", str(s.spacing), "--workers",
+                str(self.cfg.workers), *s.overrides]
+
+    def corpus_dir(self) -> Path:
+        return self.data / "synthmri"
+
+    def cohort_dir(self, task: str) -> Path:
+        return self.data / f"cohort_{task}"
+
+    def video_dir(self) -> Path:
+        return self.data / "video"
+
+    def _corpus(self) -> None:
+        s = self.cfg.synth
+        _child(self._synth_cmd("generate", "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed",
+                               str(self.cfg.seed), "--contrast", s.contrast), self.out / "logs" / "corpus.log")
+
+    def _cohorts(self) -> None:
+        for i, (task, spec) in enumerate(self.cfg.synth.cohorts.items()):
+            # cohort seeds differ from the corpus's, so no downstream subject is a pre-training subject
+            seed = 1000 * (self.cfg.seed + 1) + i
+            _child(self._synth_cmd("cohort", "--task", task, "--out", str(self.cohort_dir(task)), "--n",
+                                   str(spec.n), "--sites", str(spec.sites), "--seed", str(seed)),
+                   self.out / "logs" / f"cohort_{task}.log")
+
+    def _cohorts_done(self) -> bool:
+        return all(self._manifest_complete(self.cohort_dir(t), spec.n) for t, spec in self.cfg.synth.cohorts.items())
+
+    @staticmethod
+    def _manifest_complete(folder: Path, n: int) -> bool:
+        manifest = folder / "manifest.csv"
+        return manifest.is_file() and len(pd.read_csv(manifest)) >= n
+
+    def _video(self) -> None:
+        from pretrain.corpora.synthetic_video import write_synthetic_videos
+
+        v = self.cfg.video
+        tmp = self.video_dir().with_name("video.partial")
+        write_synthetic_videos(tmp, v.count, n_frames=v.frames, height=v.height, width=v.width, seed=self.cfg.seed)
+        tmp.replace(self.video_dir())  # all clips or none: a killed run re-makes them
+
+    # ------------------------------------------------------------------ pre-training
+    def pretrain_dir(self, spec: PretrainSpec) -> Path:
+        return self.out / "pretrain" / spec.name
+
+    def export_path(self, spec: PretrainSpec) -> Path:
+        return self.pretrain_dir(spec) / "export" / "encoder.safetensors"
+
+    def _pretrain_recipe(self, spec: PretrainSpec) -> Path:
+        """The recipe with the model and input grid of the grid backbone it pre-trains, written next to the run
+        (replaced, not merged: a recipe's own ``model.kwargs`` must not leak into the pre-trained architecture)."""
+        bb = self.backbones[spec.backbone]
+        data = self.cfg.grid.base.data
+        recipe = OmegaConf.load(spec.config)
+        recipe.model = OmegaConf.merge(recipe.get("model", {}), {"backbone": bb.name})
+        recipe.model.kwargs = dict(bb.kwargs)
+        recipe.corpus = spec.corpus
+        recipe.train = OmegaConf.merge(recipe.get("train", {}), {"seed": self.cfg.seed})
+        recipe.data = OmegaConf.merge(recipe.get("data", {}), {
+            "input_size": list(data.shape), "spacing": list(data.spacing)})
+        if spec.corpus == "synthmri":
+            recipe.data.synthmri = {"directory": str(self.corpus_dir())}
+        else:
+            recipe.data.video = OmegaConf.merge(recipe.data.get("video", {}), {"paths": [str(self.video_dir())]})
+        path = self.out / "pretrain" / f"{spec.name}.yaml"
+        save_config(recipe, path)
+        return path
+
+    def _pretrain_done(self, spec: PretrainSpec) -> bool:
+        """Finished = the export is of the last step (exports are also written at intermediate checkpoints)."""
+        from common.checkpoint import read_export_metadata
+        from common.config import load_config
+        from pretrain.config import PretrainConfig
+
+        if not self.export_path(spec).is_file():
+            return False
+        steps = load_config(PretrainConfig, spec.config, list(spec.overrides)).train.steps
+        return int(read_export_metadata(self.export_path(spec)).get("step", -1)) >= steps
+
+    def _pretrain(self, spec: PretrainSpec) -> None:
+        if not Path(spec.config).is_file():
+            raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
+        cmd = [sys.executable, str(PRETRAIN_MAIN), "--config", str(self._pretrain_recipe(spec)),
+               "--output", str(self.pretrain_dir(spec)), "--resume", "auto", *spec.overrides]
+        _child(cmd, self.out / "logs" / f"pretrain_{spec.name}.log")
+
+    # ------------------------------------------------------------------ fine-tuning
+    def grid_config(self, ood: bool) -> GridConfig:
+        grid = copy.deepcopy(self.cfg.grid)
+        grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in self.cfg.synth.cohorts}
+        grid.inits = [InitEntry(name="scratch", spec="scratch")] + [
+            InitEntry(name=spec.name, spec=str(self.export_path(spec)), backbones=[spec.backbone])
+            for spec in self.cfg.pretrain]
+        # downstream test images must not be in a pre-training corpus: checked by the protocol
+        grid.base.protocol.pretrain_manifests = [str(self.corpus_dir() / "manifest.csv")]
+        if ood:
+            grid.base.protocol.scheme = "ood"
+            grid.base.protocol.ood_sites = list(self.cfg.synth.ood_sites)
+            grid.fractions = list(self.cfg.ood_fractions)
+        grid.out_dir = str(self.grid_dir(ood))
+        return grid
+
+    def grid_dir(self, ood: bool) -> Path:
+        return self.out / "finetune" / ("out_of_site" if ood else "in_site")
+
+    def _finetune(self, ood: bool) -> None:
+        from finetune.grid import run_grid
+
+        run_grid(self.grid_config(ood), self.grid_dir(ood))
+
+    # ------------------------------------------------------------------ the run
+    def stages(self) -> list[Stage]:
+        stages = [
+            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n),
+                  self._corpus),
+            Stage("cohorts", self._cohorts_done, self._cohorts),
+        ]
+        if any(spec.corpus == "video" for spec in self.cfg.pretrain):
+            stages.append(Stage("video", self.video_dir().is_dir, self._video))
+        for spec in self.cfg.pretrain:
+            stages.append(Stage(f"pretrain:{spec.name}", lambda spec=spec: self._pretrain_done(spec),
+                                lambda spec=spec: self._pretrain(spec)))
+        stages.append(Stage("finetune:in_site", (self.grid_dir(False) / "results.csv").is_file,
+                            lambda: self._finetune(False)))
+        if self.cfg.ood:
+            stages.append(Stage("finetune:out_of_site", (self.grid_dir(True) / "results.csv").is_file,
+                                lambda: self._finetune(True)))
+        stages.append(Stage("report", lambda: False, self._report))
+        return stages
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(OmegaConf.structured(self.cfg), self.out / "config.yaml")
+        timings_file = self.out / "timings.json"
+        if timings_file.is_file():
+            self.timings = json.loads(timings_file.read_text())
+        stages = self.stages()
+        start = time.perf_counter()
+        for i, stage in enumerate(stages, 1):
+            if stage.done():
+                log.info("[%d/%d] %s: done already, skipped", i, len(stages), stage.name)
+                continue
+            log.info("[%d/%d] %s: starting (experiment time so far %s)", i, len(stages), stage.name,
+                     _hms(time.perf_counter() - start))
+            t0 = time.perf_counter()
+            stage.run()
+            self.timings[stage.name] = round(time.perf_counter() - t0, 1)
+            timings_file.write_text(json.dumps(self.timings, indent=1))
+            log.info("[%d/%d] %s: finished in %s", i, len(stages), stage.name, _hms(self.timings[stage.name]))
+        return self.out / "report.md"
+
+    def _report(self) -> None:
+        from finetune.experiment_report import write_experiment_report
+
+        write_experiment_report(self)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Run (or resume) the experiment; returns the path of ``report.md``."""
+    return Experiment(cfg).run()
