@@ -1,0 +1,92 @@
+"""Weight import: one entry point, ``load_backbone(model, init)``, for every pre-training source.
+
+Init specs:
+  ``scratch``            keep the model as built (nothing loaded; the report says so)
+  ``PATH.safetensors``   our own export (``common.checkpoint.export_backbone``)
+  ``deepspeed:DIR``      a DeepSpeed checkpoint folder; ZeRO shards consolidated by DeepSpeed's zero_to_fp32
+  ``timm2d:PATH``        ImageNet ViT / ResNet in timm's format, inflated to 3D (I3D)
+  ``videomae:PATH``      VideoMAE, original repository or Hugging Face transformers format
+  ``medicalnet:PATH``    MedicalNet 3D ResNet into MONAI's ResNet
+
+Readers (one per format, ``common.weights.sources.READERS``) rename keys; ``common.weights.fit`` adapts shapes
+with the pure functions in ``common.weights.adapt``; the load itself is one ``load_state_dict`` of
+tensors that all fit. An init that loads nothing raises ``CheckpointError``; missing and unexpected keys
+are in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from common.errors import CheckpointError
+from common.weights.fit import fit_state
+from common.weights.report import LoadReport
+from common.weights.sources import READERS, read_own_export
+
+__all__ = ["LoadReport", "load_backbone", "parse_init", "INIT_KINDS"]
+
+log = logging.getLogger(__name__)
+
+INIT_KINDS = ("scratch", "export", *READERS)
+
+
+def parse_init(init: str) -> tuple[str, Path | None]:
+    """``"timm2d:/w.pth"`` -> ``("timm2d", Path("/w.pth"))``; ``"scratch"`` -> ``("scratch", None)``;
+    a bare path -> ``("export", path)``."""
+    init = str(init).strip()
+    if init in ("scratch", "none", ""):
+        return "scratch", None
+    kind, sep, rest = init.partition(":")
+    if sep and kind in READERS:
+        if not rest:
+            raise CheckpointError(f"init {init!r}: {kind}: needs a path after the colon")
+        return kind, Path(rest).expanduser()
+    if sep and len(kind) > 1 and "/" not in kind and not Path(init).exists():
+        raise CheckpointError(
+            f"init {init!r}: unknown weight source {kind!r}; use scratch, a .safetensors export, or one of "
+            + ", ".join(f"{k}:PATH" for k in READERS)
+        )
+    return "export", Path(init).expanduser()
+
+
+def load_backbone(model: nn.Module, init: str, axis: int = 0, strict: bool = False) -> LoadReport:
+    """Load the weights named by ``init`` into ``model`` (in place) and return what was done, key by key.
+
+    Args:
+        model: a backbone from ``common.models.create_backbone`` (ViT3D or a MONAI CNN wrapper).
+        init: the init spec (see the module docstring).
+        axis: the spatial axis (0 D, 1 H, 2 W) 2D kernels are inflated along / a video's time axis maps to.
+        strict: also raise when a model key is missing from the source.
+
+    Raises ``CheckpointError`` for a file of the wrong kind, tensors that cannot be fitted, or a source that
+    fills no parameter of the model.
+    """
+    kind, path = parse_init(init)
+    if kind == "scratch":
+        return LoadReport(init=str(init))
+    if axis not in (0, 1, 2):
+        raise CheckpointError(f"init {init!r}: axis must be 0 (D), 1 (H) or 2 (W), got {axis}")
+    reader = read_own_export if kind == "export" else READERS[kind]
+    report = LoadReport(init=str(init), source=str(path))
+    state, layout = reader(path, model, axis)
+    tensors = fit_state(state, model, layout, report)
+    if not tensors:
+        raise CheckpointError(
+            f"{path}: init {init!r} fills no parameter of the {type(model).__name__} "
+            f"(source keys: {', '.join(list(state)[:8])}); check the backbone and the init kind"
+        )
+    if strict and report.missing:
+        raise CheckpointError(f"{path}: strict import, but the source lacks {', '.join(report.missing)}")
+    model.load_state_dict(tensors, strict=False)
+    log.info(report.summary())
+    if report.missing:
+        log.warning(
+            "init %s left %d model tensors as initialised: %s",
+            init,
+            len(report.missing),
+            ", ".join(report.missing),
+        )
+    return report

@@ -1,0 +1,83 @@
+"""``python -m finetune run|benchmark``: one cell, or the whole grid from a YAML config.
+
+Configs merge defaults ⊕ ``--config`` YAML ⊕ ``key=value`` overrides (``common.config``); the resolved config
+is written into the output directory. Bad input ends with one ``error:`` line naming the file or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from common.config import load_config
+from common.errors import NeurotransferError
+from finetune.config import GridConfig, RunConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="one cell: a task, a backbone with an init, one fraction and seed")
+    run.add_argument("--task", help="ad | pd | brain_age | classify:COLUMN | regress:COLUMN")
+    run.add_argument("--manifest", help="the task's manifest CSV")
+    run.add_argument(
+        "--init",
+        help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
+    )
+    run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
+    run.add_argument("--mode", choices=("linear", "full"))
+    run.add_argument("--config", help="YAML with RunConfig keys")
+    run.add_argument("--out", help="run directory")
+    run.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=5 protocol.folds=3")
+    bench = sub.add_parser("benchmark", help="the grid backbones × inits × tasks × fractions × seeds")
+    bench.add_argument("--config", required=True, help="YAML with GridConfig keys (configs/finetune/*.yaml)")
+    bench.add_argument("--out", help="output directory (default: the config's out_dir)")
+    bench.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] base.train.epochs=3")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from finetune.run import run_cell
+
+    flags = {
+        "task": args.task,
+        "manifest": args.manifest,
+        "init": args.init,
+        "backbone.name": args.backbone,
+        "train.mode": args.mode,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config(RunConfig, args.config, overrides)
+    init_slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.init.split(":")[-1]).stem or cfg.init)
+    out = Path(args.out or cfg.out_dir or f"runs/finetune/{cfg.task}-{cfg.backbone.name}-{init_slug}")
+    result = run_cell(cfg, out)
+    primary = result["primary"]
+    m, b = result["metrics"], result["baseline"]
+    print(
+        f"{result['task']} {result['backbone']} init={result['init']}: {primary} = {m[primary]:.3f} "
+        f"[{m.get(primary + '_lo')}, {m.get(primary + '_hi')}] (trivial baseline {b[primary]:.3f}); "
+        f"run directory {out}"
+    )
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from finetune.grid import run_grid
+
+    cfg = load_config(GridConfig, args.config, args.overrides)
+    out = Path(args.out or cfg.out_dir)
+    run_grid(cfg, out)
+    print((out / "results.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        (_run if args.command == "run" else _benchmark)(args)
+    except NeurotransferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,154 @@
+"""The benchmark grid: backbones × inits × tasks × fractions × seeds, each cell a ``run_cell``; resumable
+(a cell whose ``metrics.json`` exists is skipped), then ``results.csv``, ``results.md``, plots and
+TensorBoard.
+
+``run_grid(cfg, out_dir)`` is the Python entry point (the experiment orchestration calls it too).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from common.config import save_config
+from common.errors import ConfigError
+from finetune.config import GridConfig, RunConfig
+from finetune.report import write_report
+from finetune.run import METRICS_FILE, check_init_path, prepare, run_cell
+from finetune.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cell:
+    task: str
+    backbone: str  # the label
+    init: str  # the init's label
+    fraction: float
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.backbone}/{self.init}/frac{self.fraction:g}/seed{self.seed}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
+    """Every cell of the grid, with its ``RunConfig``; checks labels, tasks and init paths up front."""
+    if not cfg.tasks:
+        raise ConfigError(
+            "grid.tasks is empty: map each task to its manifest, e.g. tasks: {ad: cohort/manifest.csv}"
+        )
+    labels = [b.label for b in cfg.backbones]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"backbone labels must be unique, got {labels}")
+    for entry in cfg.inits:
+        unknown = sorted(set(entry.backbones) - set(labels))
+        if unknown:
+            raise ConfigError(
+                f"init {entry.name!r} names unknown backbone label(s) {unknown}; known: {labels}"
+            )
+        check_init_path(entry.spec)
+    cells = []
+    for task, manifest in cfg.tasks.items():
+        get_task(task)
+        for bb in cfg.backbones:
+            for entry in cfg.inits:
+                if entry.backbones and bb.label not in entry.backbones:
+                    continue
+                for fraction in cfg.fractions:
+                    for seed in cfg.seeds:
+                        run = _with_overrides(cfg.base, bb.overrides, bb.label)
+                        run.task, run.manifest, run.init = task, manifest, entry.spec
+                        run.backbone.name, run.backbone.kwargs = bb.name, dict(bb.kwargs)
+                        run.fraction, run.seed = float(fraction), int(seed)
+                        run.cache_dir = run.cache_dir or str(out_dir / "cache")
+                        cells.append(Cell(task, bb.label, entry.name, float(fraction), int(seed), run))
+    return cells
+
+
+def _with_overrides(base: RunConfig, overrides: list[str], label: str) -> RunConfig:
+    if not overrides:
+        return copy.deepcopy(base)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # OmegaConf's key / type errors
+        raise ConfigError(
+            f"backbone {label!r}: overrides {list(overrides)} do not fit the run config ({e})"
+        ) from None
+    return OmegaConf.to_object(merged)
+
+
+def cell_dir(out_dir: Path, cell: Cell) -> Path:
+    return out_dir / "cells" / Path(*[_slug(p) for p in cell.key.split("/")])
+
+
+def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
+    """Run (or resume) the grid into ``out_dir``; returns the results table (one row per cell)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(OmegaConf.structured(cfg), out / "config.yaml")
+    cells = expand(cfg, out)
+    todo = [c for c in cells if not (cell_dir(out, c) / METRICS_FILE).is_file()]
+    log.info("grid: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    # Every task's inputs (manifest, labels, images, init weights, splits) are checked before the first cell
+    # trains; the volumes stay in finetune.data's in-memory cache for the cells.
+    checked: set[str] = set()
+    for cell in todo:
+        key = json.dumps([cell.task, cell.cfg.manifest, cell.backbone, cell.init])
+        if key not in checked:
+            prepare(cell.cfg)
+            checked.add(key)
+    for i, cell in enumerate(todo):
+        log.info("grid cell %d/%d: %s", i + 1, len(todo), cell.key)
+        run_cell(cell.cfg, cell_dir(out, cell))
+    results = collect(out, cells)
+    write_report(results, out, metrics=cfg.metrics or None)
+    return results
+
+
+def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
+    """One row per finished cell: identifiers, test metrics with CI bounds, and the trivial baseline."""
+    rows = []
+    for cell in cells:
+        path = cell_dir(out, cell) / METRICS_FILE
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        row = {
+            "task": cell.task,
+            "backbone": cell.backbone,
+            "init": cell.init,
+            "fraction": cell.fraction,
+            "seed": cell.seed,
+            "mode": m["mode"],
+            "primary": m["primary"],
+            "higher_is_better": m["higher_is_better"],
+            "n_subjects": m["n_subjects"],
+            "n_test_images": m["n_test_images"],
+            "run_dir": str(path.parent.relative_to(out)),
+        }
+        row.update({k: (float("nan") if v is None else v) for k, v in m["metrics"].items()})
+        row.update(
+            {
+                f"baseline_{k}": (float("nan") if v is None else v)
+                for k, v in m["baseline"].items()
+                if not k.endswith(("_lo", "_hi"))
+            }
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)

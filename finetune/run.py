@@ -1,0 +1,268 @@
+"""One cell of the benchmark: a task, a backbone with an init, one training fraction, one seed, all folds.
+
+``prepare`` does every check that can fail on bad input (manifest, labels, init, images, splits, leakage)
+before ``run_cell`` trains anything. A run directory holds ``config.yaml``, ``weights_report.json``,
+``splits.csv`` (subject_id, fold, split), ``predictions.csv``, ``per_site.csv``, ``metrics.json`` (written
+last: its presence marks the cell finished) and ``tb/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from common.checkpoint import atomic_write
+from common.config import save_config
+from common.data import read_manifest
+from common.distributed import seed_everything
+from common.errors import CheckpointError, ConfigError
+from common.models import create_backbone
+from common.tb import RankZeroWriter
+from common.weights import LoadReport, load_backbone, parse_init
+from finetune.config import RunConfig
+from finetune.data import load_volumes, preprocess_config
+from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions
+from finetune.modes import MODES, FoldInputs
+from finetune.protocol import (
+    Fold,
+    check_pretrain_overlap,
+    check_splits,
+    make_folds,
+    nested_subset,
+    read_splits,
+    splits_frame,
+    subject_table,
+)
+from finetune.tasks import Task, get_task, label_rows
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+MIN_BIAS_SLOPE = 0.25  # below this (pred - b) / a multiplies a weak model's noise by > 4: not reported
+
+
+@dataclass
+class Prepared:
+    """Everything a cell needs, checked: labelled rows, volumes, folds, the initialised backbone."""
+
+    task: Task
+    df: pd.DataFrame  # the task's rows
+    y: np.ndarray
+    classes: tuple[str, ...] | None
+    volumes: torch.Tensor  # (N, 1, D, H, W)
+    folds: list[Fold]
+    train_subsets: dict[int, np.ndarray]
+    splits: pd.DataFrame
+    backbone: nn.Module  # built and initialised once; folds train deep copies
+    report: LoadReport
+
+
+def build_backbone(cfg: RunConfig) -> nn.Module:
+    kwargs = dict(cfg.backbone.kwargs)
+    return create_backbone(cfg.backbone.name, img_size=tuple(cfg.data.shape), in_chans=1, **kwargs)
+
+
+def check_init_path(init: str) -> None:
+    """Fail early on an init whose file or folder does not exist (a typo should not wait for volumes)."""
+    kind, path = parse_init(init)
+    if path is not None and not path.exists():
+        raise CheckpointError(f"{path}: init {init!r} names a {kind} source that does not exist")
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Read and check all inputs; a ``NeurotransferError`` names the file/column before any training."""
+    if cfg.train.mode not in MODES:
+        raise ConfigError(f"train.mode must be one of {', '.join(MODES)}, got {cfg.train.mode!r}")
+    if not cfg.manifest:
+        raise ConfigError(
+            "manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)"
+        )
+    task = get_task(cfg.task)
+    check_init_path(cfg.init)
+    df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
+    labelled = label_rows(task, df, cfg.manifest)
+    seed_everything(cfg.seed)  # a scratch backbone's random weights follow the seed
+    backbone = build_backbone(cfg)
+    report = load_backbone(backbone, cfg.init, axis=cfg.init_axis)
+    volumes = load_volumes(labelled.df, cfg.data)  # every image read now: a corrupt one fails here
+
+    subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
+    if cfg.protocol.splits_file:
+        folds = read_splits(cfg.protocol.splits_file, subjects["subject_id"])
+    else:
+        folds = make_folds(subjects, cfg.protocol, cfg.seed)
+    # the subset seed ignores the fraction, so smaller training sets are nested inside larger ones
+    subsets = {
+        f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds
+    }
+    splits = splits_frame(folds, subsets)
+    source = cfg.protocol.splits_file or cfg.manifest
+    check_splits(splits, labelled.df, source, cfg.protocol.check_duplicates)
+    tests = labelled.df["path"][
+        labelled.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])
+    ]
+    check_pretrain_overlap(tests, cfg.protocol.pretrain_manifests)
+    return Prepared(
+        task, labelled.df, labelled.y, labelled.classes, volumes, folds, subsets, splits, backbone, report
+    )
+
+
+def _features_key(cfg: RunConfig, prep: Prepared) -> str:
+    """What the frozen features depend on: the initialised weights (hashed), preprocessing and the images."""
+    digest = hashlib.sha1()
+    for name, tensor in prep.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return json.dumps([prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(),
+                       list(prep.df["path"])], default=str)
+
+
+def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepared | None = None) -> dict:
+    """Run every fold of one cell and write the run directory; returns the content of ``metrics.json``."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepared or prepare(cfg)
+    save_config(OmegaConf.structured(cfg), out / "config.yaml")
+    prep.report.save(out / "weights_report.json")
+    prep.splits.to_csv(out / "splits.csv", index=False)
+
+    task, df, y = prep.task, prep.df, prep.y
+    kind = task.kind
+    n_classes = len(prep.classes) if prep.classes else 0
+    subject = df["subject_id"].astype(str).to_numpy()
+    rows_of = lambda ids: np.flatnonzero(np.isin(subject, np.asarray(ids, dtype=str)))
+    features_key = _features_key(cfg, prep)
+    cache_dir = cfg.cache_dir or str(out / "cache")
+    tb = RankZeroWriter(out / "tb")
+    mode = MODES[cfg.train.mode]
+    tables, baselines, fold_info = [], [], []
+    for fold in prep.folds:
+        tr, va, te = rows_of(prep.train_subsets[fold.fold]), rows_of(fold.val), rows_of(fold.test)
+        inputs = FoldInputs(
+            volumes=prep.volumes,
+            make_backbone=lambda: copy.deepcopy(prep.backbone),
+            train_idx=tr,
+            val_idx=va,
+            test_idx=te,
+            y=y,
+            kind=kind,
+            n_classes=n_classes,
+            seed=cfg.seed * 1000 + fold.fold,
+            features_key=features_key,
+            cache_dir=cache_dir,
+            tb=tb,
+            tb_prefix=f"fold{fold.fold}/",
+            augment=cfg.data.augment,
+        )
+        val_out, test_out, info = mode(inputs, cfg.train)
+        fold_info.append(
+            {
+                "fold": fold.fold,
+                "name": fold.name,
+                "n_train": len(tr),
+                "n_val": len(va),
+                "n_test": len(te),
+                **info,
+            }
+        )
+        log.info("fold %s: %s", fold.fold, fold_info[-1])
+        for split, idx, output in (("val", va, val_out), ("test", te, test_out)):
+            tables.append(_prediction_table(df, y, idx, output, kind, fold.fold, split))
+        baselines.append(_baseline_table(df, y, tr, te, kind, n_classes, fold.fold))
+        if kind == "regression":
+            _correct_bias(tables[-2], tables[-1])
+    predictions = pd.concat(tables, ignore_index=True)
+    predictions.to_csv(out / "predictions.csv", index=False)
+
+    test = predictions[predictions["split"] == "test"]
+    metrics = score_predictions(test, kind, n_boot=cfg.bootstrap, seed=cfg.seed)
+    baseline = score_predictions(
+        pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed
+    )
+    sites = per_site(test, kind) if "site" in test else pd.DataFrame()
+    sites.to_csv(out / "per_site.csv", index=False)
+    primary, higher = PRIMARY[kind]
+    for name, value in metrics.items():
+        if np.isfinite(value) and not name.endswith(("_lo", "_hi")):
+            tb.add_scalar(f"test/{name}", value, 0)
+    tb.close()
+    result = {
+        "task": task.name,
+        "kind": kind,
+        "primary": primary,
+        "higher_is_better": higher,
+        "backbone": cfg.backbone.name,
+        "init": cfg.init,
+        "mode": cfg.train.mode,
+        "fraction": cfg.fraction,
+        "seed": cfg.seed,
+        "classes": list(prep.classes) if prep.classes else None,
+        "n_subjects": int(df["subject_id"].nunique()),
+        "n_test_images": len(test),
+        "metrics": _clean(metrics),
+        "baseline": _clean(baseline),
+        "folds": fold_info,
+        "per_site": sites.to_dict(orient="records"),
+        "weights": prep.report.summary(),
+    }
+    with atomic_write(out / METRICS_FILE) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    return result
+
+
+def _prediction_table(df, y, idx, output, kind, fold, split) -> pd.DataFrame:
+    keep = [c for c in ("subject_id", "session_id", "path", "site", "dataset") if c in df.columns]
+    table = df.iloc[idx][keep].reset_index(drop=True).assign(fold=fold, split=split, y_true=y[idx])
+    if kind == "classification":
+        for c in range(output.shape[1]):
+            table[f"prob_{c}"] = output[:, c]
+    else:
+        table["y_pred"] = output
+    return table
+
+
+def _baseline_table(df, y, tr, te, kind, n_classes, fold) -> pd.DataFrame:
+    """The trivial predictor on the fold's test rows: training class priors, or the training mean."""
+    table = df.iloc[te][["subject_id"] + (["site"] if "site" in df else [])].reset_index(drop=True)
+    table = table.assign(fold=fold, split="test", y_true=y[te])
+    if kind == "classification":
+        prior = np.bincount(y[tr], minlength=n_classes) / len(tr)
+        for c in range(n_classes):
+            table[f"prob_{c}"] = prior[c]
+    else:
+        table["y_pred"] = float(np.mean(y[tr]))
+    return table
+
+
+def _correct_bias(val: pd.DataFrame, test: pd.DataFrame) -> None:
+    """Brain-age bias correction fitted on this fold's validation predictions only, applied to both; left
+    empty (NaN) when the validation set is too small (< 5) or its predictions carry no age trend to invert."""
+    corr = BiasCorrection().fit(val["y_true"], val["y_pred"]) if len(val) >= 5 else None
+    if corr is None or corr.slope < MIN_BIAS_SLOPE:
+        val["y_pred_corrected"] = test["y_pred_corrected"] = np.nan
+        return
+    val["y_pred_corrected"] = corr.apply(val["y_pred"])
+    test["y_pred_corrected"] = corr.apply(test["y_pred"])
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: (None if not np.isfinite(v) else float(v)) for k, v in metrics.items()}
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,105 @@
+"""Downstream tasks: what to predict from a manifest (which column, classification or regression, which rows).
+
+Named tasks: ``ad`` (CN vs AD), ``pd`` (HC vs PD), ``brain_age`` (age in years). Any manifest column works
+too:
+``classify:COLUMN`` (every distinct value a class) and ``regress:COLUMN`` (numeric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from common.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "classification" or "regression"
+    column: str  # the manifest column holding the label
+    classes: tuple[str, ...] | None = (
+        None  # class values in label order (negative first); None: all values seen
+    )
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "classification"
+
+
+NAMED_TASKS = {
+    "ad": Task("ad", "classification", "diagnosis", ("CN", "AD")),
+    "pd": Task("pd", "classification", "diagnosis", ("HC", "PD")),
+    "brain_age": Task("brain_age", "regression", "age"),
+}
+
+
+def get_task(name: str) -> Task:
+    """A named task, or ``classify:COLUMN`` / ``regress:COLUMN`` on any manifest column."""
+    if name in NAMED_TASKS:
+        return NAMED_TASKS[name]
+    kind, sep, column = name.partition(":")
+    if sep and column and kind in ("classify", "regress"):
+        return Task(name, "classification" if kind == "classify" else "regression", column)
+    raise ConfigError(
+        f"unknown task {name!r}; use one of {', '.join(NAMED_TASKS)}, classify:COLUMN or regress:COLUMN"
+    )
+
+
+@dataclass
+class Labelled:
+    """The manifest rows a task uses, with the numeric target ``y`` aligned to ``df``."""
+
+    df: pd.DataFrame  # the rows kept, index reset
+    y: np.ndarray  # int64 class indices or float64 targets
+    classes: tuple[str, ...] | None  # class names by index
+
+
+def label_rows(task: Task, df: pd.DataFrame, source: str) -> Labelled:
+    """Keep the rows the task uses and encode their labels.
+
+    Raises ``DataError`` naming ``source`` (the manifest) when the label column is missing, a kept row has no
+    label, a regression label is not numeric, or fewer than two classes remain.
+    """
+    if task.column not in df.columns:
+        raise DataError(
+            source,
+            f"task {task.name!r} needs column {task.column!r}, which the manifest lacks "
+            f"(columns: {', '.join(map(str, df.columns))})",
+        )
+    values = df[task.column]
+    if task.is_classification:
+        if task.classes is not None:
+            keep = values.astype("string").isin(task.classes).fillna(False).to_numpy(bool)
+            df = df[keep].reset_index(drop=True)
+            values = df[task.column].astype(str)
+            classes = task.classes
+        else:
+            if values.isna().any():
+                raise DataError(source, f"column {task.column!r} is empty on {int(values.isna().sum())} rows")
+            values = values.astype(str)
+            classes = tuple(sorted(values.unique()))
+        present = sorted(set(values))
+        if len(present) < 2:
+            wanted = f" (task {task.name} needs {' and '.join(task.classes)})" if task.classes else ""
+            raise DataError(
+                source,
+                f"column {task.column!r} has {len(present)} class(es) {present} among the "
+                f"task's rows{wanted}; a classifier needs at least two",
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        return Labelled(df, np.array(values.map(index), dtype=np.int64), classes)
+    numeric = pd.to_numeric(values, errors="coerce")
+    bad = numeric.isna()
+    if bad.any():
+        first = df["path"][bad.idxmax()] if "path" in df.columns else bad.idxmax()
+        raise DataError(
+            source,
+            f"column {task.column!r} must be numeric with no empty cells for task "
+            f"{task.name!r}: {int(bad.sum())} rows fail, first {first}",
+        )
+    if numeric.nunique() < 2:
+        raise DataError(source, f"column {task.column!r} has a single value; nothing to regress")
+    return Labelled(df.reset_index(drop=True), np.array(numeric, dtype=np.float64), None)

@@ -1,0 +1,82 @@
+"""Metrics agree with scikit-learn, bias correction inverts a linear bias, CIs bracket the estimate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.errors import DataError
+from finetune.metrics import (
+    BiasCorrection,
+    classification_metrics,
+    fast_binary_metrics,
+    per_site,
+    score_predictions,
+)
+from finetune.tasks import get_task, label_rows
+
+
+def test_fast_bootstrap_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 40)
+        p = np.clip(0.3 * y + 0.7 * rng.random(40), 0, 1)
+        exact = classification_metrics(y, np.stack([1 - p, p], axis=1))
+        fast = fast_binary_metrics(y, p)
+        assert fast == pytest.approx(exact)
+
+
+def test_scores_with_confidence_intervals_and_sites():
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 50)
+    p = np.clip(0.4 * y + 0.6 * rng.random(100), 0, 1)
+    pred = pd.DataFrame(
+        {
+            "subject_id": np.arange(100),
+            "site": np.repeat(["a", "b"], 50),
+            "y_true": y,
+            "prob_0": 1 - p,
+            "prob_1": p,
+        }
+    )
+    scores = score_predictions(pred, "classification", n_boot=200)
+    for name in ("accuracy", "balanced_accuracy", "roc_auc", "f1", "sensitivity", "specificity"):
+        assert scores[f"{name}_lo"] <= scores[name] <= scores[f"{name}_hi"]
+    sites = per_site(pred, "classification")
+    assert list(sites["site"]) == ["a", "b"] and list(sites["n"]) == [50, 50]
+
+
+def test_brain_age_bias_correction_inverts_regression_to_the_mean():
+    age = np.linspace(20, 80, 50)
+    pred = 0.5 * age + 25  # the classic bias: old predicted too young, young too old
+    corr = BiasCorrection().fit(age, pred)
+    assert corr.apply(pred) == pytest.approx(age)
+    table = pd.DataFrame(
+        {"subject_id": np.arange(50), "y_true": age, "y_pred": pred, "y_pred_corrected": corr.apply(pred)}
+    )
+    scores = score_predictions(table, "regression", n_boot=50)
+    assert scores["mae_corrected"] == pytest.approx(0, abs=1e-9) and scores["mae"] > 5
+    assert scores["pearson_r"] == pytest.approx(1.0)
+
+
+def test_task_labels_and_their_errors():
+    df = pd.DataFrame(
+        {
+            "path": ["a", "b", "c", "d"],
+            "subject_id": list("abcd"),
+            "diagnosis": ["CN", "AD", "MCI", "CN"],
+            "age": [70, 71, None, 60],
+            "sex": list("FMFM"),
+        }
+    )
+    ad = label_rows(get_task("ad"), df, "m.csv")
+    assert list(ad.y) == [0, 1, 0] and ad.classes == ("CN", "AD")  # MCI is not part of CN vs AD
+    sex = label_rows(get_task("classify:sex"), df, "m.csv")
+    assert sex.classes == ("F", "M")
+    with pytest.raises(DataError, match="m.csv.*'diagnosis' has 1 class"):
+        label_rows(get_task("pd"), df.assign(diagnosis="HC"), "m.csv")
+    with pytest.raises(DataError, match="needs column 'site'"):
+        label_rows(get_task("classify:site"), df, "m.csv")
+    with pytest.raises(DataError, match="'age' must be numeric"):
+        label_rows(get_task("brain_age"), df, "m.csv")

@@ -1,0 +1,113 @@
+"""One cell end to end, the checks that stop bad input before training, and the optimiser set-up."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from common.errors import CheckpointError, DataError
+from common.models import create_backbone
+from finetune.config import RunConfig
+from finetune.heads import FineTuneModel
+from finetune.modes import full, linear_probe
+from finetune.run import run_cell
+
+TINY_VIT = {"patch_size": 8, "depth": 1}
+
+
+def tiny_config(task: str, manifest, mode: str = "linear", **protocol) -> RunConfig:
+    cfg = RunConfig(task=task, manifest=str(manifest), bootstrap=50)
+    cfg.backbone.name, cfg.backbone.kwargs = "vit_tiny_p16", dict(TINY_VIT)
+    cfg.data.shape, cfg.data.num_workers = [16, 16, 16], 0
+    cfg.train.mode, cfg.train.epochs, cfg.train.batch_size = mode, 1, 4
+    cfg.protocol.folds = 3
+    for key, value in protocol.items():
+        setattr(cfg.protocol, key, value)
+    return cfg
+
+
+def test_linear_probe_cell_writes_splits_and_predictions(ad_cohort, tmp_path, monkeypatch):
+    cfg = tiny_config("ad", ad_cohort, repeats=2)
+    result = run_cell(cfg, tmp_path / "run")
+    splits = pd.read_csv(tmp_path / "run/splits.csv")
+    assert list(splits.columns) == ["subject_id", "fold", "split"]
+    assert splits.groupby(["fold", "subject_id"]).size().max() == 1  # one side per subject and fold
+    assert sorted(splits["fold"].unique()) == list(range(6))
+    predictions = pd.read_csv(tmp_path / "run/predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    assert len(test) == 2 * 24 and test.groupby("fold")["subject_id"].nunique().sum() == 48
+    assert {"prob_0", "prob_1", "y_true", "site"} <= set(predictions.columns)
+    assert result["baseline"]["roc_auc"] == 0.5  # the trivial predictor
+    assert 0 <= result["metrics"]["roc_auc"] <= 1 and "roc_auc_lo" in result["metrics"]
+    assert (tmp_path / "run/metrics.json").is_file() and any((tmp_path / "run/tb").iterdir())
+
+    # features are cached on disk: a second run with a fresh process cache does not run the backbone
+    linear_probe._FEATURES.clear()
+    monkeypatch.setattr(linear_probe, "extract_features", lambda *a, **k: pytest.fail("features recomputed"))
+    cfg.cache_dir = str(tmp_path / "run/cache")
+    run_cell(cfg, tmp_path / "again")
+
+
+def test_full_fine_tuning_brain_age_reports_raw_and_corrected_mae(age_cohort, tmp_path):
+    cfg = tiny_config("brain_age", age_cohort, mode="full", folds=2, val_fraction=0.3)
+    result = run_cell(cfg, tmp_path / "run")
+    predictions = pd.read_csv(tmp_path / "run/predictions.csv")
+    assert {"y_pred", "y_pred_corrected"} <= set(predictions.columns)
+    assert {"mae", "mae_corrected", "rmse", "pearson_r", "r2"} <= set(result["metrics"])
+    assert result["folds"][0]["epochs_run"] == 1
+
+
+def test_layer_wise_lr_decay_and_no_decay_groups():
+    model = FineTuneModel(create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=2), 2)
+    groups = full.param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    lr = lambda name: lr_of[id(named[name])]
+    assert lr("backbone.patch_embed.proj.weight")[0] == pytest.approx(0.5**3)
+    assert lr("backbone.blocks.0.attn.qkv.weight")[0] == pytest.approx(0.5**2)
+    assert lr("backbone.blocks.1.attn.qkv.weight")[0] == pytest.approx(0.5)
+    assert lr("head.fc.weight") == (1.0, 0.05)
+    assert lr("backbone.cls_token")[1] == 0 and lr("backbone.blocks.0.norm1.weight")[1] == 0
+
+
+@pytest.fixture
+def broken_cohort(tmp_path, make_cohort):
+    return make_cohort(tmp_path / "c", "ad", n_subjects=8)
+
+
+def _assert_nothing_trained(out):
+    assert not (out / "splits.csv").exists() and not (out / "tb").exists()
+
+
+def test_missing_or_corrupt_image_fails_before_training(broken_cohort, tmp_path):
+    images = broken_cohort.parent / "images"
+    (images / "sub-003_ses-0.nii.gz").write_bytes(b"not a nifti file")
+    with pytest.raises(DataError, match="sub-003_ses-0.nii.gz.*cannot be read as NIfTI"):
+        run_cell(tiny_config("ad", broken_cohort), tmp_path / "out")
+    _assert_nothing_trained(tmp_path / "out")
+    (images / "sub-003_ses-0.nii.gz").unlink()
+    with pytest.raises(DataError, match="manifest.csv.*not found.*sub-003_ses-0.nii.gz"):
+        run_cell(tiny_config("ad", broken_cohort), tmp_path / "out")
+
+
+def test_label_column_problems_fail_with_the_column_named(broken_cohort, tmp_path):
+    df = pd.read_csv(broken_cohort)
+    df.drop(columns="age").to_csv(broken_cohort, index=False)
+    with pytest.raises(DataError, match="manifest.csv.*needs column 'age'"):
+        run_cell(tiny_config("brain_age", broken_cohort), tmp_path / "out")
+    df.assign(diagnosis="CN").to_csv(broken_cohort, index=False)
+    with pytest.raises(DataError, match="'diagnosis' has 1 class.*needs CN and AD"):
+        run_cell(tiny_config("ad", broken_cohort), tmp_path / "out")
+    _assert_nothing_trained(tmp_path / "out")
+
+
+def test_init_of_the_wrong_kind_fails_before_training(broken_cohort, tmp_path):
+    image = next((broken_cohort.parent / "images").iterdir())
+    cfg = tiny_config("ad", broken_cohort)
+    cfg.init = f"timm2d:{image}"
+    with pytest.raises(CheckpointError, match=f"{image.name}: a gzip file.*not a weight file"):
+        run_cell(cfg, tmp_path / "out")
+    cfg.init = f"videomae:{tmp_path / 'nowhere.pth'}"
+    with pytest.raises(CheckpointError, match="nowhere.pth.*does not exist"):
+        run_cell(cfg, tmp_path / "out")
+    _assert_nothing_trained(tmp_path / "out")
