@@ -11,6 +11,7 @@ import pytest
 from common.checkpoint import read_export_metadata
 from common.config import load_config, to_object
 from common.errors import ConfigError
+from finetune.cli import main
 from finetune.experiment import Experiment, ExperimentConfig, run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +26,9 @@ def _config(out: Path, *overrides: str) -> ExperimentConfig:
 def finished(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.chdir(ROOT)  # recipes are named relative to the repository, as in the README
     out = tmp_path_factory.mktemp("experiment")
-    cfg = _config(out)
-    report = run_experiment(cfg)
-    return cfg, out, report
+    # as a user runs it: python -m finetune experiment --config ... --out ...
+    assert main(["experiment", "--config", str(SMOKE), "--out", str(out)]) == 0
+    return _config(out), out, out / "report.md"
 
 
 @pytest.fixture(scope="module")
