@@ -23,6 +23,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from common.errors import CheckpointError, ConfigError
+from common.precision import bf16_native
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,9 @@ def device_type() -> str:
 
 def bf16_supported() -> bool:
     """Whether the accelerator computes in bf16 natively (on CPU: AVX512-BF16 or AMX; emulation is slower)."""
-    if device_type() != "cpu":
+    if device_type() not in ("cpu", "cuda"):
         return get_accelerator().is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bf16_native(device_type())
 
 
 def resolve_precision(precision: str) -> str:
