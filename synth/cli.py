@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--task", required=True, choices=TASKS, help="ad: CN/AD, pd: HC/PD, brain_age: CN 20-90")
     cohort.add_argument("--sites", type=int, default=1, help="number of sites (scanners); each gets both classes")
     _common(cohort)
+    from synth.ldm.cli import add_ldm_commands
+
+    add_ldm_commands(sub)  # ldm-train, ldm-sample: the latent-diffusion backend
     return parser
 
 
@@ -72,6 +75,8 @@ def load(args: argparse.Namespace) -> SynthConfig:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "func"):  # a latent-diffusion command
+        return args.func(args)
     cfg = load(args)
     from synth.cohort import Job, default_workers, generate  # after parsing: --help stays fast
 

@@ -1,0 +1,103 @@
+"""``ldm-train``: the autoencoder, then the conditional diffusion UNet, then a model folder ``RUN/export/``.
+
+Run folder: ``config.yaml`` (resolved), ``tb/`` (TensorBoard: losses, reconstructions, samples across ages),
+``checkpoints/{autoencoder,diffusion}.pt`` (resume state), ``metrics.jsonl``, ``export/`` (see
+:mod:`synth.ldm.model`). A plain single-process loop: the LDM trains on one device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import common
+from common.checkpoint import manifest_hash
+from common.config import save_config
+from common.data import read_manifest
+from common.distributed import seed_everything
+from common.errors import ConfigError
+from common.tb import RankZeroWriter
+from synth.ldm.config import LDMTrainConfig
+from synth.ldm.covariates import COVARIATES, CovariateSpace, LabelScheme, covariate_table
+from synth.ldm.device import resolve_device, resolve_precision
+from synth.ldm.model import LatentDiffusionModel, assemble
+from synth.ldm.sampling import generate
+from synth.ldm.train_autoencoder import train_autoencoder
+from synth.ldm.train_diffusion import ages_preview_conditioning, train_diffusion
+from synth.ldm.training_data import BadSampleGuard, ConditionedVolumes, endless_batches
+
+log = logging.getLogger(__name__)
+
+
+def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train both stages into the run folder ``out`` (continuing its checkpoints if ``resume``).
+
+    Returns the export folder, loadable with :func:`synth.ldm.model.load_model`.
+    """
+    out = Path(out)
+    if not resume and any((out / "checkpoints").glob("*.pt")):
+        raise ConfigError(
+            f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out"
+        )
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest is not set: pass --manifest CSV (or data.manifest=CSV)")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    save_config(cfg, out / "config.yaml")
+
+    manifest = Path(cfg.data.manifest)
+    df = read_manifest(manifest, required=("path", "subject_id", "age", "sex"))
+    scheme = LabelScheme(tuple(cfg.data.ventricle_labels), tuple(cfg.data.non_brain_labels))
+    table = covariate_table(df, manifest, scheme, cfg.data.label_column)  # (N, 4) natural units
+    space = CovariateSpace.fit(table)
+    cond = space.normalise(table[list(COVARIATES)].to_numpy())  # (N, 4) in [0, 1]
+    dataset = ConditionedVolumes(df["path"].tolist(), cond, cfg.data.preprocess())
+    guard = BadSampleGuard(cfg.data.max_bad_fraction, len(dataset), str(manifest))
+
+    ae_kwargs = cfg.autoencoder.kwargs()
+    unet_kwargs = cfg.unet.kwargs(cfg.autoencoder.latent_channels, len(COVARIATES))
+    ae, unet = assemble(ae_kwargs, unet_kwargs, cfg.unet.conditioning in ("concat", "both"), "config")
+    model = LatentDiffusionModel(
+        autoencoder=ae,
+        unet=unet,
+        autoencoder_kwargs=ae_kwargs,
+        unet_kwargs=unet_kwargs,
+        noise=asdict(cfg.noise),
+        scale_factor=1.0,
+        image_shape=tuple(cfg.data.shape),
+        spacing=tuple(cfg.data.spacing),
+        covariates=space,
+        covariate_table=table,
+    )
+
+    preview_cond = torch.from_numpy(ages_preview_conditioning(cond))  # (5, 4): age swept, rest median
+
+    def preview(scale: float) -> torch.Tensor:
+        model.scale_factor = scale
+        seeds = [cfg.seed] * len(preview_cond)  # one noise for all: the strip shows what age alone changes
+        return generate(model, preview_cond, seeds, cfg.train_diffusion.image_ddim_steps, device, precision)
+
+    with RankZeroWriter(out / "tb") as writer:
+        batches = endless_batches(dataset, cfg.train_autoencoder.batch_size, cfg.data.num_workers, cfg.seed)
+        train_autoencoder(ae, batches, guard, cfg, out, writer, device, precision)
+        batches.close()  # shuts its DataLoader workers down
+        batches = endless_batches(dataset, cfg.train_diffusion.batch_size, cfg.data.num_workers, cfg.seed + 1)
+        scale = train_diffusion(ae, unet, batches, guard, cfg, out, writer, device, precision, preview)
+        batches.close()
+
+    model.scale_factor = scale
+    model.extra = {
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+        "manifest": str(manifest.resolve()),
+        "manifest_hash": manifest_hash(manifest),
+        "steps": {"autoencoder": cfg.train_autoencoder.steps, "diffusion": cfg.train_diffusion.steps},
+        "package_version": common.__version__,
+    }
+    export = model.save(out / "export")
+    log.info("LDM exported to %s", export)
+    return export
