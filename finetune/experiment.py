@@ -51,6 +51,9 @@ class SynthStage:
     spacing: float = 4.0  # mm, for the corpus and the cohorts (and the models' input grid)
     corpus_n: int = 64  # unlabelled pre-training volumes
     contrast: str = "t1"  # contrast of the pre-training corpus: t1 | random (contrast-agnostic)
+    corpus_backend: str = "anatomy"  # anatomy (MNI152 model) | ldm (sampled from a trained latent diffusion model)
+    ldm_model: str | None = None  # for backend ldm: an ldm-train run, its export, or the public bundle's folder
+    ldm_ddim_steps: int = 50  # DDIM steps per LDM sample
     cohorts: dict[str, CohortSpec] = field(
         default_factory=lambda: {t: CohortSpec() for t in TASKS})  # task -> cohort size and sites
     ood_sites: list[str] = field(default_factory=lambda: ["site2"])  # held out for the out-of-site test
@@ -125,6 +128,10 @@ class Experiment:
             if spec.corpus not in ("synthmri", "video"):
                 raise ConfigError(f"pretrain entry {spec.name!r}: corpus must be synthmri or video, not "
                                   f"{spec.corpus!r} (the experiment makes only these corpora)")
+        if cfg.synth.corpus_backend not in ("anatomy", "ldm"):
+            raise ConfigError(f"synth.corpus_backend must be anatomy or ldm, not {cfg.synth.corpus_backend!r}")
+        if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
+            raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
         unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
         if unknown:
             raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")
@@ -147,8 +154,13 @@ class Experiment:
 
     def _corpus(self) -> None:
         s = self.cfg.synth
-        _child(self._synth_cmd("generate", "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed",
-                               str(self.cfg.seed), "--contrast", s.contrast), self.out / "logs" / "corpus.log")
+        if s.corpus_backend == "ldm":
+            cmd = [sys.executable, "-m", "synth", "ldm-sample", "--model", str(s.ldm_model), "--n", str(s.corpus_n),
+                   "--out", str(self.corpus_dir()), "--seed", str(self.cfg.seed), "--ddim-steps", str(s.ldm_ddim_steps)]
+        else:
+            cmd = self._synth_cmd("generate", "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed",
+                                  str(self.cfg.seed), "--contrast", s.contrast)
+        _child(cmd, self.out / "logs" / "corpus.log")
 
     def _cohorts(self) -> None:
         for i, (task, spec) in enumerate(self.cfg.synth.cohorts.items()):

@@ -95,6 +95,8 @@ def test_config_errors_name_the_problem(tmp_path):
     cfg.pretrain[0].corpus = "medical"
     with pytest.raises(ConfigError, match="corpus must be synthmri or video"):
         Experiment(cfg)
+    with pytest.raises(ConfigError, match="needs synth.ldm_model"):
+        Experiment(_config(tmp_path, "synth.corpus_backend=ldm"))
     with pytest.raises(ConfigError, match="synth.cohorts"):
         Experiment(_config(tmp_path, "synth.cohorts.ms.n=3"))
     cfg = _config(tmp_path)
