@@ -37,6 +37,7 @@ from finetune.config import GridConfig, InitEntry
 log = logging.getLogger(__name__)
 
 TASKS = ("ad", "pd", "brain_age")
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PRETRAIN_MAIN = Path(__file__).resolve().parent.parent / "pretrain" / "main.py"
 
 
@@ -102,7 +103,10 @@ def _child(cmd: list[str], log_file: Path) -> None:
     """Run a CLI as a child process; its output goes to the terminal and to ``log_file``."""
     log.info("$ %s", " ".join(cmd))
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # each stage is a job of its own: a distributed world this process belongs to (a launcher's, or one set up
+    # in-process before) must not leak into it, or the child would try to join it or reuse its port
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     with open(log_file, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None
