@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
-
 CORPORA = ("synthmri", "medical", "video", "mixed")
 OBJECTIVES = ("mae", "simclr", "moco")
 
@@ -73,9 +71,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "vit_base_p16"  # a name from common.models.list_backbones()
-    # extra create_backbone keywords (patch_size, depth ...); an open mapping, so struct mode must not
-    # close it
-    kwargs: Any = field(default_factory=lambda: OmegaConf.create({}, flags={"struct": False}))
+    # extra create_backbone keywords (patch_size, depth ...); common.config keeps dict fields open to any key
+    kwargs: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = (
         False  # recompute blocks in backward: less activation memory, ~30% more compute
     )
