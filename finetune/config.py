@@ -18,7 +18,7 @@ class BackboneConfig:
 
 @dataclass
 class DataConfig:
-    spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm; the cohort's voxel size
+    spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm; volumes are resampled to it
     shape: list[int] = field(default_factory=lambda: [64, 64, 64])  # model input (D, H, W) = img_size
     intensity: str = "zscore"  # common.data intensity mode: zscore | percentile | none
     crop_foreground: bool = True  # centre the brain's bounding box before pad/crop
@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     patience: int = 8  # epochs without validation improvement before stopping
     class_weights: bool = True  # weight the loss by inverse class frequency of the training subjects
+    head_norm: str = "batch"  # features standardised over the batch before the head ("batch") or not ("none")
     head_dropout: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     bf16: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16), "on", "off"

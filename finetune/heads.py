@@ -5,28 +5,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.errors import ConfigError
+
+HEAD_NORMS = ("batch", "none")
+
 
 class LinearHead(nn.Module):
-    """(B, feature_dim) -> (B, out_dim): dropout, then a linear layer (small init, as MAE's fine-tune)."""
+    """(B, feature_dim) -> (B, out_dim): feature normalisation, dropout, then a linear layer (small init, as
+    MAE's fine-tune).
 
-    def __init__(self, feature_dim: int, out_dim: int, dropout: float = 0.0):
+    ``norm="batch"`` standardises every feature over the batch (``BatchNorm1d`` without affine parameters, as
+    MAE's linear probe and scikit-learn's ``StandardScaler`` in our probe). Registered brains look alike, so a
+    pooled feature's spread across subjects is a tiny share of its magnitude; without this a ViT's
+    LayerNorm-ed, mean-pooled features give the head almost the same vector for every subject and training
+    sits at chance loss (measured: ViT-tiny from scratch, AD ROC-AUC 0.61 -> 0.99 on the registered bed).
+    """
+
+    def __init__(self, feature_dim: int, out_dim: int, dropout: float = 0.0, norm: str = "batch"):
         super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ConfigError(f"train.head_norm must be one of {HEAD_NORMS}, got {norm!r}")
+        self.norm = nn.BatchNorm1d(feature_dim, affine=False) if norm == "batch" else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(feature_dim, out_dim)
         nn.init.trunc_normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x))
+        return self.fc(self.drop(self.norm(x)))
 
 
 class FineTuneModel(nn.Module):
     """(B, 1, D, H, W) -> (B, out_dim): ``backbone.forward_features`` then a ``LinearHead``."""
 
-    def __init__(self, backbone: nn.Module, out_dim: int, dropout: float = 0.0):
+    def __init__(self, backbone: nn.Module, out_dim: int, dropout: float = 0.0, norm: str = "batch"):
         super().__init__()
         self.backbone = backbone
-        self.head = LinearHead(backbone.feature_dim, out_dim, dropout)
+        self.head = LinearHead(backbone.feature_dim, out_dim, dropout, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_features(x))  # (B, feature_dim) -> (B, out_dim)

@@ -100,7 +100,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         out_dim = 1
         decode = lambda out: out[:, 0].numpy() * std + mean
 
-    model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout).to(device)
+    model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
     train_set = VolumeDataset(
         inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed
     )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
-from common.errors import CheckpointError, DataError
+from common.errors import CheckpointError, ConfigError, DataError
 from common.models import create_backbone
 from finetune.config import RunConfig
-from finetune.heads import FineTuneModel
+from finetune.heads import FineTuneModel, LinearHead
 from finetune.modes import full, linear_probe
 from finetune.run import run_cell
 
@@ -111,3 +112,16 @@ def test_init_of_the_wrong_kind_fails_before_training(broken_cohort, tmp_path):
     with pytest.raises(CheckpointError, match="nowhere.pth.*does not exist"):
         run_cell(cfg, tmp_path / "out")
     _assert_nothing_trained(tmp_path / "out")
+
+
+def test_batch_norm_head_ignores_what_all_subjects_share():
+    """The head sees each feature standardised over the batch: a shared offset and scale (registered brains
+    share most of a pooled feature) change nothing, while without it they dominate the logits."""
+    torch.manual_seed(0)
+    feats = torch.randn(8, 16)
+    shared = 50.0 * torch.randn(16)
+    batch_head, plain_head = LinearHead(16, 2, norm="batch"), LinearHead(16, 2, norm="none")
+    torch.testing.assert_close(batch_head(3.0 * feats + shared), batch_head(feats), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain_head(feats + shared), plain_head(feats), atol=1e-2)
+    with pytest.raises(ConfigError, match="train.head_norm"):
+        LinearHead(16, 2, norm="layer")
