@@ -71,6 +71,9 @@ class InitEntry:
     name: str = "scratch"  # the label in tables and plots
     spec: str = "scratch"  # the init spec given to common.weights.load_backbone
     backbones: list[str] = field(default_factory=list)  # backbone labels it applies to (empty: all)
+    overrides: list[str] = field(
+        default_factory=list
+    )  # RunConfig key=value for this init, after the backbone's (train.layer_decay=0.75 for pre-trained weights)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
                     continue
                 for fraction in cfg.fractions:
                     for seed in cfg.seeds:
-                        run = _with_overrides(cfg.base, bb.overrides, bb.label)
+                        run = _with_overrides(cfg.base, [*bb.overrides, *entry.overrides], bb.label, entry.name)
                         run.task, run.manifest, run.init = task, manifest, entry.spec
                         run.backbone.name, run.backbone.kwargs = bb.name, dict(bb.kwargs)
                         run.fraction, run.seed = float(fraction), int(seed)
@@ -79,14 +79,15 @@ def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
     return cells
 
 
-def _with_overrides(base: RunConfig, overrides: list[str], label: str) -> RunConfig:
+def _with_overrides(base: RunConfig, overrides: list[str], backbone: str, init: str) -> RunConfig:
+    """``base`` with the backbone's, then the init's ``key=value`` overrides (the init's win)."""
     if not overrides:
         return copy.deepcopy(base)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # OmegaConf's key / type errors
         raise ConfigError(
-            f"backbone {label!r}: overrides {list(overrides)} do not fit the run config ({e})"
+            f"backbone {backbone!r}, init {init!r}: overrides {list(overrides)} do not fit the run config ({e})"
         ) from None
     return OmegaConf.to_object(merged)
 

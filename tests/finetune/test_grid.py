@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 
 from common.checkpoint import export_backbone
+from common.errors import ConfigError
 from common.models import create_backbone
 from finetune.cli import main
+from finetune.config import GridBackbone, GridConfig, InitEntry
+from finetune.grid import expand
 
 GRID_YAML = """
 tasks:
@@ -80,3 +83,17 @@ def test_benchmark_config_errors_name_the_key(tmp_path, capsys):
         main(["benchmark", "--config", str(config), "--out", str(tmp_path / "o"), "base.trian.epochs=1"]) == 2
     )
     assert "trian" in capsys.readouterr().err
+
+
+def test_init_overrides_apply_after_the_backbone_overrides(tmp_path):
+    cfg = GridConfig(
+        tasks={"ad": "cohort/manifest.csv"},
+        backbones=[GridBackbone("vit", "vit_tiny_p16", overrides=["train.lr=0.001", "train.layer_decay=1.0"])],
+        inits=[InitEntry(name="scratch"), InitEntry(name="mae", overrides=["train.layer_decay=0.75"])],
+    )
+    by_init = {cell.init: cell.cfg.train for cell in expand(cfg, tmp_path)}
+    assert (by_init["scratch"].lr, by_init["scratch"].layer_decay) == (0.001, 1.0)
+    assert (by_init["mae"].lr, by_init["mae"].layer_decay) == (0.001, 0.75)
+    cfg.inits[1].overrides = ["train.layer_dacay=0.75"]
+    with pytest.raises(ConfigError, match="init 'mae'.*layer_dacay"):
+        expand(cfg, tmp_path)
