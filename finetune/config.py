@@ -63,6 +63,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = ""  # the run directory (default runs/finetune/TASK-BACKBONE-INIT)
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
+    threshold: str = "youden"  # binary tasks' decision cut: "youden" (chosen on each fold's validation) | "argmax"
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
 
 

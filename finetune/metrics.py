@@ -25,11 +25,12 @@ from sklearn.metrics import (
 PRIMARY = {"classification": ("roc_auc", True), "regression": ("mae", False)}
 
 
-def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    """``y`` (n,) class indices, ``prob`` (n, n_classes) probabilities; binary: class 1 is positive."""
+def classification_metrics(y: np.ndarray, prob: np.ndarray, threshold=None) -> dict[str, float]:
+    """``y`` (n,) class indices, ``prob`` (n, n_classes) probabilities; binary: class 1 is positive, predicted
+    where ``prob[:, 1] > threshold`` (a scalar or one per row) when given, else the argmax."""
     y = np.asarray(y)
     prob = np.asarray(prob, dtype=np.float64)
-    pred = prob.argmax(axis=1)
+    pred = prob.argmax(axis=1) if threshold is None else (prob[:, 1] > threshold).astype(int)
     with warnings.catch_warnings():  # a small validation set can hold one class: scores are still defined
         warnings.simplefilter("ignore", UserWarning)
         return _classification_metrics(y, prob, pred)
@@ -57,11 +58,27 @@ def _classification_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -
     return {k: float(v) for k, v in out.items()}
 
 
-def fast_binary_metrics(y: np.ndarray, p1: np.ndarray) -> dict[str, float]:
+def youden_threshold(y: np.ndarray, p1: np.ndarray) -> float:
+    """The cut on ``p1`` (positive where ``p1 > cut``) that maximises sensitivity + specificity (Youden's J)
+    on these labels, taken midway between neighbouring scores; ties go to the cut nearest 0.5. 0.5 when ``y``
+    holds one class. Fit it on validation predictions: a network that has memorised its training subjects
+    ranks test subjects well but its probabilities shift, so a fixed 0.5 can leave one class unpredicted."""
+    y, p1 = np.asarray(y) == 1, np.asarray(p1, np.float64)
+    if y.all() or not y.any():
+        return 0.5
+    u = np.unique(p1)
+    cuts = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1]]])
+    pred = p1[None, :] > cuts[:, None]
+    j = (pred & y).sum(1) / y.sum() + (~pred & ~y).sum(1) / (~y).sum()
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+
+
+def fast_binary_metrics(y: np.ndarray, p1: np.ndarray, threshold=0.5) -> dict[str, float]:
     """The binary metrics of ``classification_metrics`` in plain NumPy (AUC by the rank-sum formula), for the
     thousands of bootstrap resamples where scikit-learn's input checks dominate; tests hold them equal."""
     y = np.asarray(y) == 1
-    pred = np.asarray(p1) > 0.5  # argmax of (1 - p, p); a tie goes to class 0, as argmax does
+    pred = np.asarray(p1) > threshold  # 0.5: argmax of (1 - p, p); a tie goes to class 0, as argmax does
     tp, tn = np.sum(pred & y), np.sum(~pred & ~y)
     pos, neg = np.sum(y), np.sum(~y)
     sens = tp / pos if pos else 0.0
@@ -141,14 +158,17 @@ def bootstrap_ci(
 
 def score_predictions(pred: pd.DataFrame, kind: str, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Metrics of a predictions table (columns ``y_true``, ``prob_*`` or ``y_pred``[, ``y_pred_corrected``],
-    ``subject_id``), each with ``_lo`` / ``_hi`` bootstrap CI bounds, resampling subjects."""
+    ``subject_id``; binary: optionally each row's decision ``threshold``), each with ``_lo`` / ``_hi``
+    bootstrap CI bounds, resampling subjects."""
     subjects = pred["subject_id"].to_numpy()
     if kind == "classification":
         prob_cols = sorted(c for c in pred.columns if c.startswith("prob_"))
         y, prob = pred["y_true"].to_numpy(int), pred[prob_cols].to_numpy()
-        point = classification_metrics(y, prob)
+        cut = pred["threshold"].to_numpy(float) if "threshold" in pred and prob.shape[1] == 2 else None
+        point = classification_metrics(y, prob, cut)
         if prob.shape[1] == 2:
-            fn = lambda idx: fast_binary_metrics(y[idx], prob[idx, 1])
+            cut = np.full(len(y), 0.5) if cut is None else cut
+            fn = lambda idx: fast_binary_metrics(y[idx], prob[idx, 1], cut[idx])
         else:
             fn = lambda idx: classification_metrics(y[idx], prob[idx])
     else:

@@ -31,7 +31,7 @@ from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init
 from finetune.config import RunConfig
 from finetune.data import load_volumes, preprocess_config
-from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions
+from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
 from finetune.modes import MODES, FoldInputs
 from finetune.protocol import (
     Fold,
@@ -82,6 +82,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Read and check all inputs; a ``NeurotransferError`` names the file/column before any training."""
     if cfg.train.mode not in MODES:
         raise ConfigError(f"train.mode must be one of {', '.join(MODES)}, got {cfg.train.mode!r}")
+    if cfg.threshold not in ("youden", "argmax"):
+        raise ConfigError(f"threshold must be youden or argmax, got {cfg.threshold!r}")
     if not cfg.manifest:
         raise ConfigError(
             "manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)"
@@ -182,6 +184,8 @@ def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepare
         baselines.append(_baseline_table(df, y, tr, te, kind, n_classes, fold.fold))
         if kind == "regression":
             _correct_bias(tables[-2], tables[-1])
+        elif n_classes == 2:
+            _decision_threshold(tables[-2], tables[-1], cfg.threshold)
     predictions = pd.concat(tables, ignore_index=True)
     predictions.to_csv(out / "predictions.csv", index=False)
 
@@ -254,6 +258,13 @@ def _correct_bias(val: pd.DataFrame, test: pd.DataFrame) -> None:
         return
     val["y_pred_corrected"] = corr.apply(val["y_pred"])
     test["y_pred_corrected"] = corr.apply(test["y_pred"])
+
+
+def _decision_threshold(val: pd.DataFrame, test: pd.DataFrame, rule: str) -> None:
+    """The fold's cut on ``prob_1`` for the threshold metrics (accuracy, sensitivity ...): ``youden`` fitted on
+    its validation predictions (0.5 with fewer than 5 of them), or ``argmax`` (0.5); ROC-AUC ignores it."""
+    cut = youden_threshold(val["y_true"], val["prob_1"]) if rule == "youden" and len(val) >= 5 else 0.5
+    val["threshold"] = test["threshold"] = cut
 
 
 def _clean(metrics: dict) -> dict:

@@ -13,6 +13,7 @@ from finetune.metrics import (
     fast_binary_metrics,
     per_site,
     score_predictions,
+    youden_threshold,
 )
 from finetune.tasks import get_task, label_rows
 
@@ -25,6 +26,29 @@ def test_fast_bootstrap_metrics_equal_scikit_learn():
         exact = classification_metrics(y, np.stack([1 - p, p], axis=1))
         fast = fast_binary_metrics(y, p)
         assert fast == pytest.approx(exact)
+
+
+def test_fast_metrics_equal_scikit_learn_at_a_per_row_threshold():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 40)
+    p = np.clip(0.3 * y + 0.7 * rng.random(40), 0, 1)
+    cut = np.where(np.arange(40) < 20, 0.3, 0.6)  # two folds, two cuts
+    exact = classification_metrics(y, np.stack([1 - p, p], axis=1), cut)
+    assert fast_binary_metrics(y, p, cut) == pytest.approx(exact)
+    assert exact != pytest.approx(classification_metrics(y, np.stack([1 - p, p], axis=1)))
+
+
+def test_youden_threshold_separates_shifted_probabilities():
+    """A memorising network's test probabilities all sit above 0.5; the cut from validation still separates."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.55, 0.6, 0.62, 0.7, 0.8, 0.85, 0.9, 0.95])
+    cut = youden_threshold(y, p)
+    assert 0.7 < cut < 0.8
+    table = pd.DataFrame({"subject_id": np.arange(8), "y_true": y, "prob_0": 1 - p, "prob_1": p})
+    assert score_predictions(table, "classification", n_boot=0)["balanced_accuracy"] == 0.5
+    tuned = score_predictions(table.assign(threshold=cut), "classification", n_boot=0)
+    assert tuned["balanced_accuracy"] == 1.0 and tuned["roc_auc"] == 1.0
+    assert youden_threshold(np.ones(4), p[:4]) == 0.5  # one class: nothing to fit
 
 
 def test_scores_with_confidence_intervals_and_sites():
