@@ -44,6 +44,27 @@ def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_dec
     return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": d} for (s, d), ps in groups.items()]
 
 
+class EpochSelector:
+    """Early stopping on the validation score: keeps the best epoch from ``first`` on (epochs of the lr warm-up
+    are not candidates: a lucky score of a barely trained model on a small validation set would otherwise be kept,
+    and stop the run ``patience`` epochs later, before the model has learnt the task) and says when to stop."""
+
+    def __init__(self, first: int, patience: int):
+        self.first, self.patience = first, patience
+        self.best_score: tuple[float, float] = (-np.inf, -np.inf)
+        self.best_epoch, self.since_best = -1, 0
+
+    def update(self, epoch: int, score: tuple[float, float]) -> tuple[bool, bool]:
+        """(this epoch is the new best, stop now)."""
+        if epoch < self.first:
+            return False, False
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.since_best = score, epoch, 0
+            return True, False
+        self.since_best += 1
+        return False, self.since_best >= self.patience
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     """LambdaLR factor: linear 0 -> 1 over ``warmup_steps``, then cosine 1 -> ``min_ratio``."""
 
@@ -118,8 +139,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.min_lr_ratio))
 
-    best_state, best_score, best_epoch, since_best = None, (-np.inf, -np.inf), -1, 0
-    step = 0
+    selector = EpochSelector(min(math.ceil(warmup / steps_per_epoch), cfg.epochs - 1), cfg.patience)
+    best_state = None
     for epoch in range(cfg.epochs):
         model.train()
         running = torch.zeros((), device=device)
@@ -135,31 +156,29 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             optimizer.step()
             scheduler.step()
             running += loss.detach()  # summed on device: no host sync per step
-            step += 1
         train_loss = float(running) / steps_per_epoch
         score = _validate(model, inputs, va, decode, cfg, device, bf16) if len(va) else (-train_loss, 0.0)
         if inputs.tb is not None:
             inputs.tb.add_scalar(f"{inputs.tb_prefix}train_loss", train_loss, epoch)
             inputs.tb.add_scalar(f"{inputs.tb_prefix}val_score", score[0], epoch)
             inputs.tb.add_scalar(f"{inputs.tb_prefix}lr", optimizer.param_groups[0]["lr"], epoch)
-        if score > best_score:
-            best_state, best_score, best_epoch, since_best = (
-                copy.deepcopy(model.state_dict()),
-                score,
-                epoch,
-                0,
-            )
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                break
+        is_best, stop = selector.update(epoch, score)
+        if is_best:
+            best_state = copy.deepcopy(model.state_dict())
+        if stop:
+            break
     model.load_state_dict(best_state)
     val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
     test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, bf16))
     return (
         val_out,
         test_out,
-        {"best_epoch": best_epoch, "epochs_run": epoch + 1, "val_score": float(best_score[0]), "bf16": bf16},
+        {
+            "best_epoch": selector.best_epoch,
+            "epochs_run": epoch + 1,
+            "val_score": float(selector.best_score[0]),
+            "bf16": bf16,
+        },
     )
 
 

@@ -125,3 +125,14 @@ def test_batch_norm_head_ignores_what_all_subjects_share():
     assert not torch.allclose(plain_head(feats + shared), plain_head(feats), atol=1e-2)
     with pytest.raises(ConfigError, match="train.head_norm"):
         LinearHead(16, 2, norm="layer")
+
+
+def test_early_stopping_ignores_warm_up_epochs():
+    """A lucky validation score while the lr warms up is not kept, and does not stop the run before the model
+    has learnt (the PD runs of docs/results.md stopped at epoch 21 with epoch 0 as their best before this)."""
+    scores = [0.9, 0.4, 0.5, 0.45, 0.7, 0.6, 0.65, 0.6]
+    selector = full.EpochSelector(first=2, patience=3)
+    decisions = [selector.update(epoch, (score, 0.0)) for epoch, score in enumerate(scores)]
+    assert [best for best, _ in decisions] == [False, False, True, False, True, False, False, False]
+    assert [stop for _, stop in decisions].index(True) == 7 and selector.best_epoch == 4
+    assert full.EpochSelector(first=0, patience=3).update(0, (0.9, 0.0)) == (True, False)
