@@ -18,7 +18,8 @@ class LinearHead(nn.Module):
     MAE's linear probe and scikit-learn's ``StandardScaler`` in our probe). Registered brains look alike, so a
     pooled feature's spread across subjects is a tiny share of its magnitude; without this a ViT's
     LayerNorm-ed, mean-pooled features give the head almost the same vector for every subject and training
-    sits at chance loss (measured: ViT-tiny from scratch, AD ROC-AUC 0.61 -> 0.99 on the registered bed).
+    sits at chance loss (ViT-tiny from scratch on a registered AD cohort: held-out ROC-AUC at most 0.67 in
+    80 epochs without it, 0.996 in 30 with it; docs/results.md).
     """
 
     def __init__(self, feature_dim: int, out_dim: int, dropout: float = 0.0, norm: str = "batch"):

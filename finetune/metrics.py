@@ -18,6 +18,7 @@ from sklearn.metrics import (
     r2_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
     root_mean_squared_error,
 )
 
@@ -66,10 +67,10 @@ def youden_threshold(y: np.ndarray, p1: np.ndarray) -> float:
     y, p1 = np.asarray(y) == 1, np.asarray(p1, np.float64)
     if y.all() or not y.any():
         return 0.5
-    u = np.unique(p1)
-    cuts = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1]]])
-    pred = p1[None, :] > cuts[:, None]
-    j = (pred & y).sum(1) / y.sum() + (~pred & ~y).sum(1) / (~y).sum()
+    fpr, tpr, at = roc_curve(y, p1, drop_intermediate=False)  # positive where p1 >= at[k]; at[0] = inf
+    below = np.append(at[2:], at[-1] - 1e-6)  # the next lower score
+    cuts = np.concatenate([[at[1]], (at[1:] + below) / 2])  # p1 > cuts[k]  <=>  p1 >= at[k]
+    j = tpr - fpr
     best = np.flatnonzero(np.isclose(j, j.max()))
     return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
 
