@@ -23,7 +23,8 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from common.errors import CheckpointError, ConfigError
-from common.precision import bf16_native
+from common.optim import adamw_kernel
+from common.precision import bf16_native, choose_precision, step_seconds
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
                 "eps": 1e-8,
                 "weight_decay": o.weight_decay,
                 "torch_adam": True,
+                **adamw_kernel(device_type()),
             },
-        },  # torch's AdamW: no JIT-compiled op needed on any accelerator
+        },  # torch's AdamW, fused where the device has the kernel: no JIT-compiled op on any accelerator
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -165,6 +167,42 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def current_device() -> torch.device:
+    """This rank's accelerator (``cuda:<local rank>``, ``cpu``)."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def auto_precision(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """What ``train.precision: auto`` trains ``model`` in, and why (``common.precision.choose_precision``):
+    where bf16 is native, a few forward + backward passes on ``batch`` in each precision are timed on every
+    rank and averaged over ranks, so all ranks agree. The model's buffers (BatchNorm statistics), gradients and
+    the RNG are left as they were."""
+    device = current_device()
+    model.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def step(precision: str) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(batch)["loss"]
+        loss.float().backward()
+        model.zero_grad(set_to_none=True)
+
+    def timings() -> dict[str, float]:
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            seconds = step_seconds(step, device)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+        mean = torch.tensor([seconds["fp32"], seconds["bf16"]], device=device, dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        return {"fp32": float(mean[0]), "bf16": float(mean[1])}
+
+    return choose_precision(device, timings)
 
 
 class Engine:

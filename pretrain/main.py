@@ -21,6 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (`deepspeed pretrain/main.py`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
 from omegaconf import OmegaConf
 
 from common.checkpoint import manifest_hash
@@ -102,7 +103,7 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
 
 def run(args: argparse.Namespace) -> dict:
     from pretrain.corpora import CorpusStream, build_source, make_loader
-    from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_precision
+    from pretrain.engine import Engine, auto_precision, build_ds_config, init_distributed, resolve_precision
     from pretrain.objectives import NEEDS_VIEWS, build_objective
     from pretrain.trainer import Trainer
     from pretrain.views import TwoViews
@@ -133,6 +134,11 @@ def run(args: argparse.Namespace) -> dict:
         TwoViews(cfg.objective.contrastive, cfg.data.input_size) if NEEDS_VIEWS[cfg.objective.name] else None
     )
 
+    if cfg.train.precision == "auto":  # bf16 only where native and not slower for this model
+        keys = ("view1", "view2") if NEEDS_VIEWS[cfg.objective.name] else ("image",)
+        example = {k: torch.rand(cfg.data.batch_size, 1, *cfg.data.input_size) for k in keys}
+        precision, why = auto_precision(objective, example)
+        log.info("train.precision auto -> %s: %s", precision, why)
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
     engine = Engine(objective, ds_config)
     if rank == 0:

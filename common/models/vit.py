@@ -34,14 +34,32 @@ def to_3tuple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
 
 
 class PatchEmbed3D(nn.Module):
-    """(B, in_chans, D, H, W) -> (B, C, gd, gh, gw) with one Conv3d whose kernel = stride = patch size."""
+    """A Conv3d whose kernel = stride = patch size, computed as one matmul over the unfolded patches.
+
+    The weight stays the conv's ``proj.weight`` (embed_dim, in_chans, pd, ph, pw), timm's layout, so 2D and video
+    imports and I3D inflation apply unchanged; ``forward`` is the conv itself (the reference path).
+    """
 
     def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, D, H, W) -> (B, C, gd, gh, gw)."""
         return self.proj(x)
+
+    def tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_chans, D, H, W) -> (B, N, C) in raster order, or (B, n_keep, C) for the patches ``ids_keep``
+        names: the same numbers as ``forward`` (flattened), but only the kept patches are embedded (MAE's
+        visible quarter) and the weight gradient is one GEMM instead of a conv3d backward."""
+        B, C_in, D, H, W = x.shape
+        pd, ph, pw = self.proj.kernel_size
+        gd, gh, gw = D // pd, H // ph, W // pw
+        x = x.reshape(B, C_in, gd, pd, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = x.reshape(B, gd * gh * gw, C_in * pd * ph * pw)  # (B, N, C_in·pd·ph·pw): the kernel's order
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, n_keep, ·)
+        return nn.functional.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -256,17 +274,25 @@ class ViT3D(nn.Module):
         self.grad_checkpointing = enable
 
     # ---- token path (MAE runs the encoder on visible tokens through this) ---------------------------------
-    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, D, H, W) -> (B, N, C): patch embedding plus position embedding, no prefix token."""
+    def patch_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_chans, D, H, W) -> (B, N, C): patch embedding plus position embedding, no prefix token;
+        with ``ids_keep`` (B, n_keep) only those patches, (B, n_keep, C), embedded alone."""
         expected = (self.in_chans, *self.img_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"ViT3D expects input (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
                 "resize/crop the volume to img_size or build the model with this img_size"
             )
-        x = self.patch_embed(x)  # (B, C, gd, gh, gw)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        return x + self.pos_embed[:, self.num_prefix_tokens :]
+        pos = self.pos_embed[:, self.num_prefix_tokens :]  # (1, N, C)
+        if ids_keep is None:
+            return self.patch_embed.tokens(x) + pos
+        if ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0] or ids_keep.dtype != torch.long:
+            raise ValueError(
+                f"ids_keep must be a (B={x.shape[0]}, n_keep) long tensor, got {tuple(ids_keep.shape)} "
+                f"{ids_keep.dtype}"
+            )
+        pos = torch.gather(pos.expand(x.shape[0], -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+        return self.patch_embed.tokens(x, ids_keep) + pos  # (B, n_keep, C)
 
     def forward_tokens(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_chans, D, H, W) -> (B, P + n_keep, C) after blocks and final norm.
@@ -274,14 +300,7 @@ class ViT3D(nn.Module):
         ``ids_keep`` (B, n_keep) long: indices into the N patch tokens to keep (MAE's visible set), in the
         order given; None keeps all N.
         """
-        x = self.patch_tokens(x)  # (B, N, C)
-        if ids_keep is not None:
-            if ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0] or ids_keep.dtype != torch.long:
-                raise ValueError(
-                    f"ids_keep must be a (B={x.shape[0]}, n_keep) long tensor, got {tuple(ids_keep.shape)} "
-                    f"{ids_keep.dtype}"
-                )
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, n_keep, C)
+        x = self.patch_tokens(x, ids_keep)  # (B, N or n_keep, C): only the kept patches are embedded
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, C)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + n_keep, C)

@@ -168,6 +168,30 @@ def test_forward_tokens_keeps_the_given_tokens():
         model.forward_tokens(x, ids_keep=ids.int())
 
 
+@pytest.mark.parametrize("patch_size, in_chans", [((8, 8, 8), 1), ((2, 8, 4), 3)])
+def test_patch_embedding_as_one_matmul_equals_the_strided_conv(patch_size, in_chans):
+    """The unfolded-patch matmul (kept patches only) gives the conv's numbers and gradients, with the weight in
+    the conv's (timm's) layout."""
+    from common.models.vit import PatchEmbed3D
+
+    torch.manual_seed(0)
+    embed = PatchEmbed3D(patch_size, in_chans, 24)
+    assert embed.proj.weight.shape == (24, in_chans, *patch_size)
+    x = torch.randn(2, in_chans, 16, 16, 16)
+    n = (16 // patch_size[0]) * (16 // patch_size[1]) * (16 // patch_size[2])
+    ids = torch.stack([torch.randperm(n)[: n // 4] for _ in range(2)])  # (2, n/4) in shuffled order
+    conv = embed(x).flatten(2).transpose(1, 2)  # (2, n, 24) raster order
+    torch.testing.assert_close(embed.tokens(x), conv, rtol=1e-5, atol=1e-5)
+    kept_conv = torch.gather(conv, 1, ids.unsqueeze(-1).expand(-1, -1, 24))
+    kept = embed.tokens(x, ids)
+    torch.testing.assert_close(kept, kept_conv, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(kept)
+    conv_grads = torch.autograd.grad(kept_conv, [embed.proj.weight, embed.proj.bias], grad)
+    matmul_grads = torch.autograd.grad(kept, [embed.proj.weight, embed.proj.bias], grad)
+    for a, b in zip(matmul_grads, conv_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_avg_pool_without_cls_token_uses_fc_norm():
     model = ViT3D(**TINY_VIT, class_token=False, global_pool="avg").eval()
     names = set(model.state_dict())
