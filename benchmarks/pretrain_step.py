@@ -1,48 +1,98 @@
-"""One MAE training step: our ViT-B/16 MAE against MONAI's ``MaskedAutoEncoderViT`` at the same dimensions.
+"""One pre-training step as ``pretrain/main.py`` runs it, against MONAI's model trained the way its users would.
 
-    python benchmarks/pretrain_step.py [--steps 5] [--batch 4] [--size 96]
+    python benchmarks/pretrain_step.py [--steps 3] [--batch 4] [--size 96] [--precisions fp32,bf16] [--cnn]
 
-Both models: encoder 768 wide × 12 blocks (MLP 3072, qkv bias), decoder 384 × 4 (MLP 1536), 16³ patches, mask
-ratio 0.75, batch 4 of 96³ volumes; a step is forward + masked-patch MSE + backward + AdamW. Printed:
-- throughput (volumes/s) of each, timed in this process, alternating the two models round by round, in fp32
-  and in bf16 (``torch.autocast``), and the ratio ours / MONAI;
-- peak memory: each (model, precision) runs in a fresh child process and reports its peak resident set size
-  (``VmHWM``, kernel-tracked) minus its RSS after imports, so weights, gradients, AdamW state and
-  activations count and allocator reuse between models cannot hide anything;
-- the share of this CPU's measured matmul peak (fp32 and bf16 4096² GEMMs) that our step reaches, from its
-  FLOPs counted by ``torch.utils.flop_counter``.
+MAE (always): ours is ``configs/pretrain/synthmri_mae.yaml`` (ViT-B/16 at 96³, mask 0.75, decoder 384 × 4,
+norm-pix loss, AdamW β = (0.9, 0.95), clipping 1.0) at batch ``--batch`` and one micro-batch per step, stepped
+through ``pretrain.engine.Engine`` (DeepSpeed, our optimizer settings and precision handling) exactly as
+``pretrain.trainer`` does: forward, the finite-loss check, backward, step. MONAI's ``MaskedAutoEncoderViT`` at
+the same dimensions (768 × 12, MLP 3072, qkv bias; decoder 384 × 4, MLP 1536) with ``torch.optim.AdamW``'s
+defaults and a masked-patch MSE; in bf16 with bf16 weights, as its model fails under ``torch.autocast`` (its
+decoder's ``index_put`` mixes fp32 mask tokens with bf16 activations).
+
+SimCLR (``--cnn``): ours is ``configs/pretrain/synthmri_simclr.yaml`` with a ResNet-18 through the engine; the
+baseline the same objective (a copy with the same initial weights) in a plain PyTorch loop (forward, backward,
+``torch.optim.AdamW`` defaults), at ``--cnn-size``³ (default 48: a ResNet-18 step at 96³ takes minutes on 2 cores).
+
+Printed per precision: volumes/s of each, timed in this process, alternating the two round by round (load from
+other processes hits both alike), and the ratio; peak memory, each (model, precision) in a fresh child process
+(``VmHWM`` minus the RSS after imports: weights, gradients, optimizer state and activations); our FLOPs per step
+(``torch.utils.flop_counter``) as a share of this machine's measured peak of that precision (2048² GEMM). Then
+what ``precision: auto`` picks here (``pretrain.engine.auto_precision``, which times a step where bf16 is native)
+and our throughput at it over MONAI's at its faster precision. The last line is one JSON object with all of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 MASK_RATIO = 0.75
+ENV_OF_A_WORLD = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
 
 
-def build(which: str, size: int) -> torch.nn.Module:
-    if which == "ours":
-        from common.models import create_backbone
-        from pretrain.objectives.mae import MaskedAutoencoder
+# ---- our side: the recipe through the engine -----------------------------------------------------------------
+def recipe(task: str, size: int, batch: int):
+    from common.config import load_config
+    from pretrain.config import PretrainConfig
 
-        encoder = create_backbone("vit_base_p16", img_size=size, attn_backend="sdpa")
-        return MaskedAutoencoder(
-            encoder,
-            MASK_RATIO,
-            "random",
-            norm_pix_loss=False,
-            decoder_dim=384,
-            decoder_depth=4,
-            decoder_heads=12,
-        )
+    name, extra = ("synthmri_mae", []) if task == "mae" else ("synthmri_simclr", ["model.backbone=resnet18"])
+    overrides = [
+        f"data.input_size=[{size},{size},{size}]",
+        f"data.batch_size={batch}",
+        "optim.accumulation_steps=1",
+        "optim.warmup_steps=1",
+        "train.steps=100000",
+        *extra,
+    ]
+    return load_config(PretrainConfig, REPO / f"configs/pretrain/{name}.yaml", overrides)
+
+
+def build_objective(cfg) -> torch.nn.Module:
+    from common.models import create_backbone
+    from pretrain.objectives import build_objective as build
+
+    kwargs = dict(cfg.model.kwargs)
+    encoder = create_backbone(cfg.model.backbone, img_size=tuple(cfg.data.input_size), **kwargs)
+    if hasattr(encoder, "attn_backend"):
+        encoder.attn_backend = cfg.model.attn_backend
+    return build(cfg.objective, encoder)
+
+
+def example_batch(task: str, size: int, batch: int) -> dict[str, torch.Tensor]:
+    keys = ("image",) if task == "mae" else ("view1", "view2")
+    return {k: torch.rand(batch, 1, size, size, size) for k in keys}
+
+
+def engine_step(cfg, objective: torch.nn.Module, precision: str):
+    """The trainer's micro-step on an engine built as ``pretrain/main.py`` builds it."""
+    from pretrain.engine import Engine, build_ds_config
+
+    engine = Engine(objective, build_ds_config(cfg, None, 1, precision))
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        out = engine(batch)
+        if not engine.all_finite(out["loss"]):
+            raise RuntimeError("non-finite loss in the benchmark")
+        engine.backward(out["loss"])
+        engine.step()
+
+    return step
+
+
+# ---- the baselines -----------------------------------------------------------------------------------------
+def monai_mae(size: int) -> torch.nn.Module:
     from monai.networks.nets import MaskedAutoEncoderViT
 
     return MaskedAutoEncoderViT(
@@ -69,22 +119,23 @@ def patchify(x: torch.Tensor, p: int = 16) -> torch.Tensor:
     return x.reshape(B, -1, p**3)
 
 
-def make_step(which: str, model: torch.nn.Module, bf16: bool):
-    """bf16: ours under ``torch.autocast`` (fp32 weights); MONAI's model fails under autocast (its decoder's
-    index_put mixes fp32 mask tokens with bf16 activations), so it runs with bf16 weights and inputs
-    instead."""
-    monai_bf16 = bf16 and which == "monai"
-    if monai_bf16:
+def plain_step(task: str, model: torch.nn.Module, precision: str):
+    """A user's loop: ``torch.optim.AdamW`` defaults; MAE in bf16 with bf16 weights (autocast fails on MONAI's
+    model); SimCLR in bf16 under autocast (fp32 weights)."""
+    bf16_weights = precision == "bf16" and task == "mae"
+    if bf16_weights:
         model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    autocast = precision == "bf16" and not bf16_weights
 
-    def step(x: torch.Tensor) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not monai_bf16):
-            if which == "ours":
-                loss = model({"image": x})["loss"]
-            else:
-                pred, mask = model(x.to(torch.bfloat16) if monai_bf16 else x)  # (B, N, p³), (B, N) 1 = masked
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if task == "mae":
+                x = batch["image"]
+                pred, mask = model(x.to(torch.bfloat16) if bf16_weights else x)  # (B, N, p³), (B, N) 1 = masked
                 loss = (((pred.float() - patchify(x)) ** 2).mean(-1) * mask).sum() / mask.sum()
+            else:
+                loss = model(batch)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -92,9 +143,25 @@ def make_step(which: str, model: torch.nn.Module, bf16: bool):
     return step
 
 
+def build_steps(task: str, size: int, batch: int, precision: str, which=("ours", "base")) -> dict:
+    """{"ours": step, "base": step} (or those in ``which``) for one precision, with freshly built models; the
+    SimCLR baseline starts from our initial weights."""
+    cfg = recipe(task, size, batch)
+    steps = {}
+    if "ours" in which or task != "mae":
+        torch.manual_seed(0)
+        ours = build_objective(cfg)
+    if "base" in which:
+        steps["base"] = plain_step(task, monai_mae(size) if task == "mae" else copy.deepcopy(ours), precision)
+    if "ours" in which:
+        steps["ours"] = engine_step(cfg, ours, precision)
+    return steps
+
+
+# ---- measurements --------------------------------------------------------------------------------------------
 def proc_status_gb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, in GiB. VmHWM belongs to the process's
-    own address space, unlike ``ru_maxrss``, which a spawned child inherits from its parent across exec."""
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in GiB. VmHWM belongs to the process's own address
+    space, unlike ``ru_maxrss``, which a spawned child inherits from its parent across exec."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -102,28 +169,31 @@ def proc_status_gb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _memory_child(which: str, size: int, batch: int, bf16: bool, queue) -> None:
-    torch.manual_seed(0)
+def _memory_child(task: str, which: str, size: int, batch: int, precision: str, queue) -> None:
+    for key in ENV_OF_A_WORLD:  # a world of one of its own (the parent's port is taken)
+        os.environ.pop(key, None)
+    from pretrain.engine import init_distributed
+
+    init_distributed()
     base = proc_status_gb("VmRSS")
-    model = build(which, size)
-    step = make_step(which, model, bf16)
-    x = torch.rand(batch, 1, size, size, size)
-    for _ in range(2):  # the second step has AdamW state allocated: the steady-state peak
+    step = build_steps(task, size, batch, precision, (which,))[which]
+    x = example_batch(task, size, batch)
+    for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
         step(x)
     queue.put(proc_status_gb("VmHWM") - base)
 
 
-def peak_memory_gb(which: str, size: int, batch: int, bf16: bool) -> float:
+def peak_memory_gb(task: str, which: str, size: int, batch: int, precision: str) -> float:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(which, size, batch, bf16, queue))
+    proc = ctx.Process(target=_memory_child, args=(task, which, size, batch, precision, queue))
     proc.start()
     value = queue.get()
     proc.join()
     return value
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
@@ -132,60 +202,103 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> floa
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(model, which, size, batch) -> int:
+def forward_backward_flops(task: str, size: int, batch: int) -> int:
+    """Matmul/conv FLOPs of our objective's forward + backward (fp32) on one batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    step = make_step(which, model, bf16=False)
+    torch.manual_seed(0)
+    objective = build_objective(recipe(task, size, batch))
     with FlopCounterMode(display=False) as counter:
-        step(torch.rand(batch, 1, size, size, size))
+        objective(example_batch(task, size, batch))["loss"].backward()
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model and precision")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=96)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    x = torch.rand(args.batch, 1, args.size, args.size, args.size)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} × {args.size}³, "
-        f"mask {MASK_RATIO}"
-    )
+def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict) -> dict:
+    """Throughput, memory and FLOP share of ours vs the baseline, per precision, plus ``auto``."""
+    from pretrain.engine import auto_precision
 
-    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    print(
-        f"matmul peak (4096² GEMM): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s",
-        flush=True,
-    )
-    models = {w: build(w, args.size) for w in ("ours", "monai")}
-    params = {w: sum(p.numel() for p in m.parameters()) / 1e6 for w, m in models.items()}
-    print(f"parameters: ours {params['ours']:.1f} M, MONAI {params['monai']:.1f} M")
-    flops = step_flops(models["ours"], "ours", args.size, args.batch)
-
-    for precision in ("fp32", "bf16"):
-        steps = {w: make_step(w, m, precision == "bf16") for w, m in models.items()}
-        for w in steps:  # warm-up: allocator, AdamW state, oneDNN kernels
-            steps[w](x)
-        elapsed = {"ours": 0.0, "monai": 0.0}
-        for _ in range(args.steps):  # alternate, so load from other processes hits both alike
-            for w in ("ours", "monai"):
+    flops = forward_backward_flops(task, size, batch)
+    x = example_batch(task, size, batch)
+    results = {}
+    base_name, key = ("MONAI", "monai") if task == "mae" else ("plain loop", "plain")
+    for precision in precisions:
+        pair = build_steps(task, size, batch, precision)
+        for w in pair:  # warm-up: allocator, optimizer state, oneDNN kernels
+            pair[w](x)
+        elapsed = {"ours": 0.0, "base": 0.0}
+        for _ in range(steps):  # alternate, so load from other processes hits both alike
+            for w in ("ours", "base"):
                 start = time.perf_counter()
-                steps[w](x)
+                pair[w](x)
                 elapsed[w] += time.perf_counter() - start
-        vps = {w: args.batch * args.steps / t for w, t in elapsed.items()}
-        mem = {w: peak_memory_gb(w, args.size, args.batch, precision == "bf16") for w in models}
-        share = flops / (elapsed["ours"] / args.steps) / 1e9 / peak[precision]
+        del pair
+        vps = {w: batch * steps / t for w, t in elapsed.items()}
+        mem = {w: peak_memory_gb(task, w, size, batch, precision) for w in ("ours", "base")}
+        share = flops / (elapsed["ours"] / steps) / 1e9 / peak[precision]
+        results[precision] = {
+            "ours_vol_s": round(vps["ours"], 3),
+            f"{key}_vol_s": round(vps["base"], 3),
+            "ratio": round(vps["ours"] / vps["base"], 3),
+            "ours_peak_gib": round(mem["ours"], 3),
+            f"{key}_peak_gib": round(mem["base"], 3),
+            "memory_ratio": round(mem["ours"] / mem["base"], 3),
+            "gflop_per_step": round(flops / 1e9, 1),
+            "share_of_peak": round(share, 3),
+        }
         print(
-            f"{precision}: ours {vps['ours']:.2f} vol/s, MONAI {vps['monai']:.2f} vol/s -> throughput ratio "
-            f"{vps['ours'] / vps['monai']:.2f}x | peak memory ours {mem['ours']:.2f} GiB, MONAI "
-            f"{mem['monai']:.2f} GiB -> ratio {mem['ours'] / mem['monai']:.2f} | our step: "
-            f"{flops / 1e9:.0f} GFLOP, {share:.0%} of the {precision} matmul peak",
+            f"{task} {precision}: ours {vps['ours']:.2f} vol/s, {base_name} {vps['base']:.2f} vol/s -> "
+            f"throughput ratio {vps['ours'] / vps['base']:.2f}x | peak memory ours {mem['ours']:.2f} GiB, "
+            f"{base_name} {mem['base']:.2f} GiB -> ratio {mem['ours'] / mem['base']:.2f} | our step: "
+            f"{flops / 1e9:.0f} GFLOP, {share:.0%} of the {precision} matmul peak ({peak[precision]:.0f} GFLOP/s)",
             flush=True,
         )
+    torch.manual_seed(0)
+    auto, why = auto_precision(build_objective(recipe(task, size, batch)), x)
+    print(f"{task}: precision auto -> {auto} ({why})", flush=True)
+    summary = {"auto_precision": auto, "reason": why, **results}
+    if auto in results:
+        best = max(r[f"{key}_vol_s"] for r in results.values())
+        summary[f"ratio_auto_vs_{key}_best"] = round(results[auto]["ours_vol_s"] / best, 3)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model and precision")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--cnn", action="store_true", help="also SimCLR with a ResNet-18 vs a plain loop")
+    parser.add_argument("--cnn-size", type=int, default=48)
+    parser.add_argument("--cnn-batch", type=int, default=4)
+    args = parser.parse_args()
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not set(precisions) <= {"fp32", "bf16"}:
+        parser.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
+
+    from common.precision import bf16_native
+    from pretrain.engine import init_distributed
+
+    init_distributed()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {bf16_native('cpu')}, "
+        f"load average {os.getloadavg()[0]:.1f}; MAE batch {args.batch} × {args.size}³, mask {MASK_RATIO}",
+        flush=True,
+    )
+    peak = {p: matmul_peak_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    print("matmul peak (2048² GEMM): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()), flush=True)
+
+    mae = compare("mae", args.size, args.batch, args.steps, precisions, peak)
+    out = {
+        "auto_precision": mae["auto_precision"],
+        "ratio_auto_vs_monai_best": mae.get("ratio_auto_vs_monai_best"),
+        **{p: mae[p] for p in precisions},
+        "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+    if args.cnn:
+        out["simclr_resnet18"] = compare("simclr", args.cnn_size, args.cnn_batch, args.steps, precisions, peak)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

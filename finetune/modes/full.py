@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.distributed import seed_everything
+from common.optim import adamw
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.metrics import classification_metrics, regression_metrics
@@ -133,7 +134,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         drop_last=len(tr) > cfg.batch_size,
         generator=generator,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    optimizer = adamw(param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay), device, lr=cfg.lr)  # fused
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
