@@ -223,6 +223,10 @@ class Engine:
         )
         self.device = self.ds.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.zero_stage == 0 and self.world_size == 1:
+            # nothing to average, yet DeepSpeed would flatten every gradient into one buffer, all-reduce it
+            # over the world of one and copy it back: a second copy of all gradients and two passes per step
+            self.ds.enable_backward_allreduce = False
 
     @property
     def module(self) -> nn.Module:
