@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
+from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError, ConfigError
 from common.precision import bf16_native
 
@@ -253,16 +254,21 @@ class Engine:
 
     def load(self, folder: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
         """Restore model, optimizer, schedule from ``folder`` (``tag`` or ``latest``); returns (tag, client
-        state)."""
+        state). Every file of the tag is read with ``weights_only`` first: DeepSpeed itself unpickles in full."""
+        folder = Path(folder)
+        if tag is None:
+            latest = folder / "latest"
+            if not latest.is_file():
+                raise CheckpointError(f"{folder}: no DeepSpeed checkpoint to resume (no 'latest' file)")
+            tag = latest.read_text().strip()
+        if not tag or Path(tag).name != tag or not (folder / tag).is_dir():
+            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint tag folder {tag!r} to resume")
+        check_deepspeed_tag(folder / tag)
         path, client = self.ds.load_checkpoint(
             str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
-            raise CheckpointError(
-                f"{folder}: no DeepSpeed checkpoint{'' if tag is None else f' {tag!r}'} to resume"
-            )
-        if tag is None:
-            tag = (Path(folder) / "latest").read_text().strip()
+            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint {tag!r} to resume")
         return tag, client or {}
 
     @contextlib.contextmanager
