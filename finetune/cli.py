@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from common.config import load_config
+from common.config import load_config, parse_with_overrides
 from common.errors import NeurotransferError
 from finetune.config import GridConfig, RunConfig
 
@@ -86,7 +86,7 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_with_overrides(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         {"run": _run, "benchmark": _benchmark, "experiment": _experiment}[args.command](args)

@@ -1,8 +1,8 @@
 """DeepSpeed, in one place: process group, config, the training engine, checkpoints and full-weight access.
 
 Everything else in ``pretrain`` sees a plain ``nn.Module`` objective and this module's ``Engine``. DeepSpeed
-owns the optimizer (AdamW), the schedule (``WarmupCosineLR``), gradient accumulation and clipping, ZeRO
-(stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
+owns the optimizer (AdamW), the schedule (``common.schedule``, as its client scheduler), gradient accumulation
+and clipping, ZeRO (stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from deepspeed.accelerator import get_accelerator
 from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError, ConfigError
 from common.precision import bf16_native
+from common.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULE = "neurotransfer.warmup_cosine"  # common.schedule, handed to DeepSpeed as a client scheduler
 # Keys the pretrain config decides; a DeepSpeed JSON may repeat them only with the same value.
 OWNED_KEYS = (
     "train_micro_batch_size_per_gpu",
@@ -119,13 +121,12 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
                 "torch_adam": True,
             },
         },  # torch's AdamW: no JIT-compiled op needed on any accelerator
+        # ours, not DeepSpeed's WarmupCosineLR (which trains its first two steps at lr 0); Engine builds it
         "scheduler": {
-            "type": "WarmupCosineLR",
+            "type": SCHEDULE,
             "params": {
                 "total_num_steps": cfg.train.steps,
                 "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
                 "cos_min_ratio": o.min_lr_ratio,
             },
         },
@@ -179,10 +180,18 @@ class Engine:
                 "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"
             )
         self.config = ds_config
+        schedule = ds_config.get("scheduler", {})
+        lr_scheduler = None
+        if schedule.get("type") == SCHEDULE:
+            p = schedule["params"]
+            factor = warmup_cosine(p["warmup_num_steps"], p["total_num_steps"], p["cos_min_ratio"])
+            lr_scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            ds_config = {k: v for k, v in ds_config.items() if k != "scheduler"}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
             config=ds_config,
+            lr_scheduler=lr_scheduler,
         )
         self.device = self.ds.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -245,6 +254,7 @@ class Engine:
 
     @property
     def lr(self) -> float:
+        """The lr the next ``step`` applies (read it before ``step``: the schedule advances in it)."""
         return float(self.ds.get_lr()[0])
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
