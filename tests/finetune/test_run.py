@@ -178,3 +178,14 @@ def test_a_failed_run_leaves_no_folder_and_a_file_is_no_run_folder(broken_cohort
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="--out is a file"):
         run_cell(tiny_config("ad", broken_cohort), tmp_path / "file")
+
+
+def test_cli_takes_overrides_after_option_flags_and_names_an_export_init(tmp_path):
+    from common.config import parse_with_overrides
+    from finetune.cli import _parser
+    from finetune.run import check_init_path
+
+    args = parse_with_overrides(_parser(), ["run", "train.epochs=1", "--out", "O", "seed=2", "--overwrite"])
+    assert args.out == "O" and args.overwrite and args.overrides == ["train.epochs=1", "seed=2"]
+    with pytest.raises(CheckpointError, match="names an export source"):
+        check_init_path(str(tmp_path / "missing.safetensors"))
