@@ -16,7 +16,7 @@ import os
 import pickle
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from common.errors import CheckpointError
 METADATA_KEY = "neurotransfer"
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
+RESAVE_HINT = "Re-save it as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors."
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -86,8 +87,14 @@ def manifest_hash(path: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ .pt / .pth
-def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``.
+def load_torch_file(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    allow: Sequence[Any] = (),
+    hint: str = RESAVE_HINT,
+) -> Any:
+    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``; ``allow``: extra plain types
+    (classes, enums) the unpickler may build.
 
     A file that needs full pickle (custom classes, numpy arrays, ...) is refused with a ``CheckpointError``:
     unpickling can run arbitrary code, so the project never does it.
@@ -96,17 +103,44 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"\bGLOBAL ([\w.]+)", str(e))
         what = f" (it contains {found.group(1)})" if found else ""
         raise CheckpointError(
             f"{path}: this file needs full pickle to load{what} and is refused, because unpickling can run "
-            "arbitrary code. Re-save it as a plain state dict of tensors "
-            "(torch.save(model.state_dict(), ...)) or as safetensors."
+            f"arbitrary code. {hint}"
         ) from e
     except Exception as e:  # a truncated zip, a text file, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _deepspeed_plain_types() -> list[Any]:
+    """The non-tensor types DeepSpeed's own checkpoints hold (ZeRO 1-3 optimizer states): plain records that
+    run no code when built. Imported here because DeepSpeed is slow to import and only its checkpoints need it."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_tag(tag_dir: str | Path) -> None:
+    """Refuse a DeepSpeed checkpoint tag folder if any of its ``.pt`` files needs code to unpickle.
+
+    DeepSpeed reads its checkpoints with full pickle (``weights_only=False``), so before it opens them each
+    file is read here with ``weights_only=True``, allowing only DeepSpeed's own plain types; a file that
+    would build anything else raises a ``CheckpointError`` naming it, and DeepSpeed never sees it.
+    """
+    tag_dir = Path(tag_dir)
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no DeepSpeed checkpoint files (*.pt) in this folder")
+    allow = _deepspeed_plain_types()
+    hint = "A DeepSpeed checkpoint written by DeepSpeed holds only tensors and plain DeepSpeed records."
+    for path in files:
+        load_torch_file(path, "cpu", allow, hint)
 
 
 # --------------------------------------------------------------------------------------------- strict loading

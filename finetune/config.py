@@ -65,6 +65,7 @@ class RunConfig:
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
     threshold: str = "youden"  # binary tasks' decision cut: "youden" (chosen on each fold's validation) | "argmax"
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
+    drop_labels: list[str] = field(default_factory=list)  # labels to leave out (e.g. [MCI]); other unknowns: error
 
 
 @dataclass

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (`deepspeed pretrain/main.py`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,8 +25,8 @@ if __package__ in (None, ""):  # run as a script (`deepspeed pretrain/main.py`):
 import torch
 from omegaconf import OmegaConf
 
-from common.checkpoint import manifest_hash
-from common.config import load_config, save_config
+from common.checkpoint import atomic_write, manifest_hash
+from common.config import load_config, parse_with_overrides, save_config
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.models import create_backbone
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=50")
     deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config (JSON in configs/deepspeed/)
-    return parser.parse_args(argv)
+    return parse_with_overrides(parser, argv)
 
 
 def _setup_logging(rank: int) -> None:
@@ -101,6 +102,41 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
     )
 
 
+# Settings a resumed run may not change: they decide the model's shapes or the data it has been trained on.
+# (Loader knobs, logging, the step budget and the optimizer may change on resume.)
+RESUME_FIXED = ("corpus", "model.backbone", "model.kwargs", "objective", "data")
+RESUME_FREE = ("data.num_workers", "data.prefetch_factor", "data.max_bad_share", "data.min_items_for_bad_share")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(cfg, saved: Path) -> None:
+    """Refuse a resume whose architecture or data settings differ from the run's saved ``config.yaml``,
+    naming the keys, before anything is written."""
+    if not saved.is_file():
+        return
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    except Exception as e:  # a YAML error, a file that is no mapping
+        raise ConfigError(f"{saved}: cannot read the run's saved config ({e})") from None
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg))
+    fixed = lambda k: k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FREE)
+    differ = sorted(k for k in set(old) | set(new) if fixed(k) and old.get(k) != new.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{saved}: the run being resumed was trained with other settings ({changes}); resume with the "
+            "same settings, or start a new run in another --output"
+        )
+
+
 def run(args: argparse.Namespace) -> dict:
     from pretrain.corpora import CorpusStream, build_source, make_loader
     from pretrain.engine import Engine, auto_precision, build_ds_config, init_distributed, resolve_precision
@@ -113,7 +149,11 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = init_distributed()
     _setup_logging(rank)
     out = Path(args.output or f"runs/pretrain-{cfg.corpus}-{cfg.objective.name}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --output is a file, not a run folder; choose a folder path")
     resume_from = find_resume(out, args.resume)
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from[0].parent / "config.yaml")
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.steps < 1 or cfg.data.batch_size < 1:
         raise ConfigError("train.steps and data.batch_size must be >= 1")
@@ -141,10 +181,6 @@ def run(args: argparse.Namespace) -> dict:
         log.info("train.precision auto -> %s: %s", precision, why)
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
     engine = Engine(objective, ds_config)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
     log.info(
         "corpus %s, objective %s, %s, %d rank(s), precision %s, ZeRO stage %d → %s",
         cfg.corpus,
@@ -162,7 +198,12 @@ def run(args: argparse.Namespace) -> dict:
 
     trainer = Trainer(cfg, out, engine, objective, loader_for, export_metadata(cfg))
     if resume_from is not None:
-        trainer.resume(*resume_from)
+        trainer.resume(*resume_from)  # before anything is written: a checkpoint that cannot load changes nothing
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        with atomic_write(out / "deepspeed.json") as tmp:
+            tmp.write_text(json.dumps(ds_config, indent=2))
     result = trainer.run()
     result["precision"] = precision
     result["export"] = str(out / "export" / "encoder.safetensors")

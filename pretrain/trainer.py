@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import export_backbone
+from common.checkpoint import atomic_write, export_backbone
 from common.distributed import is_rank_zero
 from common.errors import DataError, NeurotransferError
 from common.tb import RankZeroWriter, progress
@@ -90,21 +90,23 @@ class Trainer:
                 f"{folder}/{tag}: DeepSpeed is at step {self.engine.global_step} but the "
                 f"checkpoint records step {self.step}; the checkpoint is inconsistent"
             )
-        if is_rank_zero():
-            self._truncate_metrics()
         log.info("resumed from %s at step %d", folder / tag, self.step)
         return tag
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics.jsonl lines of steps after the checkpoint: they are about to be trained again."""
+        """Drop metrics.jsonl lines of steps after the start (all of them on a fresh start, e.g. after a kill
+        before the first checkpoint): they are about to be trained again."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            with atomic_write(path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in lines))
 
     # ---- loop --------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, engine, rank = self.cfg.train, self.engine, self.engine.rank
+        if is_rank_zero():
+            self._truncate_metrics()
         writer = RankZeroWriter(self.out / "tb", purge_step=self.step or None)
         loader = self.make_loader(self.position)
         batches = iter(loader)
@@ -129,6 +131,7 @@ class Trainer:
                 boundary = engine.is_boundary()
                 log_now = boundary and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps)
                 grad_norm = engine.grad_norm() if log_now else None
+                lr = engine.lr  # the lr this step applies; the schedule advances inside step()
                 engine.step()
                 window["loss"] = window["loss"] + out["loss"].detach().float()  # on device: no sync
                 window["micro"] += 1
@@ -140,7 +143,7 @@ class Trainer:
                 if hasattr(self.objective, "after_step"):
                     self.objective.after_step(self.step, cfg.steps)
                 if log_now:
-                    last_loss = self._log(writer, window, grad_norm)
+                    last_loss = self._log(writer, window, grad_norm, lr)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                     window = new_window()
                 if cfg.image_every and self.step % cfg.image_every == 0 and hasattr(self.objective, "images"):
@@ -174,9 +177,15 @@ class Trainer:
             raise TrainingDiverged(
                 f"the loss was NaN/Inf for {self.streak} micro-batches in a row at step {self.step}; "
                 "training diverged. Lower optim.lr, raise optim.warmup_steps, or use "
-                "train.precision=fp32, then resume "
-                f"from the last checkpoint in {self.ckpt_dir}"
+                f"train.precision=fp32, then {self._restart_hint()}"
             )
+
+    def _restart_hint(self) -> str:
+        """Where to go on from: the last checkpoint written, if there is one."""
+        latest = self.ckpt_dir / "latest"
+        if latest.is_file() and (self.ckpt_dir / latest.read_text().strip()).is_dir():
+            return f"resume from its last checkpoint {self.ckpt_dir / latest.read_text().strip()} (--resume auto)"
+        return f"start again: no checkpoint was written yet in {self.ckpt_dir}"
 
     def _check_bad_share(self) -> None:
         pos, data = self.position, self.cfg.data
@@ -190,13 +199,13 @@ class Trainer:
                 "which files, fix or remove them",
             )
 
-    def _log(self, writer: RankZeroWriter, window: dict[str, Any], grad_norm: float | None) -> float:
+    def _log(self, writer: RankZeroWriter, window: dict[str, Any], grad_norm: float | None, lr: float) -> float:
         engine = self.engine
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         loss = engine.mean_over_ranks(window["loss"] / max(1, window["micro"]))
         scalars = {
             "train/loss": loss,
-            "train/lr": engine.lr,
+            "train/lr": lr,
             "train/volumes_per_s": window["volumes"] * engine.world_size / elapsed,
             "train/data_wait_share": window["wait"] / elapsed,
             "train/memory_peak_gb": engine.peak_memory_gb(),

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from common.checkpoint import load_torch_file
+from common.checkpoint import check_deepspeed_tag, load_torch_file
 from common.errors import CheckpointError
 from common.weights.adapt import qkv_bias_from_qv
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
@@ -235,7 +235,8 @@ def _family(name: str) -> str:
 def read_deepspeed(path: Path, model: nn.Module, axis: int) -> tuple[State, SourceLayout]:
     """A DeepSpeed checkpoint folder (``OUT/checkpoints`` with ``latest``, or one tag folder inside it).
 
-    ZeRO shards are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; without
+    Every ``.pt`` in the tag folder must load with ``weights_only`` first (``check_deepspeed_tag``). ZeRO
+    shards are then consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; without
     ZeRO optimizer shards (stage 0) the module states file is read with ``weights_only``. The objective's
     prefix (``encoder.``, ``backbone.`` ...) is found by matching the model's key names.
     """
@@ -243,12 +244,16 @@ def read_deepspeed(path: Path, model: nn.Module, axis: int) -> tuple[State, Sour
         raise CheckpointError(f"{path}: deepspeed: needs a DeepSpeed checkpoint folder, this is not a folder")
     tag_dir = path
     if (path / "latest").is_file():
-        tag_dir = path / (path / "latest").read_text().strip()
+        tag = (path / "latest").read_text().strip()
+        if not tag or Path(tag).name != tag:
+            raise CheckpointError(f"{path}/latest: names {tag!r}, not a tag folder inside {path}")
+        tag_dir = path / tag
     if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*model_states.pt")):
         raise CheckpointError(
             f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt) in {tag_dir}; point at the "
             "checkpoints folder (with `latest`) or at one tag folder"
         )
+    check_deepspeed_tag(tag_dir)  # DeepSpeed's own readers unpickle in full: refuse files that need code
     if list(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

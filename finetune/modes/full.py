@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from common.distributed import seed_everything
 from common.optim import adamw
+from common.schedule import warmup_cosine
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.metrics import classification_metrics, regression_metrics
@@ -64,18 +65,6 @@ class EpochSelector:
             return True, False
         self.since_best += 1
         return False, self.since_best >= self.patience
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LambdaLR factor: linear 0 -> 1 over ``warmup_steps``, then cosine 1 -> ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return factor
 
 
 @torch.no_grad()

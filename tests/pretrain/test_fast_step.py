@@ -57,6 +57,9 @@ def test_fast_step_matches_the_reference_step(tmp_path):
         if name.endswith("attn.qkv.bias"):  # the key bias shifts each query's logits alike: its gradient is
             dim = a.shape[0] // 3  # rounding noise, which Adam scales up to ±lr steps on either path
             a, b, start = (torch.cat([t[:dim], t[2 * dim :]]) for t in (a, b, start))
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        # Adam divides by sqrt(v): the rare elements whose gradient is mostly rounding noise move a little
+        # differently on the two paths; all else agrees to float rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4, msg=name)
+        assert ((a - b).abs() > 1e-5).float().mean() < 1e-3, name
         if a.requires_grad:
             assert not torch.equal(a, start), f"{name} did not train"

@@ -140,6 +140,13 @@ def test_config_rejects_a_shape_the_networks_cannot_halve():
         LDMTrainConfig(data=LDMDataConfig(shape=[20, 16, 16]))
 
 
+def test_a_zero_head_width_where_attention_runs_is_a_config_error(corpus, tmp_path, capsys):
+    # the UNet's middle block attends with the last level's head width, whatever attention_levels says
+    heads = ["unet.attention_levels=[false,false]", "unet.num_head_channels=[0,0]"]
+    assert main(["ldm-train", "--manifest", str(corpus), "--out", str(tmp_path / "o"), *TINY, *heads]) == 2
+    assert "unet.num_head_channels[1]=0 must be > 0" in capsys.readouterr().err
+
+
 def test_bad_files_are_skipped_then_stop_the_run(corpus, tmp_path):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti file")
@@ -167,6 +174,15 @@ def test_training_writes_run_folder_and_resumes(run):
     assert model.image_shape == (16, 16, 16) and model.spacing == (2.0, 2.0, 2.0)
     assert model.latent_shape == (3, 8, 8, 8) and model.scale_factor > 0
     assert model.covariates.low[1] == pytest.approx(20) and model.covariates.high[1] == pytest.approx(80)
+
+
+def test_ldm_commands_refuse_an_out_that_is_a_file(run, corpus, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert main(["ldm-train", "--manifest", str(corpus), "--out", str(target), *TINY]) == 2
+    assert f"{target}: --out is a file" in capsys.readouterr().err
+    assert main(["ldm-sample", "--model", str(run), "--n", "1", "--out", str(target), "--device", "cpu"]) == 2
+    assert f"{target}: --out is a file" in capsys.readouterr().err and target.read_text() == "keep me"
 
 
 def test_training_refuses_to_overwrite_a_run_without_resume(run, corpus):
@@ -201,7 +217,7 @@ def test_conditioning_changes_the_sample_and_seed_fixes_it(run):
     torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=1e-4)  # deterministic per seed, batch-independent
 
 
-def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path):
+def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path, capsys):
     out = tmp_path / "corpus"
     args = [
         "ldm-sample",
@@ -223,6 +239,8 @@ def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path):
         "--precision",
         "fp32",
     ]
+    assert main([*args, "--n", "2", "--ddim-steps", "0"]) == 2  # not silently the default 50
+    assert "--ddim-steps must be >= 1" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--n", "2"]) == 0
     first = out / "images" / "sub-000000.nii.gz"
     stamp = first.stat().st_mtime_ns
