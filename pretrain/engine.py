@@ -193,8 +193,11 @@ def auto_precision(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[st
 
     def timings() -> dict[str, float]:
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
-            seconds = step_seconds(step, device)
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        seconds = step_seconds(step, device)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])

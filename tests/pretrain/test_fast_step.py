@@ -63,3 +63,23 @@ def test_fast_step_matches_the_reference_step(tmp_path):
         assert ((a - b).abs() > 1e-5).float().mean() < 1e-3, name
         if a.requires_grad:
             assert not torch.equal(a, start), f"{name} did not train"
+
+
+def test_auto_precision_times_the_model_where_bf16_is_native_and_leaves_it_as_it_was(monkeypatch):
+    """On this CPU bf16 is emulated; pretend it is native so the probe runs (a ResNet: BatchNorm statistics)."""
+    from common import precision as precision_module
+    from pretrain.engine import auto_precision
+
+    init_distributed()
+    monkeypatch.setattr(precision_module, "bf16_native", lambda device: True)
+    cfg = load_config(PretrainConfig, overrides=["objective.name=simclr", "objective.contrastive.proj_hidden=16"])
+    torch.manual_seed(0)
+    objective = build_objective(cfg.objective, create_backbone("resnet18", img_size=8))
+    before = copy.deepcopy(objective.state_dict())
+    batch = {k: torch.rand(2, 1, 8, 8, 8) for k in ("view1", "view2")}
+    rng = torch.get_rng_state()
+    chosen, why = auto_precision(objective, batch)
+    assert chosen in ("fp32", "bf16") and "s in bf16 vs" in why and f"bf16 is {'not ' * (chosen == 'bf16')}" in why
+    assert all(torch.equal(before[k], v) for k, v in objective.state_dict().items())  # BN statistics too
+    assert all(p.grad is None for p in objective.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
