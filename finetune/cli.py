@@ -1,4 +1,4 @@
-"""``python -m finetune run|benchmark|experiment``: one cell, the grid, or the whole experiment, from YAML configs.
+"""``python -m finetune run|benchmark``: one cell or the grid, from YAML (the whole chain: ``python -m experiment``).
 
 Configs merge defaults ⊕ ``--config`` YAML ⊕ ``key=value`` overrides (``common.config``); the resolved config
 is written into the output directory. Bad input ends with one ``error:`` line naming the file or key.
@@ -36,10 +36,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", required=True, help="YAML with GridConfig keys (configs/finetune/*.yaml)")
     bench.add_argument("--out", help="output directory (default: the config's out_dir)")
     bench.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] base.train.epochs=3")
-    exp = sub.add_parser("experiment", help="synthetic cohorts -> pre-training per source -> fine-tuning -> report")
-    exp.add_argument("--config", required=True, help="YAML with ExperimentConfig keys (configs/experiment/*.yaml)")
-    exp.add_argument("--out", help="output directory (default: the config's out_dir)")
-    exp.add_argument("overrides", nargs="*", help="key=value, e.g. synth.corpus_n=100 grid.seeds=[0,1]")
     return parser
 
 
@@ -76,20 +72,11 @@ def _benchmark(args: argparse.Namespace) -> None:
     print((out / "results.md").read_text())
 
 
-def _experiment(args: argparse.Namespace) -> None:
-    from common.config import to_object
-    from finetune.experiment import ExperimentConfig, run_experiment
-
-    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
-    report = run_experiment(to_object(load_config(ExperimentConfig, args.config, overrides)))
-    print(f"report: {report}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        {"run": _run, "benchmark": _benchmark, "experiment": _experiment}[args.command](args)
+        {"run": _run, "benchmark": _benchmark}[args.command](args)
     except NeurotransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

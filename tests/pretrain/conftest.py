@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from common.data import write_nifti
-from pretrain.corpora.synthetic_video import shape_frames, write_synthetic_videos, write_video
+from synth.video import shape_frames, write_synthetic_videos, write_video
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
 

@@ -10,7 +10,7 @@ from common.errors import ConfigError, DataError
 from pretrain.config import ContrastiveConfig, MedicalConfig
 from pretrain.corpora.medical import MedicalSource
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
-from pretrain.corpora.synthetic_video import shape_frames, write_synthetic_videos, write_video
+from synth.video import shape_frames, write_synthetic_videos, write_video
 from pretrain.corpora.video import VideoSource
 from pretrain.views import TwoViews
 
