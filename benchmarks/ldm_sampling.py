@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from common.config import load_config, to_object
+from common.precision import resolve_device, resolve_precision
 from synth.config import SynthConfig
 from synth.generator import Generator
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import CovariateSpace
-from synth.ldm.device import resolve_device, resolve_precision
 from synth.ldm.figures import age_sweep, save_age_sweep_png
 from synth.ldm.model import LatentDiffusionModel, assemble, load_model
 from synth.ldm.sampling import generate

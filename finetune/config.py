@@ -41,8 +41,8 @@ class TrainConfig:
     head_norm: str = "batch"  # features standardised over the batch before the head ("batch") or not ("none")
     head_dropout: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    bf16: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16), "on", "off"
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
     probe_c: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe grid
     probe_alpha: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])  # ridge grid
 

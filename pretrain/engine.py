@@ -23,11 +23,10 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from common.errors import CheckpointError, ConfigError
-from common.precision import bf16_native
+from common.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 # Keys the pretrain config decides; a DeepSpeed JSON may repeat them only with the same value.
 OWNED_KEYS = (
     "train_micro_batch_size_per_gpu",
@@ -69,20 +68,9 @@ def device_type() -> str:
     return get_accelerator().device_name()
 
 
-def bf16_supported() -> bool:
-    """Whether the accelerator computes in bf16 natively (on CPU: AVX512-BF16 or AMX; emulation is slower)."""
-    if device_type() not in ("cpu", "cuda"):
-        return get_accelerator().is_bf16_supported()
-    return bf16_native(device_type())
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where the hardware has it, else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    return precision
+def resolve_run_precision(precision: str) -> str:
+    """``train.precision`` resolved for the accelerator DeepSpeed runs on (``common.precision``'s words)."""
+    return resolve_precision(precision, device_type(), key="train.precision")
 
 
 def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
 
 def run(args: argparse.Namespace) -> dict:
     from pretrain.corpora import CorpusStream, build_source, make_loader
-    from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_precision
+    from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
     from pretrain.objectives import NEEDS_VIEWS, build_objective
     from pretrain.trainer import Trainer
     from pretrain.views import TwoViews
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     _setup_logging(rank)
     out = Path(args.output or f"runs/pretrain-{cfg.corpus}-{cfg.objective.name}")
     resume_from = find_resume(out, args.resume)
-    precision = resolve_precision(cfg.train.precision)
+    precision = resolve_run_precision(cfg.train.precision)
     if cfg.train.steps < 1 or cfg.data.batch_size < 1:
         raise ConfigError("train.steps and data.batch_size must be >= 1")
 

@@ -4,10 +4,10 @@ Both take the same ``FoldInputs`` and return ``(val_output, test_output)``: clas
 classification, predictions (n,) for regression.
 """
 
-from finetune.modes.common import FoldInputs, bf16_enabled, resolve_device
+from finetune.modes.common import FoldInputs
 from finetune.modes.full import fit_predict_full
 from finetune.modes.linear_probe import fit_predict_linear
 
 MODES = {"linear": fit_predict_linear, "full": fit_predict_full}
 
-__all__ = ["MODES", "FoldInputs", "bf16_enabled", "resolve_device"]
+__all__ = ["MODES", "FoldInputs"]

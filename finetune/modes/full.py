@@ -13,10 +13,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.distributed import seed_everything
+from common.precision import autocast, resolve_device, resolve_precision
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.metrics import classification_metrics, regression_metrics
-from finetune.modes.common import FoldInputs, bf16_enabled, resolve_device
+from finetune.modes.common import FoldInputs
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ def predict(
     idx: np.ndarray,
     batch_size: int,
     device: torch.device,
-    bf16: bool,
+    precision: str,
 ) -> torch.Tensor:
     """(len(idx), out_dim) float32 outputs in eval mode."""
     model.eval()
     outs = []
     for start in range(0, len(idx), batch_size):
         x = volumes[idx[start : start + batch_size]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, precision):
             outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, 1)
 
@@ -99,8 +100,8 @@ def predict(
 def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train backbone + head on the training rows, keep the best validation epoch, predict val and test."""
     seed_everything(inputs.seed)
-    device = resolve_device(cfg.device)
-    bf16 = bf16_enabled(cfg.bf16, device)
+    device = resolve_device(cfg.device, key="train.device")
+    precision = resolve_precision(cfg.precision, device, key="train.precision")
     classification = inputs.kind == "classification"
     y = inputs.y
     tr, va, te = inputs.train_idx, inputs.val_idx, inputs.test_idx
@@ -146,7 +147,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         running = torch.zeros((), device=device)
         for x, target in loader:
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, precision):
                 out = model(x)
             loss = loss_fn(out.float() if classification else out.float()[:, 0], target)
             optimizer.zero_grad(set_to_none=True)
@@ -157,7 +158,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             scheduler.step()
             running += loss.detach()  # summed on device: no host sync per step
         train_loss = float(running) / steps_per_epoch
-        score = _validate(model, inputs, va, decode, cfg, device, bf16) if len(va) else (-train_loss, 0.0)
+        score = _validate(model, inputs, va, decode, cfg, device, precision) if len(va) else (-train_loss, 0.0)
         if inputs.tb is not None:
             inputs.tb.add_scalar(f"{inputs.tb_prefix}train_loss", train_loss, epoch)
             inputs.tb.add_scalar(f"{inputs.tb_prefix}val_score", score[0], epoch)
@@ -168,8 +169,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         if stop:
             break
     model.load_state_dict(best_state)
-    val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
-    test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, bf16))
+    val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
+    test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, precision))
     return (
         val_out,
         test_out,
@@ -177,15 +178,15 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             "best_epoch": selector.best_epoch,
             "epochs_run": epoch + 1,
             "val_score": float(selector.best_score[0]),
-            "bf16": bf16,
+            "precision": precision,
         },
     )
 
 
-def _validate(model, inputs: FoldInputs, va, decode, cfg, device, bf16) -> tuple[float, float]:
+def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> tuple[float, float]:
     """Larger is better: (validation AUC, minus cross-entropy) — the loss breaks ties of a saturated AUC on a
     small validation set — or (minus the MAE, 0)."""
-    out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
+    out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
     if inputs.kind == "classification":
         m = classification_metrics(inputs.y[va], out)
         ce = -float(np.mean(np.log(np.clip(out[np.arange(len(va)), inputs.y[va]], 1e-7, 1))))

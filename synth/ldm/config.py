@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 from common.data import PreprocessConfig
 from common.errors import ConfigError
+from common.precision import DEVICES, PRECISIONS
 from synth.regions import CSF, VENTRICLES
 
 CONDITIONING_MODES = ("crossattn", "concat", "both")
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -146,9 +146,8 @@ class LDMTrainConfig:
     train_autoencoder: AutoencoderTraining = field(default_factory=AutoencoderTraining)
     train_diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
     seed: int = 0
-    # "auto": bf16 autocast where the device has native bf16 (recent GPUs, AVX512-BF16/AMX CPUs), else fp32
-    precision: str = "auto"
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1" ...
+    precision: str = "auto"  # auto (bf16 where the device computes it natively) | bf16 | fp32
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N (common.precision)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -163,6 +162,8 @@ def validate(cfg: LDMTrainConfig) -> None:
     ae, un = cfg.autoencoder, cfg.unet
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device must be one of {DEVICES} (or cuda:N), got {cfg.device!r}")
     if un.conditioning not in CONDITIONING_MODES:
         raise ConfigError(f"unet.conditioning must be one of {CONDITIONING_MODES}, got {un.conditioning!r}")
     for name, arch in (("autoencoder", ae), ("unet", un)):

@@ -21,9 +21,9 @@ from monai.inferers import LatentDiffusionInferer
 from common.checkpoint import atomic_write
 from common.data import MANIFEST_COLUMNS, write_nifti
 from common.errors import ConfigError
+from common.precision import autocast
 from common.tb import progress
 from synth.ldm.covariates import COVARIATES, draw_covariates, sex_label
-from synth.ldm.device import autocast
 from synth.ldm.model import LatentDiffusionModel
 from synth.ldm.networks import sampling_scheduler
 

@@ -20,10 +20,10 @@ from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import ConfigError
+from common.precision import resolve_device, resolve_precision
 from common.tb import RankZeroWriter
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import COVARIATES, CovariateSpace, LabelScheme, covariate_table
-from synth.ldm.device import resolve_device, resolve_precision
 from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.sampling import generate
 from synth.ldm.train_autoencoder import train_autoencoder

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
+from common.precision import autocast
 from common.tb import RankZeroWriter, progress
 from synth.ldm.config import LDMTrainConfig
-from synth.ldm.device import autocast
 from synth.ldm.figures import axial_strip
 from synth.ldm.run_state import load_state, log_metrics, save_state
 from synth.ldm.training_data import BadSampleGuard

@@ -1,6 +1,11 @@
+"""One precision and device vocabulary for every package: what ``auto`` means, what an explicit word does, and
+the error for a word outside the list."""
+
+import pytest
 import torch
 
-from common.precision import bf16_native
+from common.errors import ConfigError
+from common.precision import autocast, bf16_native, resolve_device, resolve_precision
 
 
 def test_cpu_bf16_follows_the_cpu_flags():
@@ -10,3 +15,30 @@ def test_cpu_bf16_follows_the_cpu_flags():
 
 def test_unknown_device_has_no_native_bf16():
     assert bf16_native("meta") is False
+
+
+def test_auto_precision_is_bf16_only_where_native_and_explicit_words_are_kept():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_native(cpu) else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16"  # no silent fallback
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ConfigError, match=r"train.precision must be one of \('auto', 'bf16', 'fp32'\), got 'on'"):
+        resolve_precision("on", cpu, key="train.precision")
+
+
+def test_device_words():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="train.device must be one of"):
+        resolve_device("tpu", key="train.device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_autocast_runs_matmuls_in_bf16_only_when_asked():
+    cpu, x = torch.device("cpu"), torch.ones(2, 2)
+    with autocast(cpu, "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert (x @ x).dtype == torch.float32

@@ -10,9 +10,9 @@ from common.errors import ConfigError, DataError
 from pretrain.config import ContrastiveConfig, MedicalConfig
 from pretrain.corpora.medical import MedicalSource
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
-from synth.video import shape_frames, write_synthetic_videos, write_video
 from pretrain.corpora.video import VideoSource
 from pretrain.views import TwoViews
+from synth.video import shape_frames, write_synthetic_videos, write_video
 
 
 class PositionSource:
