@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from common.config import load_config, to_object
-from common.precision import resolve_device, resolve_precision
+from common.precision import PRECISIONS, resolve_device, resolve_precision
 from synth.config import SynthConfig
 from synth.generator import Generator
 from synth.ldm.config import LDMTrainConfig
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--volumes", type=int, default=4, help="timed volumes of each (after one warm-up)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--figure", type=Path, help="also save a PNG of --model's samples across --ages")
     p.add_argument("--ages", type=float, nargs="+", default=[20, 40, 60, 80], help="for --figure (model units)")
     args = p.parse_args()

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.protocol import ProtocolConfig
+from common.errors import ConfigError
+from common.precision import DEVICES, PRECISIONS
+from finetune.protocol import SCHEMES, ProtocolConfig
+
+TRAIN_MODES = ("linear", "full")  # finetune.modes.MODES implements each
+HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
+THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 
 
 @dataclass
@@ -28,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "full"  # "linear" (frozen backbone, cached features, scikit-learn probe) or "full"
+    mode: str = "full"  # linear (frozen backbone, cached features, scikit-learn probe) | full
     epochs: int = 30  # upper bound; early stopping usually ends sooner
     batch_size: int = 8
     lr: float = 3e-4  # peak AdamW lr for the head; backbone layers get lr * layer_decay^(depth - layer)
@@ -38,7 +44,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     patience: int = 8  # epochs without validation improvement before stopping
     class_weights: bool = True  # weight the loss by inverse class frequency of the training subjects
-    head_norm: str = "batch"  # features standardised over the batch before the head ("batch") or not ("none")
+    head_norm: str = "batch"  # HEAD_NORMS: features standardised over the batch before the head, or not
     head_dropout: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
@@ -63,7 +69,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = ""  # the run directory (default runs/finetune/TASK-BACKBONE-INIT)
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
-    threshold: str = "youden"  # binary tasks' decision cut: "youden" (chosen on each fold's validation) | "argmax"
+    threshold: str = "youden"  # binary tasks' decision cut: youden (chosen on each fold's validation) | argmax
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
 
 
@@ -100,3 +106,21 @@ class GridConfig:
     base: RunConfig = field(default_factory=RunConfig)  # everything else (data, train, protocol ...)
     metrics: list[str] = field(default_factory=list)  # columns of results.md beyond the primary (default set)
 
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the first field of one cell's config with a value the run cannot use."""
+    choices = {
+        "train.mode": (cfg.train.mode, TRAIN_MODES),
+        "train.head_norm": (cfg.train.head_norm, HEAD_NORMS),
+        "train.precision": (cfg.train.precision, PRECISIONS),
+        "threshold": (cfg.threshold, THRESHOLDS),
+        "protocol.scheme": (cfg.protocol.scheme, SCHEMES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.train.device not in DEVICES and not cfg.train.device.startswith("cuda:"):
+        raise ConfigError(f"train.device must be one of {DEVICES} (or cuda:N), got {cfg.train.device!r}")
+    if not cfg.manifest:
+        raise ConfigError("manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)")

@@ -21,15 +21,14 @@ from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGrou
 from common.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
+SCHEMES = ("kfold", "holdout", "ood", "loso")  # protocol.scheme
 
 
 @dataclass
 class ProtocolConfig:
     """How subjects are divided into train / validation / test."""
 
-    scheme: str = (
-        "kfold"  # "kfold" (stratified k-fold CV), "holdout", "ood" (held-out sites/datasets), "loso"
-    )
+    scheme: str = "kfold"  # SCHEMES: stratified k-fold CV, holdout, ood (held-out sites/datasets), loso
     folds: int = 5  # k for "kfold"
     repeats: int = 1  # k-fold repeated with a new shuffle (fold ids continue: repeat r, fold i -> r * k + i)
     test_fraction: float = 0.2  # share of subjects in the test set for "holdout"
@@ -193,7 +192,7 @@ def make_folds(subjects: pd.DataFrame, cfg: ProtocolConfig, seed: int) -> list[F
         for tr, te in LeaveOneGroupOut().split(subjects, groups=sites):
             outer.append((tr, te, f"site {sites.iloc[te[0]]}"))
     else:
-        raise ConfigError(f"protocol.scheme must be kfold, holdout, ood or loso, got {cfg.scheme!r}")
+        raise ConfigError(f"protocol.scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
     folds = []
     for i, (pool, test, name) in enumerate(outer):
         train, val = _carve_val(subjects, pool, cfg.val_fraction, seed + i)

@@ -25,11 +25,11 @@ from common.checkpoint import atomic_write
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
-from common.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError
 from common.models import create_backbone
 from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init
-from finetune.config import RunConfig
+from finetune.config import RunConfig, validate
 from finetune.data import load_volumes, preprocess_config
 from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
 from finetune.modes import MODES, FoldInputs
@@ -80,14 +80,7 @@ def check_init_path(init: str) -> None:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Read and check all inputs; a ``NeurotransferError`` names the file/column before any training."""
-    if cfg.train.mode not in MODES:
-        raise ConfigError(f"train.mode must be one of {', '.join(MODES)}, got {cfg.train.mode!r}")
-    if cfg.threshold not in ("youden", "argmax"):
-        raise ConfigError(f"threshold must be youden or argmax, got {cfg.threshold!r}")
-    if not cfg.manifest:
-        raise ConfigError(
-            "manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)"
-        )
+    validate(cfg)
     task = get_task(cfg.task)
     check_init_path(cfg.init)
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)

@@ -11,8 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.attention import BACKENDS
+from common.errors import ConfigError
+from common.precision import PRECISIONS
+
 CORPORA = ("synthmri", "medical", "video", "mixed")
 OBJECTIVES = ("mae", "simclr", "moco")
+MASKINGS = ("random", "tube")  # MAE: per token, or one spatial mask repeated along D (VideoMAE's tube)
+VIDEO_READERS = ("auto", "decord", "pyav")
 
 
 @dataclass
@@ -39,7 +45,7 @@ class MedicalConfig:
 class VideoConfig:
     paths: list[str] = field(default_factory=list)  # video files and/or directories (searched recursively)
     stride: int = 2  # frames between consecutive clip frames (temporal subsampling)
-    reader: str = "auto"  # auto | decord | pyav: decord when installed, PyAV as fallback
+    reader: str = "auto"  # VIDEO_READERS: decord when installed, PyAV as fallback
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".webm", ".mov"])
 
 
@@ -143,3 +149,38 @@ class PretrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Raise ``ConfigError`` naming the first field whose value the run cannot use (before any work starts)."""
+    choices = {
+        "corpus": (cfg.corpus, CORPORA),
+        "objective.name": (cfg.objective.name, OBJECTIVES),
+        "objective.mae.masking": (cfg.objective.mae.masking, MASKINGS),
+        "data.video.reader": (cfg.data.video.reader, VIDEO_READERS),
+        "model.attn_backend": (cfg.model.attn_backend, BACKENDS),
+        "train.precision": (cfg.train.precision, PRECISIONS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    d, mae, con = cfg.data, cfg.objective.mae, cfg.objective.contrastive
+    if len(d.input_size) != 3 or min(d.input_size) < 1:
+        raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
+    if cfg.train.steps < 1 or d.batch_size < 1:
+        raise ConfigError("train.steps and data.batch_size must be >= 1")
+    if d.video.stride < 1:
+        raise ConfigError(f"data.video.stride must be >= 1, got {d.video.stride}")
+    if not 0.0 < mae.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mae.mask_ratio must lie in (0, 1), got {mae.mask_ratio}")
+    if mae.decoder_dim % mae.decoder_heads:
+        raise ConfigError(
+            f"objective.mae.decoder_dim {mae.decoder_dim} is not divisible by decoder_heads {mae.decoder_heads}"
+        )
+    if con.temperature <= 0:
+        raise ConfigError(f"objective.contrastive.temperature must be > 0, got {con.temperature}")
+    if not 0.0 <= con.momentum <= 1.0:
+        raise ConfigError(f"objective.contrastive.momentum must lie in [0, 1], got {con.momentum}")
+    lo, hi = con.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"objective.contrastive.crop_scale must be (low, high) in (0, 1], got {list(con.crop_scale)}")

@@ -160,7 +160,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, ds_config: dict[str, Any]):
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        if self.zero_stage == 3 and hasattr(model, "after_step"):
+        if self.zero_stage == 3 and getattr(model, "updates_in_place", False):  # an Objective's declaration
             raise ConfigError(
                 "this objective updates a momentum encoder in place, which ZeRO stage 3 partitions; "
                 "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"

@@ -28,7 +28,7 @@ from common.config import load_config, save_config
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.models import create_backbone
-from pretrain.config import CORPORA, PretrainConfig
+from pretrain.config import CORPORA, PretrainConfig, validate
 
 log = logging.getLogger("pretrain")
 
@@ -103,19 +103,18 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
 def run(args: argparse.Namespace) -> dict:
     from pretrain.corpora import CorpusStream, build_source, make_loader
     from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
-    from pretrain.objectives import NEEDS_VIEWS, build_objective
+    from pretrain.objectives import build_objective
     from pretrain.trainer import Trainer
     from pretrain.views import TwoViews
 
     overrides = list(args.overrides) + ([f"corpus={args.corpus}"] if args.corpus else [])
     cfg = load_config(PretrainConfig, args.config, overrides)
+    validate(cfg)
     rank, world = init_distributed()
     _setup_logging(rank)
     out = Path(args.output or f"runs/pretrain-{cfg.corpus}-{cfg.objective.name}")
     resume_from = find_resume(out, args.resume)
     precision = resolve_run_precision(cfg.train.precision)
-    if cfg.train.steps < 1 or cfg.data.batch_size < 1:
-        raise ConfigError("train.steps and data.batch_size must be >= 1")
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     encoder = create_backbone(
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     objective = build_objective(cfg.objective, encoder)
     source = build_source(cfg)
     views = (
-        TwoViews(cfg.objective.contrastive, cfg.data.input_size) if NEEDS_VIEWS[cfg.objective.name] else None
+        TwoViews(cfg.objective.contrastive, cfg.data.input_size) if objective.needs_views else None
     )
 
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)

@@ -24,6 +24,7 @@ from common.errors import DataError, NeurotransferError
 from common.tb import RankZeroWriter, progress
 from pretrain.corpora.stream import StreamPosition
 from pretrain.engine import Engine
+from pretrain.objectives.base import Objective
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "step"
@@ -56,7 +57,7 @@ class Trainer:
         cfg,
         out: Path,
         engine: Engine,
-        objective: torch.nn.Module,
+        objective: Objective,
         make_loader: Callable[[StreamPosition], DataLoader],
         export_metadata: dict[str, Any],
     ):
@@ -137,15 +138,15 @@ class Trainer:
                     continue
                 self.step += 1
                 bar.update(1)
-                if hasattr(self.objective, "after_step"):
-                    self.objective.after_step(self.step, cfg.steps)
+                self.objective.after_step(self.step, cfg.steps)
                 if log_now:
                     last_loss = self._log(writer, window, grad_norm)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                     window = new_window()
-                if cfg.image_every and self.step % cfg.image_every == 0 and hasattr(self.objective, "images"):
+                tag = self.objective.image_tag
+                if tag and cfg.image_every and self.step % cfg.image_every == 0:
                     for name, image in self.objective.images(engine.to_device(inputs), out).items():
-                        writer.add_image(f"mae/{name}", image.float().cpu(), self.step)
+                        writer.add_image(f"{tag}/{name}", image.float().cpu(), self.step)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.checkpoint()
             self.checkpoint()

@@ -8,6 +8,6 @@ from finetune.modes.common import FoldInputs
 from finetune.modes.full import fit_predict_full
 from finetune.modes.linear_probe import fit_predict_linear
 
-MODES = {"linear": fit_predict_linear, "full": fit_predict_full}
+MODES = {"linear": fit_predict_linear, "full": fit_predict_full}  # one per finetune.config.TRAIN_MODES
 
 __all__ = ["MODES", "FoldInputs"]

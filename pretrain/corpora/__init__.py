@@ -4,9 +4,8 @@ streams."""
 from __future__ import annotations
 
 from common.errors import ConfigError
+from pretrain.config import CORPORA
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
-
-CORPORA = ("synthmri", "medical", "video", "mixed")
 
 
 def build_source(cfg, corpus: str | None = None):
@@ -31,9 +30,9 @@ def build_source(cfg, corpus: str | None = None):
     if corpus == "mixed":
         from pretrain.corpora.mixed import MixedSource
 
-        weights = {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}
+        weights = {name: float(getattr(d.mixed, name)) for name in CORPORA if name != "mixed"}
         return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
 
 
-__all__ = ["CORPORA", "CorpusStream", "StreamPosition", "build_source", "make_loader"]
+__all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader"]

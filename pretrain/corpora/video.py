@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError, DataError
+from pretrain.config import VIDEO_READERS
 from pretrain.corpora.stream import file_at
 
-READERS = ("auto", "decord", "pyav")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 grey
 
 
@@ -41,8 +41,8 @@ def find_videos(paths: Sequence[str | Path], extensions: Sequence[str]) -> list[
 
 
 def _resolve_reader(reader: str) -> str:
-    if reader not in READERS:
-        raise ConfigError(f"data.video.reader must be one of {READERS}, got {reader!r}")
+    if reader not in VIDEO_READERS:
+        raise ConfigError(f"data.video.reader must be one of {VIDEO_READERS}, got {reader!r}")
     has_decord = importlib.util.find_spec("decord") is not None
     if reader == "auto":
         return "decord" if has_decord else "pyav"

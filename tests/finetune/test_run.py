@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common.errors import CheckpointError, ConfigError, DataError
+from common.errors import CheckpointError, DataError
 from common.models import create_backbone
 from finetune.config import RunConfig
 from finetune.heads import FineTuneModel, LinearHead
@@ -123,7 +123,7 @@ def test_batch_norm_head_ignores_what_all_subjects_share():
     batch_head, plain_head = LinearHead(16, 2, norm="batch"), LinearHead(16, 2, norm="none")
     torch.testing.assert_close(batch_head(3.0 * feats + shared), batch_head(feats), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(plain_head(feats + shared), plain_head(feats), atol=1e-2)
-    with pytest.raises(ConfigError, match="train.head_norm"):
+    with pytest.raises(ValueError, match="^norm must be one of"):
         LinearHead(16, 2, norm="layer")
 
 
