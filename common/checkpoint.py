@@ -1,4 +1,5 @@
-"""Encoder export/import as safetensors + JSON metadata, atomic writes, and pickle-free ``.pt`` reading.
+"""Encoder export/import as safetensors + JSON metadata, and strict state-dict loading (file writing and
+reading: ``common.io``).
 
 An export is one ``.safetensors`` file: the backbone's state dict plus, in the safetensors header under the
 key ``neurotransfer``, a JSON object with ``arch`` (``model.arch``: the registry name and kwargs that
@@ -9,14 +10,8 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import pickle
-import re
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,85 +23,11 @@ from torch import nn
 
 import common
 from common.errors import CheckpointError
+from common.io import atomic_write
 
 METADATA_KEY = "neurotransfer"
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    The temporary name ends with the target's own name, so writers that pick a format from the suffix
-    (``.nii.gz``, ``.safetensors``) behave as for the target. On an exception the temporary file is removed
-    and an existing ``path`` is left untouched. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        yield tmp
-        if not tmp.is_file():
-            raise CheckpointError(f"atomic write of {path}: nothing was written to the temporary file {tmp}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem, where it is skipped.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def manifest_hash(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes: provenance of the data manifest a model was trained on."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: cannot hash the manifest, the file does not exist")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ .pt / .pth
-def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``.
-
-    A file that needs full pickle (custom classes, numpy arrays, ...) is refused with a ``CheckpointError``:
-    unpickling can run arbitrary code, so the project never does it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"\bGLOBAL ([\w.]+)", str(e))
-        what = f" (it contains {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: this file needs full pickle to load{what} and is refused, because unpickling can run "
-            "arbitrary code. Re-save it as a plain state dict of tensors "
-            "(torch.save(model.state_dict(), ...)) or as safetensors."
-        ) from e
-    except Exception as e:  # a truncated zip, a text file, ...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------------------------- strict loading

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.checkpoint import atomic_write, read_export_metadata
+from common.checkpoint import read_export_metadata
+from common.io import atomic_write_text
 from experiment.config import ExperimentConfig
 from finetune.report import markdown, summarise
 
@@ -152,8 +153,5 @@ def write_experiment_report(
         "at full scale (`configs/experiment/full.yaml`).",
         "",
     ]
-    path = out / "report.md"
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text("\n".join(lines))
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines))
 

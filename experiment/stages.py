@@ -34,6 +34,7 @@ import pretrain
 from common.checkpoint import read_export_metadata
 from common.config import load_config, save_config
 from common.errors import ConfigError, NeurotransferError
+from common.io import atomic_write_text
 from experiment.config import ExperimentConfig, PretrainSpec, validate
 from experiment.report import write_experiment_report
 from finetune.config import GridConfig, InitEntry
@@ -232,7 +233,7 @@ class Experiment:
             t0 = time.perf_counter()
             stage.run()
             self.timings[stage.name] = round(time.perf_counter() - t0, 1)
-            timings_file.write_text(json.dumps(self.timings, indent=1))
+            atomic_write_text(timings_file, json.dumps(self.timings, indent=1))
             log.info("[%d/%d] %s: finished in %s", i, len(stages), stage.name, _hms(self.timings[stage.name]))
         return self.out / "report.md"
 

@@ -7,7 +7,6 @@ are byte-identical (a duplicate under two IDs) are merged into one group before 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
 
 from common.errors import ConfigError, DataError
+from common.io import file_hash
 
 SPLITS = ("train", "val", "test")
 SCHEMES = ("kfold", "holdout", "ood", "loso")  # protocol.scheme
@@ -55,11 +55,7 @@ class Fold:
 # --------------------------------------------------------------------------------------------- subjects
 @lru_cache(maxsize=65536)
 def _file_digest(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, "sha1")  # size and mtime are in the cache key: a changed file is hashed again
 
 
 def file_digest(path: str | Path) -> str:

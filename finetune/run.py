@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common.checkpoint import atomic_write
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import CheckpointError
+from common.io import atomic_write
 from common.models import create_backbone
 from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init

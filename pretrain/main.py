@@ -23,10 +23,10 @@ if __package__ in (None, ""):  # run as a script (`deepspeed pretrain/main.py`):
 
 from omegaconf import OmegaConf
 
-from common.checkpoint import manifest_hash
 from common.config import load_config, save_config
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
+from common.io import file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
 
@@ -74,7 +74,7 @@ def export_metadata(cfg) -> dict:
         "intensity": intensity,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
-        "manifest_hash": manifest_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
+        "manifest_hash": file_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
     }
 
 

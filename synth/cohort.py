@@ -25,10 +25,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from common.checkpoint import atomic_write
 from common.data.manifest import MANIFEST_COLUMNS
 from common.data.nifti import write_nifti
 from common.errors import ConfigError, DataError
+from common.io import atomic_write
 from common.tb import progress
 from synth.anatomy import anatomy_at
 from synth.atrophy import atrophy_basis

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 
 
 def shape_frames(

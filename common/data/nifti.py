@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 
 
 def spacing_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:

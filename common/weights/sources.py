@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from common.checkpoint import load_torch_file
 from common.errors import CheckpointError
+from common.io import load_torch_file
 from common.weights.adapt import qkv_bias_from_qv
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
 

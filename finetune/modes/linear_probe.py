@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from common.checkpoint import atomic_write, load_torch_file
+from common.io import atomic_write, load_torch_file
 from common.precision import autocast, resolve_device, resolve_precision
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.common import FoldInputs

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import load_state_dict_strict, load_torch_file
+from common.checkpoint import load_state_dict_strict
 from common.errors import CheckpointError
+from common.io import load_torch_file
 from synth.ldm.covariates import BUNDLE_NAMES, COVARIATES, CovariateSpace
 from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.networks import downsampling

@@ -24,8 +24,9 @@ from monai.networks.nets import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import atomic_write, load_state_dict_strict
+from common.checkpoint import load_state_dict_strict
 from common.errors import CheckpointError
+from common.io import atomic_write
 from synth.ldm.covariates import COVARIATES, CovariateSpace
 from synth.ldm.networks import ConditionedUNet, build_autoencoder, build_unet, downsampling
 

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from monai.inferers import LatentDiffusionInferer
 
-from common.checkpoint import atomic_write
 from common.data import MANIFEST_COLUMNS, write_nifti
 from common.errors import ConfigError
+from common.io import atomic_write
 from common.precision import autocast
 from common.tb import progress
 from synth.ldm.covariates import COVARIATES, draw_covariates, sex_label

@@ -15,11 +15,11 @@ import torch
 from omegaconf import OmegaConf
 
 import common
-from common.checkpoint import manifest_hash
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import ConfigError
+from common.io import file_hash
 from common.precision import resolve_device, resolve_precision
 from common.tb import RankZeroWriter
 from synth.ldm.config import LDMTrainConfig
@@ -94,7 +94,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     model.extra = {
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         "manifest": str(manifest.resolve()),
-        "manifest_hash": manifest_hash(manifest),
+        "manifest_hash": file_hash(manifest),
         "steps": {"autoencoder": cfg.train_autoencoder.steps, "diffusion": cfg.train_diffusion.steps},
         "package_version": common.__version__,
     }
