@@ -5,7 +5,7 @@ Stages, each resumable and skipped when its outputs exist:
 1. ``corpus``   unlabelled synthetic MRI for pre-training (``python -m synth generate``)
 2. ``cohorts``  labelled AD / PD / brain-age cohorts over K scanner sites (``python -m synth cohort``)
 3. ``video``    synthetic clips of moving, deforming shapes (``synth.video``; the video corpus, no downloads)
-4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``pretrain/main.py``), each exporting an encoder
+4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``python -m pretrain``), each exporting an encoder
 5. ``finetune`` scratch vs every pre-trained init on every task and training fraction (``finetune.grid``),
    with subject-level k-fold CV; then the same grid tested on held-out sites
 6. ``report``   ``report.md``: the tables, learning curves and out-of-site results
@@ -30,7 +30,6 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-import pretrain
 from common.checkpoint import read_export_metadata
 from common.config import load_config, save_config
 from common.errors import ConfigError, NeurotransferError
@@ -45,7 +44,6 @@ from synth.video import write_synthetic_videos
 log = logging.getLogger(__name__)
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-PRETRAIN_MAIN = Path(pretrain.__file__).resolve().parent / "main.py"
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -169,7 +167,7 @@ class Experiment:
     def _pretrain(self, spec: PretrainSpec) -> None:
         if not Path(spec.config).is_file():
             raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
-        cmd = [sys.executable, str(PRETRAIN_MAIN), "--config", str(self._pretrain_recipe(spec)),
+        cmd = [sys.executable, "-m", "pretrain", "--config", str(self._pretrain_recipe(spec)),
                "--output", str(self.pretrain_dir(spec)), "--resume", "auto", *spec.overrides]
         _child(cmd, self.out / "logs" / f"pretrain_{spec.name}.log")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain.main import main  # noqa: E402
+from pretrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     local_rank = [a for a in sys.argv[1:] if a.startswith("--local_rank")]

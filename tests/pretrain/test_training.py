@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from common.config import load_config
 from common.errors import ConfigError
 from common.models import create_backbone
+from pretrain.cli import export_metadata, main
 from pretrain.config import PretrainConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.engine import Engine, build_ds_config, init_distributed, param_groups
-from pretrain.main import export_metadata, main
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer, TrainingDiverged
 from tests.pretrain.conftest import TINY_VIT, tiny_config, write_yaml
