@@ -78,19 +78,48 @@ def check_init_path(init: str) -> None:
         raise CheckpointError(f"{path}: init {init!r} names a {kind} source that does not exist")
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Read and check all inputs; a ``NeurotransferError`` names the file/column before any training."""
+@dataclass
+class TaskData:
+    """One task's checked rows, labels, volumes and subjects: what every cell on that task shares."""
+
+    task: Task
+    df: pd.DataFrame  # the task's rows
+    y: np.ndarray
+    classes: tuple[str, ...] | None
+    volumes: torch.Tensor  # (N, 1, D, H, W)
+    subjects: pd.DataFrame  # finetune.protocol.subject_table
+
+
+def task_data_key(cfg: RunConfig) -> str:
+    """Cells with equal keys share their ``TaskData`` (same task, manifest, preprocessing, duplicate check)."""
+    pre = preprocess_config(cfg.data).describe()
+    return json.dumps([cfg.task, cfg.manifest, pre, cfg.protocol.check_duplicates], default=str)
+
+
+def load_task_data(cfg: RunConfig) -> TaskData:
+    """Read and check the manifest, labels and every image (a corrupt file fails here, before any training)."""
     validate(cfg)
     task = get_task(cfg.task)
-    check_init_path(cfg.init)
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
     labelled = label_rows(task, df, cfg.manifest)
+    volumes = load_volumes(labelled.df, cfg.data)
+    subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
+    return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects)
+
+
+def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
+    """Check all inputs of one cell; a ``NeurotransferError`` names the file/column before any training.
+
+    ``data`` is the cell's ``TaskData`` when the caller (the grid) has read it already, else it is read here.
+    """
+    validate(cfg)
+    get_task(cfg.task)
+    check_init_path(cfg.init)
     seed_everything(cfg.seed)  # a scratch backbone's random weights follow the seed
     backbone = build_backbone(cfg)
     report = load_backbone(backbone, cfg.init, axis=cfg.init_axis)
-    volumes = load_volumes(labelled.df, cfg.data)  # every image read now: a corrupt one fails here
-
-    subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
+    data = data or load_task_data(cfg)
+    subjects = data.subjects
     if cfg.protocol.splits_file:
         folds = read_splits(cfg.protocol.splits_file, subjects["subject_id"])
     else:
@@ -101,14 +130,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     }
     splits = splits_frame(folds, subsets)
     source = cfg.protocol.splits_file or cfg.manifest
-    check_splits(splits, labelled.df, source, cfg.protocol.check_duplicates)
-    tests = labelled.df["path"][
-        labelled.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])
-    ]
+    check_splits(splits, data.df, source, cfg.protocol.check_duplicates)
+    tests = data.df["path"][data.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])]
     check_pretrain_overlap(tests, cfg.protocol.pretrain_manifests)
-    return Prepared(
-        task, labelled.df, labelled.y, labelled.classes, volumes, folds, subsets, splits, backbone, report
-    )
+    return Prepared(data.task, data.df, data.y, data.classes, data.volumes, folds, subsets, splits, backbone, report)
 
 
 def _features_key(cfg: RunConfig, prep: Prepared) -> str:

@@ -8,6 +8,8 @@ import json
 import pandas as pd
 import pytest
 
+import finetune.grid
+import finetune.run
 from common.checkpoint import export_backbone
 from common.errors import ConfigError
 from common.models import create_backbone
@@ -35,7 +37,18 @@ base:
 
 
 @pytest.mark.slow
-def test_benchmark_grid_runs_end_to_end_and_resumes(ad_cohort, age_cohort, tmp_path, capsys):
+def test_benchmark_grid_runs_end_to_end_and_resumes(ad_cohort, age_cohort, tmp_path, capsys, monkeypatch):
+    calls = {"load_volumes": 0, "prepare": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(finetune.run, "load_volumes", counted("load_volumes", finetune.run.load_volumes))
+    monkeypatch.setattr(finetune.grid, "prepare", counted("prepare", finetune.grid.prepare))
     encoder = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
     export = export_backbone(
         encoder, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"}
@@ -47,6 +60,7 @@ def test_benchmark_grid_runs_end_to_end_and_resumes(ad_cohort, age_cohort, tmp_p
 
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 2 * 2 * 2  # tasks × inits × fractions (one backbone, one seed)
+    assert calls == {"load_volumes": 2, "prepare": 8}  # each task's images read once, each cell prepared once
     assert set(results["init"]) == {"scratch", "pretrained"}
     assert results.loc[results.task == "ad", "roc_auc"].between(0, 1).all()
     assert results.loc[results.task == "brain_age", "mae"].gt(0).all()
