@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import common
+from common import models
 from common.errors import CheckpointError
 from common.io import atomic_write
 
@@ -170,8 +171,6 @@ def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[d
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the exported backbone with ``common.models.create_backbone`` and load its weights strictly."""
-    from common import models  # imported here: models import nothing from checkpoint, keep it that way
-
     state, meta = read_export(path, device="cpu")
     name = meta["arch"]["name"]
     try:

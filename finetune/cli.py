@@ -15,6 +15,8 @@ from pathlib import Path
 from common.config import load_config
 from common.errors import NeurotransferError
 from finetune.config import TRAIN_MODES, GridConfig, RunConfig
+from finetune.grid import run_grid
+from finetune.run import run_cell
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from finetune.run import run_cell
-
     flags = {
         "task": args.task,
         "manifest": args.manifest,
@@ -64,8 +64,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from finetune.grid import run_grid
-
     cfg = load_config(GridConfig, args.config, args.overrides)
     out = Path(args.out or cfg.out_dir)
     run_grid(cfg, out)

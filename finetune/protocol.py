@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
 
+from common.data import read_manifest
 from common.errors import ConfigError, DataError
 from common.io import file_hash
 
@@ -281,8 +282,6 @@ def check_pretrain_overlap(test_paths: Iterable[str], manifests: Sequence[str | 
     """Raise ``DataError`` if a downstream test image is in a pre-training manifest (same file or bytes)."""
     if not manifests:
         return
-    from common.data import read_manifest
-
     tests = {str(Path(p).resolve()): p for p in test_paths}
     sizes: dict[int, list[str]] = {}
     for p in tests:

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 from omegaconf import OmegaConf
 
 from common.config import load_config, save_config
@@ -27,13 +28,16 @@ from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.io import file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
+from pretrain.corpora import CorpusStream, build_source, make_loader
+from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
+from pretrain.objectives import build_objective
+from pretrain.trainer import Trainer
+from pretrain.views import TwoViews
 
 log = logging.getLogger("pretrain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    import deepspeed
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -99,12 +103,6 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pretrain.corpora import CorpusStream, build_source, make_loader
-    from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
-    from pretrain.objectives import build_objective
-    from pretrain.trainer import Trainer
-    from pretrain.views import TwoViews
-
     overrides = list(args.overrides) + ([f"corpus={args.corpus}"] if args.corpus else [])
     cfg = load_config(PretrainConfig, args.config, overrides)
     validate(cfg)

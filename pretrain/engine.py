@@ -276,6 +276,6 @@ class Engine:
             with open("/proc/self/status") as f:
                 return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20  # kB
         except (OSError, StopIteration):
-            import resource
+            import resource  # Unix-only; the fallback where /proc is absent
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

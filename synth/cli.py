@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from common.config import load_config, to_object
 from common.errors import NeurotransferError
 from synth.config import CONTRASTS, TASKS, SynthConfig
+from synth.ldm.cli import add_ldm_commands
 
 
 class UsageError(Exception):
@@ -49,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--task", required=True, choices=TASKS, help="ad: CN/AD, pd: HC/PD, brain_age: CN 20-90")
     cohort.add_argument("--sites", type=int, default=1, help="number of sites (scanners); each gets both classes")
     _common(cohort)
-    from synth.ldm.cli import add_ldm_commands
-
     add_ldm_commands(sub)  # ldm-train, ldm-sample: the latent-diffusion backend
     return parser
 

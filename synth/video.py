@@ -39,7 +39,7 @@ def shape_frames(
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 25) -> Path:
     """Write (T, H, W, 3) uint8 ``frames`` as H.264 MP4 (H and W even), atomically."""
-    import av
+    import av  # PyAV: only writing videos needs it
 
     path = Path(path)
     with atomic_write(path) as tmp:

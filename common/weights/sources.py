@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from common import checkpoint
 from common.errors import CheckpointError
 from common.io import load_torch_file
 from common.weights.adapt import qkv_bias_from_qv
@@ -212,8 +213,6 @@ def _export_layout(meta: Mapping) -> SourceLayout:
 
 def read_own_export(path: Path, model: nn.Module, axis: int) -> tuple[State, SourceLayout]:
     """Our safetensors export (``common.checkpoint.export_backbone``)."""
-    from common import checkpoint
-
     if path.suffix != ".safetensors":
         raise CheckpointError(
             f"{path}: an init path without a prefix must be our .safetensors export; name foreign weights "

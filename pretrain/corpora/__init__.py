@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from common.errors import ConfigError
 from pretrain.config import CORPORA
+from pretrain.corpora.medical import MedicalSource
+from pretrain.corpora.mixed import MixedSource
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
+from pretrain.corpora.synthmri import SynthMRISource
+from pretrain.corpora.video import VideoSource
 
 
 def build_source(cfg, corpus: str | None = None):
@@ -15,21 +19,13 @@ def build_source(cfg, corpus: str | None = None):
     if len(d.input_size) != 3 or min(d.input_size) < 1:
         raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
     if corpus == "synthmri":
-        from pretrain.corpora.synthmri import SynthMRISource
-
         return SynthMRISource(d.synthmri, d.input_size, d.spacing, seed)
     if corpus == "medical":
-        from pretrain.corpora.medical import MedicalSource
-
         return MedicalSource(d.medical, d.input_size, d.spacing, seed)
     if corpus == "video":
-        from pretrain.corpora.video import VideoSource
-
         v = d.video
         return VideoSource(v.paths, d.input_size, v.stride, v.reader, v.extensions, seed)
     if corpus == "mixed":
-        from pretrain.corpora.mixed import MixedSource
-
         weights = {name: float(getattr(d.mixed, name)) for name in CORPORA if name != "mixed"}
         return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")

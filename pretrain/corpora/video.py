@@ -63,7 +63,7 @@ def _clip_start(path: Path, n_frames: int, need: int, rng: np.random.Generator) 
 
 def read_clip_decord(path: Path, frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, h, w, 3) uint8 of a random clip at the file's resolution, decoded by decord."""
-    import decord
+    import decord  # optional: PyAV decodes where decord is not installed
 
     try:
         # decord's own width/height scaling returns mis-sized frames for some sizes, so torch resizes instead
@@ -78,7 +78,7 @@ def read_clip_decord(path: Path, frames: int, stride: int, rng: np.random.Genera
 
 def read_clip_pyav(path: Path, frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, h, w, 3) uint8 of a random clip at the file's resolution, decoded by PyAV."""
-    import av
+    import av  # loaded only by the workers that decode with PyAV
 
     need = (frames - 1) * stride + 1
     try:
