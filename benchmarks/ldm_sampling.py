@@ -31,7 +31,8 @@ from synth.generator import Generator
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import CovariateSpace
 from synth.ldm.figures import age_sweep, save_age_sweep_png
-from synth.ldm.model import LatentDiffusionModel, assemble, load_model
+from synth.ldm.load import load_model
+from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.sampling import generate
 from synth.subject import corpus_plan
 

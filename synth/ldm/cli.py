@@ -89,7 +89,7 @@ def run_ldm_train(args: argparse.Namespace) -> int:
 
 
 def run_ldm_sample(args: argparse.Namespace) -> int:
-    from synth.ldm.model import load_model  # heavy imports only when the command runs
+    from synth.ldm.load import load_model  # heavy imports only when the command runs
     from synth.ldm.sampling import sample_to_directory
 
     fixed = {"age": args.age, "ventricle_volume": args.ventricles, "brain_volume": args.brain}

@@ -11,7 +11,7 @@ from common.data import read_manifest
 from common.errors import ConfigError
 from synth.dataset import GeneratedDirectory
 from synth.ldm.cli import main
-from synth.ldm.model import load_model
+from synth.ldm.load import load_model
 from synth.ldm.sampling import generate, sample_to_directory
 
 

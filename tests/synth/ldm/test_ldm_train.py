@@ -10,7 +10,7 @@ from ldm_toys import TINY
 from common.errors import ConfigError
 from synth.ldm.cli import main
 from synth.ldm.config import AutoencoderTraining, LDMDataConfig, LDMTrainConfig
-from synth.ldm.model import load_model
+from synth.ldm.load import load_model
 from synth.ldm.run_state import load_state
 from synth.ldm.train import train_ldm
 
