@@ -17,9 +17,7 @@ THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 @dataclass
 class BackboneConfig:
     name: str = "resnet18"  # a name from common.models.list_backbones()
-    kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # extra create_backbone kwargs (depth, patch_size ...)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_backbone kwargs (depth, patch_size ...)
 
 
 @dataclass
@@ -78,9 +76,7 @@ class InitEntry:
     name: str = "scratch"  # the label in tables and plots
     spec: str = "scratch"  # the init spec given to common.weights.load_backbone
     backbones: list[str] = field(default_factory=list)  # backbone labels it applies to (empty: all)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # RunConfig key=value for this init, after the backbone's (train.layer_decay=0.75 for pre-trained weights)
+    overrides: list[str] = field(default_factory=list)  # RunConfig key=value after the backbone's (layer_decay)
 
 
 @dataclass
@@ -88,9 +84,7 @@ class GridBackbone:
     label: str = "resnet18"  # the name in tables (two entries may share a registry name)
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # RunConfig key=value for this backbone (train.lr=1e-3)
+    overrides: list[str] = field(default_factory=list)  # RunConfig key=value for this backbone (train.lr=1e-3)
 
 
 @dataclass
@@ -105,7 +99,6 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     base: RunConfig = field(default_factory=RunConfig)  # everything else (data, train, protocol ...)
     metrics: list[str] = field(default_factory=list)  # columns of results.md beyond the primary (default set)
-
 
 
 def validate(cfg: RunConfig) -> None:

@@ -23,9 +23,7 @@ VIDEO_READERS = ("auto", "decord", "pyav")
 
 @dataclass
 class SynthMRIConfig:
-    directory: str | None = (
-        None  # a directory written by `python -m synth`; None generates volumes on the fly
-    )
+    directory: str | None = None  # a directory written by `python -m synth`; None generates volumes on the fly
     synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
     overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
 
@@ -35,9 +33,7 @@ class MedicalConfig:
     manifest: str | None = None  # CSV manifest (common.data format); either this or `directory`
     directory: str | None = None  # a folder searched recursively for *.nii / *.nii.gz
     intensity: str = "zscore"  # common's intensity normalisation: zscore | percentile
-    crop_from: list[int] | None = (
-        None  # preprocess to this (D, H, W) and take random input_size crops; None = input_size
-    )
+    crop_from: list[int] | None = None  # preprocess to this (D, H, W), take random input_size crops; None: none
     flip_prob: float = 0.5  # per-axis random flip probability
 
 
@@ -60,9 +56,7 @@ class MixedConfig:
 @dataclass
 class DataConfig:
     input_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # (D, H, W) fed to the model
-    spacing: list[float] = field(
-        default_factory=lambda: [2.0, 2.0, 2.0]
-    )  # mm, for MRI corpora (and metadata)
+    spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm, for MRI corpora (and metadata)
     batch_size: int = 4  # per rank, per micro-step
     num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
@@ -79,9 +73,7 @@ class ModelConfig:
     backbone: str = "vit_base_p16"  # a name from common.models.list_backbones()
     # extra create_backbone keywords (patch_size, depth ...); common.config keeps dict fields open to any key
     kwargs: dict[str, Any] = field(default_factory=dict)
-    grad_checkpointing: bool = (
-        False  # recompute blocks in backward: less activation memory, ~30% more compute
-    )
+    grad_checkpointing: bool = False  # recompute blocks in backward: less activation memory, ~30% more compute
     attn_backend: str = "auto"  # auto | sdpa | xformers | math (ViTs)
 
 
@@ -101,9 +93,7 @@ class ContrastiveConfig:
     proj_dim: int = 256  # output width of the projection head
     proj_hidden: int = 2048  # hidden width of projection / prediction MLPs
     momentum: float = 0.99  # MoCo v3: momentum encoder EMA at step 0, raised to 1 by a cosine over training
-    crop_scale: list[float] = field(
-        default_factory=lambda: [0.4, 1.0]
-    )  # random resized crop, share of each axis
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random resized crop, share of each axis
     affine_prob: float = 0.5  # random rotation / scaling
     intensity_prob: float = 0.8  # random contrast / scale / shift
     noise_prob: float = 0.5  # Gaussian noise

@@ -22,9 +22,7 @@ class LDMDataConfig:
 
     manifest: str = ""  # CSV (path, subject_id, ..., age, sex, + label_path or ventricle_volume/brain_volume)
     spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm; resampled to this
-    shape: list[int] = field(
-        default_factory=lambda: [80, 96, 80]
-    )  # (D, H, W); divisible by the total downsampling
+    shape: list[int] = field(default_factory=lambda: [80, 96, 80])  # (D, H, W); divisible by the total downsampling
     intensity: str = "percentile"  # the LDM models [0, 1] intensities, as the public bundle does
     crop_foreground: bool = True  # centre the brain's bounding box (off for volumes on one template grid)
     label_column: str = "label_path"  # manifest column of label maps, when volumes are measured from them
@@ -67,9 +65,7 @@ class UNetArch:
 
     channels: list[int] = field(default_factory=lambda: [64, 128, 128])
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    num_head_channels: list[int] = field(
-        default_factory=lambda: [0, 64, 64]
-    )  # 0 where a level has no attention
+    num_head_channels: list[int] = field(default_factory=lambda: [0, 64, 64])  # 0 where a level has no attention
     num_res_blocks: int = 1
     norm_num_groups: int = 16
     norm_eps: float = 1e-6
@@ -199,7 +195,7 @@ def validate(cfg: LDMTrainConfig) -> None:
     if tae.adv_weight > 0 and (tae.disc_layers < 1 or min(cfg.data.shape) < 3 * 2**tae.disc_layers):
         raise ConfigError(
             f"train_autoencoder.disc_layers={tae.disc_layers} needs volumes of at least "
-            f"{3 * 2**max(tae.disc_layers, 1)} voxels per axis, data.shape is {list(cfg.data.shape)}; "
+            f"{3 * 2 ** max(tae.disc_layers, 1)} voxels per axis, data.shape is {list(cfg.data.shape)}; "
             "lower disc_layers (>= 1) or set adv_weight=0"
         )
     for name, stage in (
