@@ -8,6 +8,7 @@ import pytest
 
 from common.errors import ConfigError
 from experiment.config import OWNED, load_experiment_config, validate
+from finetune.cli import main as finetune_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "experiment" / "smoke.yaml"
@@ -47,3 +48,9 @@ def test_a_field_the_experiment_owns_is_an_error(tmp_path, key):
     yaml.write_text(nested + "\n")
     with pytest.raises(ConfigError, match=f"owned.yaml: {key} is set by the experiment"):
         load_experiment_config(yaml)
+
+
+def test_the_experiment_has_one_entry_point(capsys):
+    with pytest.raises(SystemExit) as stop:
+        finetune_main(["experiment", "--config", str(SMOKE)])
+    assert stop.value.code == 2 and "invalid choice: 'experiment'" in capsys.readouterr().err
