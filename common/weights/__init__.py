@@ -7,6 +7,7 @@ Init specs:
   ``timm2d:PATH``        ImageNet ViT / ResNet in timm's format, inflated to 3D (I3D)
   ``videomae:PATH``      VideoMAE, original repository or Hugging Face transformers format
   ``medicalnet:PATH``    MedicalNet 3D ResNet into MONAI's ResNet
+  ``monai:PATH``         MONAI ViT / MaskedAutoEncoderViT (BrainIAC ...), plain or Lightning-wrapped
 
 Readers (one per format, ``common.weights.sources.READERS``) rename keys; ``common.weights.fit`` adapts shapes
 with the pure functions in ``common.weights.adapt``; the load itself is one ``load_state_dict`` of
