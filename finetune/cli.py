@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
     )
     run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
-    run.add_argument("--mode", choices=("linear", "full"))
+    run.add_argument("--mode", choices=("linear", "full", "lora"))
     run.add_argument("--config", help="YAML with RunConfig keys")
     run.add_argument("--out", help="run directory")
     run.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=5 protocol.folds=3")

@@ -166,6 +166,8 @@ def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepare
             tb=tb,
             tb_prefix=f"fold{fold.fold}/",
             augment=cfg.data.augment,
+            fold=fold.fold,
+            out_dir=str(out),
         )
         val_out, test_out, info = mode(inputs, cfg.train)
         fold_info.append(
