@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="the task's manifest CSV")
     run.add_argument(
         "--init",
-        help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
+        help="scratch | EXPORT_FOLDER | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | "
+        "medicalnet:PATH | monai:PATH",
     )
     run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
     run.add_argument("--mode", choices=("linear", "full", "lora"))

@@ -64,7 +64,7 @@ class RunConfig:
 
     task: str = "ad"  # ad | pd | brain_age | classify:COLUMN | regress:COLUMN
     manifest: str = ""  # the task's manifest CSV
-    init: str = "scratch"  # scratch, EXPORT.safetensors, or deepspeed:/timm2d:/videomae:/medicalnet:PATH
+    init: str = "scratch"  # scratch, an export (folder or .safetensors), or KIND:PATH (common.weights.INIT_KINDS)
     init_axis: int = 0  # spatial axis a 2D init is inflated along (0 D, 1 H, 2 W)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
