@@ -24,6 +24,14 @@ from common.errors import CheckpointError
 CONFIG = "config.json"
 CARD = "README.md"
 ORIENTATION = "RAS"  # every volume is reoriented to RAS+ before a model sees it (docs/ARCHITECTURE.md)
+# How the card names what pretrain's config calls them (pretrain/objectives, pretrain/corpora); others verbatim.
+OBJECTIVES = {"mae": "masked autoencoding (MAE)", "simclr": "SimCLR", "moco": "MoCo v3"}
+CORPORA = {
+    "synthmri": "synthetic brain MRI (synth/, generated on the fly)",
+    "medical": "medical NIfTI volumes",
+    "video": "natural video",
+    "mixed": "a mix of synthetic MRI, medical volumes and video",
+}
 
 
 def export_folder(
@@ -119,14 +127,15 @@ def model_card(config: Mapping[str, Any], where: str = "export") -> str:
     """The ``README.md`` of an export folder, written from its ``config.json``; ``where`` is the folder's path
     as the load examples give it."""
     arch, pre = config["arch"], config["preprocessing"]
-    corpus, objective = config.get("corpus", "an unrecorded corpus"), config.get("objective", "unrecorded")
+    corpus, objective = config.get("corpus", "unrecorded"), config.get("objective", "unrecorded")
     step, steps = config.get("step"), config.get("steps")
     trained = f"{step} optimizer steps" + (f" of {steps} planned" if steps and steps != step else "")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in arch.get("kwargs", {}).items())
     lines = [
         f"# {arch['name']} encoder for 3D brain MRI ({objective}, {corpus})",
         "",
-        f"A `{arch['name']}` backbone pre-trained with **{objective}** on the **{corpus}** corpus for "
+        f"A `{arch['name']}` backbone pre-trained with **{OBJECTIVES.get(objective, objective)}** on "
+        f"**{CORPORA.get(corpus, corpus)}** (corpus `{corpus}`) for "
         + (trained if step is not None else "an unrecorded number of steps")
         + f", exported by neurotransfer {config.get('package_version', '?')}. It is the encoder only: "
         "no task head, to be fine-tuned or probed.",
