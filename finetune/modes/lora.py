@@ -13,14 +13,17 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from common.checkpoint import atomic_write
-from common.errors import ConfigError
+from common.errors import CheckpointError, ConfigError
+from finetune.heads import FineTuneModel
 from finetune.modes.common import FoldInputs
 from finetune.modes.full import fit_predict_full
 
@@ -131,6 +134,26 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 if b.is_floating_point():
                     state[f"{prefix}.{n}"] = b.detach()
     return {k: v.to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def load_fold(path: str | Path, backbone: nn.Module, head_dropout: float = 0.0, head_norm: str = "batch") -> nn.Module:
+    """A trained fold back from ``adapters/foldK.safetensors``: ``backbone`` is the cell's initialised backbone
+    (same init), which gets the saved adapters, norms and head; returns the ``FineTuneModel`` in eval mode."""
+    path = Path(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {})["lora"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a LoRA fold written by finetune's lora mode ({e})") from e
+    settings = SimpleNamespace(rank=meta["rank"], alpha=meta["alpha"], dropout=meta["dropout"], targets=meta["targets"])
+    model = FineTuneModel(add_lora(backbone, settings), state["head.fc.weight"].shape[0], head_dropout, head_norm)
+    own = model.state_dict()
+    absent = sorted(set(state) - set(own))
+    if absent:
+        raise CheckpointError(f"{path}: tensors the rebuilt model lacks ({', '.join(absent[:6])}); another backbone?")
+    model.load_state_dict({**own, **state})
+    return model.eval()
 
 
 def fit_predict_lora(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:

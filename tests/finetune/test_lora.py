@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from common.errors import ConfigError
@@ -16,7 +18,7 @@ from common.models import create_backbone
 from finetune.cli import main
 from finetune.config import LoraSettings
 from finetune.heads import FineTuneModel
-from finetune.modes.lora import add_lora, parameter_counts
+from finetune.modes.lora import add_lora, load_fold, parameter_counts, trained_state
 
 GRID_YAML = """
 tasks: {{ad: {ad}}}
@@ -89,6 +91,23 @@ def test_lora_freezes_the_backbone_but_adapters_and_norms(name, kwargs, adapted)
     )
     with torch.no_grad():
         assert torch.allclose(backbone.eval().forward_features(x), base.eval().forward_features(x), atol=1e-5)
+
+
+def test_a_saved_fold_restores_the_trained_model(tmp_path):
+    torch.manual_seed(0)
+    base = create_backbone("resnet18", img_size=16, widen_factor=0.5)
+    trained = FineTuneModel(add_lora(copy.deepcopy(base), LoraSettings(rank=2)), 3)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # stands in for training: adapters, norms and head all move
+    trained.train()(torch.randn(4, 1, 16, 16, 16))  # and the BatchNorm running statistics
+    meta = {"rank": 2, "alpha": 16.0, "dropout": 0.0, "targets": ["Conv3d"]}
+    save_file(trained_state(trained), tmp_path / "fold0.safetensors", metadata={"lora": json.dumps(meta)})
+    restored = load_fold(tmp_path / "fold0.safetensors", copy.deepcopy(base))
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(restored(x), trained.eval()(x), atol=1e-5)
 
 
 def test_lora_targets_that_match_nothing_or_peft_cannot_adapt_are_config_errors():
