@@ -30,6 +30,7 @@ import common
 from common.errors import CheckpointError
 
 METADATA_KEY = "neurotransfer"
+FOLDER_WEIGHTS = "model.safetensors"  # the weights of an export folder (``common.export``): an export file itself
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
 RESAVE_HINT = "Re-save it as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors."
@@ -247,9 +248,19 @@ def _roundtrip(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def read_export_metadata(path: str | Path) -> dict:
-    """The metadata dict of an export, read from the safetensors header without loading the weights."""
+def export_file(path: str | Path) -> Path:
+    """The safetensors file of an export given as the file or as its folder (``FOLDER/model.safetensors``)."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FOLDER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: a folder without {FOLDER_WEIGHTS}, so not an export folder")
+    return path / FOLDER_WEIGHTS
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The metadata dict of an export (file or folder), read from the safetensors header without the weights."""
+    path = export_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such export file")
     try:
@@ -273,6 +284,7 @@ def read_export_metadata(path: str | Path) -> dict:
 
 def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of an export, for callers that adapt weights before loading them."""
+    path = export_file(path)
     meta = read_export_metadata(path)
     try:
         state = load_file(path, device=str(device))

@@ -25,10 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="the task's manifest CSV")
     run.add_argument(
         "--init",
-        help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
+        help="scratch | EXPORT_FOLDER | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | "
+        "medicalnet:PATH | monai:PATH",
     )
     run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
-    run.add_argument("--mode", choices=("linear", "full"))
+    run.add_argument("--mode", choices=("linear", "full", "lora"))
     run.add_argument("--config", help="YAML with RunConfig keys")
     run.add_argument("--out", help="run directory")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or other run in --out, whole")

@@ -213,6 +213,8 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
             tb=tb,
             tb_prefix=f"fold{fold.fold}/",
             augment=cfg.data.augment,
+            fold=fold.fold,
+            out_dir=str(out),
         )
         val_out, test_out, info = mode(inputs, cfg.train)
         fold_info.append(

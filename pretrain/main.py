@@ -75,6 +75,7 @@ def export_metadata(cfg) -> dict:
         "intensity": intensity,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
+        "steps": cfg.train.steps,
         "manifest_hash": manifest_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
     }
 

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import atomic_write, export_backbone
+from common.checkpoint import FOLDER_WEIGHTS, atomic_write
 from common.distributed import is_rank_zero
 from common.errors import DataError, NeurotransferError
+from common.export import export_folder, link_file
 from common.tb import RankZeroWriter, progress
 from pretrain.corpora.stream import StreamPosition
 from pretrain.engine import Engine
@@ -249,11 +250,14 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def export(self) -> Path:
-        """``export/encoder.safetensors``: the backbone's weights and metadata, written atomically by rank
-        0."""
-        path = self.out / "export" / "encoder.safetensors"
+        """``export/``: the export folder (``model.safetensors``, ``config.json``, the ``README.md`` card with
+        the loss so far), written by rank 0, each file atomically; ``encoder.safetensors`` names the same
+        weights for readers of the single file."""
+        folder = self.out / "export"
         encoder = self.objective.encoder
         with self.engine.full_parameters(encoder):
             if is_rank_zero():
-                export_backbone(encoder, path, {**self.export_metadata, "step": self.step})
-        return path
+                meta = {**self.export_metadata, "step": self.step}
+                export_folder(encoder, folder, meta, metrics=self.out / "metrics.jsonl")
+                link_file(folder / FOLDER_WEIGHTS, folder / "encoder.safetensors")
+        return folder / "encoder.safetensors"

@@ -21,6 +21,7 @@ from common.checkpoint import check_deepspeed_tag, load_torch_file
 from common.errors import CheckpointError
 from common.weights.adapt import qkv_bias_from_qv
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
+from common.weights.monai_vit import read_monai
 
 State = dict[str, torch.Tensor]
 Reader = Callable[[Path, nn.Module, int], tuple[State, SourceLayout]]
@@ -298,4 +299,5 @@ READERS: dict[str, Reader] = {
     "videomae": read_videomae,
     "medicalnet": read_medicalnet,
     "deepspeed": read_deepspeed,
+    "monai": read_monai,
 }

@@ -157,6 +157,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         if stop:
             break
     model.load_state_dict(best_state)
+    if inputs.on_fitted is not None:
+        inputs.on_fitted(model)
     val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
     test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, bf16))
     return (
