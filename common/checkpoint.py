@@ -24,11 +24,39 @@ from torch import nn
 import common
 from common import models
 from common.errors import CheckpointError
-from common.io import atomic_write
+from common.io import atomic_write, load_torch_file
 
 METADATA_KEY = "neurotransfer"
+FOLDER_WEIGHTS = "model.safetensors"  # the weights of an export folder (``common.export``): an export file itself
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
+
+
+def _deepspeed_plain_types() -> list[Any]:
+    """The non-tensor types DeepSpeed's own checkpoints hold (ZeRO 1-3 optimizer states): plain records that
+    run no code when built. Imported here because DeepSpeed is slow to import and only its checkpoints need it."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_tag(tag_dir: str | Path) -> None:
+    """Refuse a DeepSpeed checkpoint tag folder if any of its ``.pt`` files needs code to unpickle.
+
+    DeepSpeed reads its checkpoints with full pickle (``weights_only=False``), so before it opens them each
+    file is read here with ``weights_only=True``, allowing only DeepSpeed's own plain types; a file that
+    would build anything else raises a ``CheckpointError`` naming it, and DeepSpeed never sees it.
+    """
+    tag_dir = Path(tag_dir)
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no DeepSpeed checkpoint files (*.pt) in this folder")
+    allow = _deepspeed_plain_types()
+    hint = "A DeepSpeed checkpoint written by DeepSpeed holds only tensors and plain DeepSpeed records."
+    for path in files:
+        load_torch_file(path, "cpu", allow, hint)
 
 
 # --------------------------------------------------------------------------------------------- strict loading
@@ -135,9 +163,19 @@ def _roundtrip(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def read_export_metadata(path: str | Path) -> dict:
-    """The metadata dict of an export, read from the safetensors header without loading the weights."""
+def export_file(path: str | Path) -> Path:
+    """The safetensors file of an export given as the file or as its folder (``FOLDER/model.safetensors``)."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FOLDER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: a folder without {FOLDER_WEIGHTS}, so not an export folder")
+    return path / FOLDER_WEIGHTS
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The metadata dict of an export (file or folder), read from the safetensors header without the weights."""
+    path = export_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such export file")
     try:
@@ -161,6 +199,7 @@ def read_export_metadata(path: str | Path) -> dict:
 
 def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of an export, for callers that adapt weights before loading them."""
+    path = export_file(path)
     meta = read_export_metadata(path)
     try:
         state = load_file(path, device=str(device))

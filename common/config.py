@@ -6,6 +6,7 @@ error naming the key, raised before any work starts.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ def _open_mappings(node: DictConfig) -> None:
                 _open_mappings(child)
 
 
+def _yaml_where(e: Exception) -> str:
+    """`` at line L, column C: problem`` from a PyYAML error, on one line (CLIs print one line)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f": {problem}"
+
+
 def load_config(schema: type | Any, file: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults from ``schema`` (a dataclass type or instance), then the YAML ``file``, then ``key=value`` overrides.
 
@@ -56,7 +64,7 @@ def load_config(schema: type | Any, file: str | Path | None = None, overrides: I
         try:
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and friends
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         cfg = _merge(cfg, loaded, str(path))
@@ -71,6 +79,19 @@ def load_config(schema: type | Any, file: str | Path | None = None, overrides: I
     except OmegaConfBaseException as e:
         raise ConfigError(f"config does not resolve: {e}") from None
     return cfg
+
+
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, dest: str = "overrides"
+) -> argparse.Namespace:
+    """``parser.parse_args``, but ``key=value`` overrides may also follow option flags (``--output O lr=1``):
+    argparse gives a ``nargs="*"`` positional only the words before the first option."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = [word for word in rest if word.startswith("-") or "=" not in word or not hasattr(args, dest)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    setattr(args, dest, list(getattr(args, dest, None) or []) + rest)
+    return args
 
 
 def to_object(cfg: DictConfig) -> Any:

@@ -9,13 +9,15 @@ import os
 import pickle
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import CheckpointError, DataError
+
+RESAVE_HINT = "Re-save it as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors."
 
 
 @contextlib.contextmanager
@@ -75,8 +77,14 @@ def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``.
+def load_torch_file(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    allow: Sequence[Any] = (),
+    hint: str = RESAVE_HINT,
+) -> Any:
+    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``; ``allow``: extra plain types
+    (classes, enums) the unpickler may build.
 
     A file that needs full pickle (custom classes, numpy arrays, ...) is refused with a ``CheckpointError``:
     unpickling can run arbitrary code, so the project never does it.
@@ -85,14 +93,14 @@ def load_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"\bGLOBAL ([\w.]+)", str(e))
         what = f" (it contains {found.group(1)})" if found else ""
         raise CheckpointError(
             f"{path}: this file needs full pickle to load{what} and is refused, because unpickling can run "
-            "arbitrary code. Re-save it as a plain state dict of tensors "
-            "(torch.save(model.state_dict(), ...)) or as safetensors."
+            f"arbitrary code. {hint}"
         ) from e
     except Exception as e:  # a truncated zip, a text file, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e

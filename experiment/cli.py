@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from common.config import parse_with_overrides
 from common.errors import NeurotransferError
 from experiment.config import load_experiment_config
 from experiment.stages import run_experiment
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_with_overrides(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     try:

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from common.config import load_config
+from common.config import load_config, parse_with_overrides
 from common.errors import NeurotransferError
 from finetune.config import TRAIN_MODES, GridConfig, RunConfig
 from finetune.grid import run_grid
@@ -27,12 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="the task's manifest CSV")
     run.add_argument(
         "--init",
-        help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
+        help="scratch | EXPORT_FOLDER | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | "
+        "medicalnet:PATH | monai:PATH",
     )
     run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
     run.add_argument("--mode", choices=TRAIN_MODES)
     run.add_argument("--config", help="YAML with RunConfig keys")
     run.add_argument("--out", help="run directory")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished or other run in --out, whole")
     run.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=5 protocol.folds=3")
     bench = sub.add_parser("benchmark", help="the grid backbones × inits × tasks × fractions × seeds")
     bench.add_argument("--config", required=True, help="YAML with GridConfig keys (configs/finetune/*.yaml)")
@@ -53,7 +55,7 @@ def _run(args: argparse.Namespace) -> None:
     cfg = load_config(RunConfig, args.config, overrides)
     init_slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.init.split(":")[-1]).stem or cfg.init)
     out = Path(args.out or cfg.out_dir or f"runs/finetune/{cfg.task}-{cfg.backbone.name}-{init_slug}")
-    result = run_cell(cfg, out)
+    result = run_cell(cfg, out, overwrite=args.overwrite)
     primary = result["primary"]
     m, b = result["metrics"], result["baseline"]
     print(
@@ -71,7 +73,7 @@ def _benchmark(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_with_overrides(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         {"run": _run, "benchmark": _benchmark}[args.command](args)

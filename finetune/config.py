@@ -9,7 +9,7 @@ from common.errors import ConfigError
 from common.precision import DEVICES, PRECISIONS
 from finetune.protocol import SCHEMES, ProtocolConfig
 
-TRAIN_MODES = ("linear", "full")  # finetune.modes.MODES implements each
+TRAIN_MODES = ("linear", "full", "lora")  # finetune.modes.MODES implements each
 HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
 THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 
@@ -31,8 +31,18 @@ class DataConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through ``peft`` (``train.mode=lora``): low-rank updates on the backbone's projections."""
+
+    rank: int = 4  # r of each update B·A; ~3 % of a ViT-Ti backbone trains at r 4 (adapters + norms)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA branch's input
+    targets: list[str] = field(default_factory=list)  # module suffixes (attn.qkv) or a type (Conv3d); []: default
+
+
+@dataclass
 class TrainConfig:
-    mode: str = "full"  # linear (frozen backbone, cached features, scikit-learn probe) | full
+    mode: str = "full"  # TRAIN_MODES: linear (frozen backbone, cached features, scikit-learn probe) | full | lora
     epochs: int = 30  # upper bound; early stopping usually ends sooner
     batch_size: int = 8
     lr: float = 3e-4  # peak AdamW lr for the head; backbone layers get lr * layer_decay^(depth - layer)
@@ -49,6 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     probe_c: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe grid
     probe_alpha: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])  # ridge grid
+    lora: LoraSettings = field(default_factory=LoraSettings)  # used by mode lora only
 
 
 @dataclass
@@ -57,7 +68,7 @@ class RunConfig:
 
     task: str = "ad"  # ad | pd | brain_age | classify:COLUMN | regress:COLUMN
     manifest: str = ""  # the task's manifest CSV
-    init: str = "scratch"  # scratch, EXPORT.safetensors, or deepspeed:/timm2d:/videomae:/medicalnet:PATH
+    init: str = "scratch"  # scratch, an export (folder or .safetensors), or KIND:PATH (common.weights.INIT_KINDS)
     init_axis: int = 0  # spatial axis a 2D init is inflated along (0 D, 1 H, 2 W)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -69,6 +80,7 @@ class RunConfig:
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
     threshold: str = "youden"  # binary tasks' decision cut: youden (chosen on each fold's validation) | argmax
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
+    drop_labels: list[str] = field(default_factory=list)  # labels to leave out (e.g. [MCI]); other unknowns: error
 
 
 @dataclass

@@ -12,7 +12,9 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from torch import nn
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
 from common.io import atomic_write
 from common.models import create_backbone
 from common.tb import RankZeroWriter
@@ -64,6 +66,7 @@ class Prepared:
     splits: pd.DataFrame
     backbone: nn.Module  # built and initialised once; folds train deep copies
     report: LoadReport
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out by label (drop_labels)
 
 
 def build_backbone(cfg: RunConfig) -> nn.Module:
@@ -75,7 +78,8 @@ def check_init_path(init: str) -> None:
     """Fail early on an init whose file or folder does not exist (a typo should not wait for volumes)."""
     kind, path = parse_init(init)
     if path is not None and not path.exists():
-        raise CheckpointError(f"{path}: init {init!r} names a {kind} source that does not exist")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise CheckpointError(f"{path}: init {init!r} names {article} {kind} source that does not exist")
 
 
 @dataclass
@@ -88,12 +92,13 @@ class TaskData:
     classes: tuple[str, ...] | None
     volumes: torch.Tensor  # (N, 1, D, H, W)
     subjects: pd.DataFrame  # finetune.protocol.subject_table
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out by label (drop_labels)
 
 
 def task_data_key(cfg: RunConfig) -> str:
     """Cells with equal keys share their ``TaskData`` (same task, manifest, preprocessing, duplicate check)."""
     pre = preprocess_config(cfg.data).describe()
-    return json.dumps([cfg.task, cfg.manifest, pre, cfg.protocol.check_duplicates], default=str)
+    return json.dumps([cfg.task, cfg.manifest, cfg.drop_labels, pre, cfg.protocol.check_duplicates], default=str)
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:
@@ -101,10 +106,13 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     validate(cfg)
     task = get_task(cfg.task)
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
-    labelled = label_rows(task, df, cfg.manifest)
+    labelled = label_rows(task, df, cfg.manifest, cfg.drop_labels)
+    if labelled.dropped:
+        log.info("%s: left out %s rows by drop_labels (%s)", cfg.manifest, sum(labelled.dropped.values()),
+                 ", ".join(f"{k}: {n}" for k, n in labelled.dropped.items()))
     volumes = load_volumes(labelled.df, cfg.data)
     subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
-    return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects)
+    return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects, labelled.dropped)
 
 
 def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
@@ -133,7 +141,9 @@ def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
     check_splits(splits, data.df, source, cfg.protocol.check_duplicates)
     tests = data.df["path"][data.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])]
     check_pretrain_overlap(tests, cfg.protocol.pretrain_manifests)
-    return Prepared(data.task, data.df, data.y, data.classes, data.volumes, folds, subsets, splits, backbone, report)
+    return Prepared(
+        data.task, data.df, data.y, data.classes, data.volumes, folds, subsets, splits, backbone, report, data.dropped
+    )
 
 
 def _features_key(cfg: RunConfig, prep: Prepared) -> str:
@@ -146,13 +156,53 @@ def _features_key(cfg: RunConfig, prep: Prepared) -> str:
                        list(prep.df["path"])], default=str)
 
 
-def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepared | None = None) -> dict:
-    """Run every fold of one cell and write the run directory; returns the content of ``metrics.json``."""
+def check_run_folder(out: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse, before any work, an ``out`` that is a file, holds a finished run, or holds another run
+    (``overwrite``: it will be replaced whole)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is a file, not a run folder; choose a folder path")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    hint = "pass --overwrite to replace it whole, or choose another --out"
+    if (out / METRICS_FILE).is_file():
+        raise ConfigError(f"{out}: holds a finished run ({METRICS_FILE}); {hint}")
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"{out}: is not empty and holds no fine-tuning run; {hint}")
+    old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+    new = OmegaConf.to_container(OmegaConf.structured(cfg))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+        raise ConfigError(f"{out}: holds an unfinished run with other settings ({', '.join(differ)}); {hint}")
+
+
+def run_cell(
+    cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepared | None = None, overwrite: bool = False
+) -> dict:
+    """Run every fold of one cell and write the run directory; returns the content of ``metrics.json``.
+
+    The folder is written beside ``out_dir`` (``.NAME.partial``) and moved into place only when the run has
+    finished: a run that fails leaves no folder, and an existing one is never half rewritten.
+    """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    check_run_folder(final, cfg, overwrite)
     prep = prepared or prepare(cfg)
+    out = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out, ignore_errors=True)  # left by a killed run
+    out.mkdir(parents=True)
+    try:
+        result = _write_cell(cfg, prep, out, cfg.cache_dir or str(out / "cache"))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(out, final)
+    return result
+
+
+def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> dict:
     save_config(OmegaConf.structured(cfg), out / "config.yaml")
     prep.report.save(out / "weights_report.json")
     prep.splits.to_csv(out / "splits.csv", index=False)
@@ -163,7 +213,6 @@ def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepare
     subject = df["subject_id"].astype(str).to_numpy()
     rows_of = lambda ids: np.flatnonzero(np.isin(subject, np.asarray(ids, dtype=str)))
     features_key = _features_key(cfg, prep)
-    cache_dir = cfg.cache_dir or str(out / "cache")
     tb = RankZeroWriter(out / "tb")
     mode = MODES[cfg.train.mode]
     tables, baselines, fold_info = [], [], []
@@ -184,6 +233,8 @@ def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepare
             tb=tb,
             tb_prefix=f"fold{fold.fold}/",
             augment=cfg.data.augment,
+            fold=fold.fold,
+            out_dir=str(out),
         )
         val_out, test_out, info = mode(inputs, cfg.train)
         fold_info.append(
@@ -231,6 +282,7 @@ def run_cell(cfg: RunConfig | DictConfig, out_dir: str | Path, prepared: Prepare
         "seed": cfg.seed,
         "classes": list(prep.classes) if prep.classes else None,
         "n_subjects": int(df["subject_id"].nunique()),
+        "dropped_labels": prep.dropped,  # rows of the manifest left out by drop_labels, by label
         "n_test_images": len(test),
         "metrics": _clean(metrics),
         "baseline": _clean(baseline),

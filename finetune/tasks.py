@@ -7,7 +7,8 @@ too:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -51,13 +52,16 @@ class Labelled:
     df: pd.DataFrame  # the rows kept, index reset
     y: np.ndarray  # int64 class indices or float64 targets
     classes: tuple[str, ...] | None  # class names by index
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out, by label (the config's drop_labels)
 
 
-def label_rows(task: Task, df: pd.DataFrame, source: str) -> Labelled:
-    """Keep the rows the task uses and encode their labels.
+def label_rows(task: Task, df: pd.DataFrame, source: str, drop: Sequence[str] = ()) -> Labelled:
+    """Keep the rows the task uses and encode their labels; rows labelled with a value in ``drop`` are left out
+    and counted.
 
-    Raises ``DataError`` naming ``source`` (the manifest) when the label column is missing, a kept row has no
-    label, a regression label is not numeric, or fewer than two classes remain.
+    Raises ``DataError`` naming ``source`` (the manifest) when the label column is missing, a row has a label
+    the task does not know and ``drop`` does not name (values and rows named), a regression label is not
+    numeric, or fewer than two classes remain.
     """
     if task.column not in df.columns:
         raise DataError(
@@ -67,8 +71,23 @@ def label_rows(task: Task, df: pd.DataFrame, source: str) -> Labelled:
         )
     values = df[task.column]
     if task.is_classification:
+        dropped: dict[str, int] = {}
         if task.classes is not None:
-            keep = values.astype("string").isin(task.classes).fillna(False).to_numpy(bool)
+            text = values.astype("string").fillna("")
+            keep = text.isin(task.classes).to_numpy(bool)
+            left_out = text.isin(list(drop)).to_numpy(bool) & ~keep
+            unknown = ~keep & ~left_out
+            if unknown.any():
+                rows = [int(i) + 2 for i in df.index[unknown]]  # CSV line numbers (header is line 1)
+                found = sorted(set(text[unknown]))
+                raise DataError(
+                    source,
+                    f"column {task.column!r} holds labels task {task.name!r} does not know: "
+                    f"{', '.join(repr(v) for v in found)} on {len(rows)} rows (CSV lines "
+                    f"{', '.join(map(str, rows[:10]))}{' ...' if len(rows) > 10 else ''}); it knows "
+                    f"{', '.join(task.classes)}. Fix the labels, or leave these rows out with drop_labels={found}",
+                )
+            dropped = {str(v): int(n) for v, n in text[left_out].value_counts().sort_index().items()}
             df = df[keep].reset_index(drop=True)
             values = df[task.column].astype(str)
             classes = task.classes
@@ -86,7 +105,7 @@ def label_rows(task: Task, df: pd.DataFrame, source: str) -> Labelled:
                 f"task's rows{wanted}; a classifier needs at least two",
             )
         index = {c: i for i, c in enumerate(classes)}
-        return Labelled(df, np.array(values.map(index), dtype=np.int64), classes)
+        return Labelled(df, np.array(values.map(index), dtype=np.int64), classes, dropped)
     numeric = pd.to_numeric(values, errors="coerce")
     bad = numeric.isna()
     if bad.any():

@@ -18,14 +18,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 from omegaconf import OmegaConf
 
-from common.config import load_config, save_config
+from common.config import load_config, parse_with_overrides, save_config
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
-from common.io import file_hash
+from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
 from pretrain.corpora import CorpusStream, build_source, make_loader
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=50")
     deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config (JSON in configs/deepspeed/)
-    return parser.parse_args(argv)
+    return parse_with_overrides(parser, argv)
 
 
 def _setup_logging(rank: int) -> None:
@@ -76,6 +77,7 @@ def export_metadata(cfg) -> dict:
         "intensity": intensity,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
+        "steps": cfg.train.steps,
         "manifest_hash": file_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
     }
 
@@ -102,6 +104,41 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
     )
 
 
+# Settings a resumed run may not change: they decide the model's shapes or the data it has been trained on.
+# (Loader knobs, logging, the step budget and the optimizer may change on resume.)
+RESUME_FIXED = ("corpus", "model.backbone", "model.kwargs", "objective", "data")
+RESUME_FREE = ("data.num_workers", "data.prefetch_factor", "data.max_bad_share", "data.min_items_for_bad_share")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(cfg, saved: Path) -> None:
+    """Refuse a resume whose architecture or data settings differ from the run's saved ``config.yaml``,
+    naming the keys, before anything is written."""
+    if not saved.is_file():
+        return
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    except Exception as e:  # a YAML error, a file that is no mapping
+        raise ConfigError(f"{saved}: cannot read the run's saved config ({e})") from None
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg))
+    fixed = lambda k: k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FREE)
+    differ = sorted(k for k in set(old) | set(new) if fixed(k) and old.get(k) != new.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{saved}: the run being resumed was trained with other settings ({changes}); resume with the "
+            "same settings, or start a new run in another --output"
+        )
+
+
 def run(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides) + ([f"corpus={args.corpus}"] if args.corpus else [])
     cfg = load_config(PretrainConfig, args.config, overrides)
@@ -109,7 +146,11 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = init_distributed()
     _setup_logging(rank)
     out = Path(args.output or f"runs/pretrain-{cfg.corpus}-{cfg.objective.name}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --output is a file, not a run folder; choose a folder path")
     resume_from = find_resume(out, args.resume)
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from[0].parent / "config.yaml")
     precision = resolve_run_precision(cfg.train.precision)
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -130,10 +171,6 @@ def run(args: argparse.Namespace) -> dict:
 
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
     engine = Engine(objective, ds_config)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
     log.info(
         "corpus %s, objective %s, %s, %d rank(s), precision %s, ZeRO stage %d → %s",
         cfg.corpus,
@@ -151,7 +188,12 @@ def run(args: argparse.Namespace) -> dict:
 
     trainer = Trainer(cfg, out, engine, objective, loader_for, export_metadata(cfg))
     if resume_from is not None:
-        trainer.resume(*resume_from)
+        trainer.resume(*resume_from)  # before anything is written: a checkpoint that cannot load changes nothing
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        with atomic_write(out / "deepspeed.json") as tmp:
+            tmp.write_text(json.dumps(ds_config, indent=2))
     result = trainer.run()
     result["precision"] = precision
     result["export"] = str(out / "export" / "encoder.safetensors")

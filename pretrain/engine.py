@@ -1,8 +1,8 @@
 """DeepSpeed, in one place: process group, config, the training engine, checkpoints and full-weight access.
 
 Everything else in ``pretrain`` sees a plain ``nn.Module`` objective and this module's ``Engine``. DeepSpeed
-owns the optimizer (AdamW), the schedule (``WarmupCosineLR``), gradient accumulation and clipping, ZeRO
-(stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
+owns the optimizer (AdamW), the schedule (``common.schedule``, as its client scheduler), gradient accumulation
+and clipping, ZeRO (stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
+from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError, ConfigError
 from common.precision import resolve_precision
+from common.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+SCHEDULE = "neurotransfer.warmup_cosine"  # common.schedule, handed to DeepSpeed as a client scheduler
 # Keys the pretrain config decides; a DeepSpeed JSON may repeat them only with the same value.
 OWNED_KEYS = (
     "train_micro_batch_size_per_gpu",
@@ -106,13 +109,12 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
                 "torch_adam": True,
             },
         },  # torch's AdamW: no JIT-compiled op needed on any accelerator
+        # ours, not DeepSpeed's WarmupCosineLR (which trains its first two steps at lr 0); Engine builds it
         "scheduler": {
-            "type": "WarmupCosineLR",
+            "type": SCHEDULE,
             "params": {
                 "total_num_steps": cfg.train.steps,
                 "warmup_num_steps": o.warmup_steps,
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
                 "cos_min_ratio": o.min_lr_ratio,
             },
         },
@@ -166,10 +168,18 @@ class Engine:
                 "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"
             )
         self.config = ds_config
+        schedule = ds_config.get("scheduler", {})
+        lr_scheduler = None
+        if schedule.get("type") == SCHEDULE:
+            p = schedule["params"]
+            factor = warmup_cosine(p["warmup_num_steps"], p["total_num_steps"], p["cos_min_ratio"])
+            lr_scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            ds_config = {k: v for k, v in ds_config.items() if k != "scheduler"}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
             config=ds_config,
+            lr_scheduler=lr_scheduler,
         )
         self.device = self.ds.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -232,6 +242,7 @@ class Engine:
 
     @property
     def lr(self) -> float:
+        """The lr the next ``step`` applies (read it before ``step``: the schedule advances in it)."""
         return float(self.ds.get_lr()[0])
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
@@ -241,16 +252,21 @@ class Engine:
 
     def load(self, folder: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
         """Restore model, optimizer, schedule from ``folder`` (``tag`` or ``latest``); returns (tag, client
-        state)."""
+        state). Every file of the tag is read with ``weights_only`` first: DeepSpeed itself unpickles in full."""
+        folder = Path(folder)
+        if tag is None:
+            latest = folder / "latest"
+            if not latest.is_file():
+                raise CheckpointError(f"{folder}: no DeepSpeed checkpoint to resume (no 'latest' file)")
+            tag = latest.read_text().strip()
+        if not tag or Path(tag).name != tag or not (folder / tag).is_dir():
+            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint tag folder {tag!r} to resume")
+        check_deepspeed_tag(folder / tag)
         path, client = self.ds.load_checkpoint(
             str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
-            raise CheckpointError(
-                f"{folder}: no DeepSpeed checkpoint{'' if tag is None else f' {tag!r}'} to resume"
-            )
-        if tag is None:
-            tag = (Path(folder) / "latest").read_text().strip()
+            raise CheckpointError(f"{folder}: no DeepSpeed checkpoint {tag!r} to resume")
         return tag, client or {}
 
     @contextlib.contextmanager

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import export_backbone
+from common.checkpoint import FOLDER_WEIGHTS
 from common.distributed import is_rank_zero
 from common.errors import DataError, NeurotransferError
+from common.export import export_folder, link_file
+from common.io import atomic_write
 from common.tb import RankZeroWriter, progress
 from pretrain.corpora.stream import StreamPosition
 from pretrain.engine import Engine
@@ -91,21 +93,23 @@ class Trainer:
                 f"{folder}/{tag}: DeepSpeed is at step {self.engine.global_step} but the "
                 f"checkpoint records step {self.step}; the checkpoint is inconsistent"
             )
-        if is_rank_zero():
-            self._truncate_metrics()
         log.info("resumed from %s at step %d", folder / tag, self.step)
         return tag
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics.jsonl lines of steps after the checkpoint: they are about to be trained again."""
+        """Drop metrics.jsonl lines of steps after the start (all of them on a fresh start, e.g. after a kill
+        before the first checkpoint): they are about to be trained again."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            with atomic_write(path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in lines))
 
     # ---- loop --------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, engine, rank = self.cfg.train, self.engine, self.engine.rank
+        if is_rank_zero():
+            self._truncate_metrics()
         writer = RankZeroWriter(self.out / "tb", purge_step=self.step or None)
         loader = self.make_loader(self.position)
         batches = iter(loader)
@@ -130,6 +134,7 @@ class Trainer:
                 boundary = engine.is_boundary()
                 log_now = boundary and ((self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps)
                 grad_norm = engine.grad_norm() if log_now else None
+                lr = engine.lr  # the lr this step applies; the schedule advances inside step()
                 engine.step()
                 window["loss"] = window["loss"] + out["loss"].detach().float()  # on device: no sync
                 window["micro"] += 1
@@ -140,7 +145,7 @@ class Trainer:
                 bar.update(1)
                 self.objective.after_step(self.step, cfg.steps)
                 if log_now:
-                    last_loss = self._log(writer, window, grad_norm)
+                    last_loss = self._log(writer, window, grad_norm, lr)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                     window = new_window()
                 tag = self.objective.image_tag
@@ -175,9 +180,15 @@ class Trainer:
             raise TrainingDiverged(
                 f"the loss was NaN/Inf for {self.streak} micro-batches in a row at step {self.step}; "
                 "training diverged. Lower optim.lr, raise optim.warmup_steps, or use "
-                "train.precision=fp32, then resume "
-                f"from the last checkpoint in {self.ckpt_dir}"
+                f"train.precision=fp32, then {self._restart_hint()}"
             )
+
+    def _restart_hint(self) -> str:
+        """Where to go on from: the last checkpoint written, if there is one."""
+        latest = self.ckpt_dir / "latest"
+        if latest.is_file() and (self.ckpt_dir / latest.read_text().strip()).is_dir():
+            return f"resume from its last checkpoint {self.ckpt_dir / latest.read_text().strip()} (--resume auto)"
+        return f"start again: no checkpoint was written yet in {self.ckpt_dir}"
 
     def _check_bad_share(self) -> None:
         pos, data = self.position, self.cfg.data
@@ -191,13 +202,13 @@ class Trainer:
                 "which files, fix or remove them",
             )
 
-    def _log(self, writer: RankZeroWriter, window: dict[str, Any], grad_norm: float | None) -> float:
+    def _log(self, writer: RankZeroWriter, window: dict[str, Any], grad_norm: float | None, lr: float) -> float:
         engine = self.engine
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
         loss = engine.mean_over_ranks(window["loss"] / max(1, window["micro"]))
         scalars = {
             "train/loss": loss,
-            "train/lr": engine.lr,
+            "train/lr": lr,
             "train/volumes_per_s": window["volumes"] * engine.world_size / elapsed,
             "train/data_wait_share": window["wait"] / elapsed,
             "train/memory_peak_gb": engine.peak_memory_gb(),
@@ -241,11 +252,14 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def export(self) -> Path:
-        """``export/encoder.safetensors``: the backbone's weights and metadata, written atomically by rank
-        0."""
-        path = self.out / "export" / "encoder.safetensors"
+        """``export/``: the export folder (``model.safetensors``, ``config.json``, the ``README.md`` card with
+        the loss so far), written by rank 0, each file atomically; ``encoder.safetensors`` names the same
+        weights for readers of the single file."""
+        folder = self.out / "export"
         encoder = self.objective.encoder
         with self.engine.full_parameters(encoder):
             if is_rank_zero():
-                export_backbone(encoder, path, {**self.export_metadata, "step": self.step})
-        return path
+                meta = {**self.export_metadata, "step": self.step}
+                export_folder(encoder, folder, meta, metrics=self.out / "metrics.jsonl")
+                link_file(folder / FOLDER_WEIGHTS, folder / "encoder.safetensors")
+        return folder / "encoder.safetensors"

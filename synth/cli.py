@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from common.config import load_config, to_object
+from common.config import load_config, parse_with_overrides, to_object
 from common.errors import NeurotransferError
 from synth.config import CONTRASTS, TASKS, SynthConfig
 from synth.ldm.cli import add_ldm_commands
@@ -73,7 +73,7 @@ def load(args: argparse.Namespace) -> SynthConfig:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     if hasattr(args, "func"):  # a latent-diffusion command
         return args.func(args)
     cfg = load(args)

@@ -1,6 +1,8 @@
 """Synthetic videos of moving, deforming shapes: test data for the video corpus and a controlled video corpus.
 
-Written with PyAV (H.264 in MP4). Each video holds a few bright ellipses on a dark background that drift,
+Written with PyAV as lossless H.264 (``qp=0``, one encoder thread, bit-exact muxing) in MP4: what decord or
+PyAV decode is exactly the frames' YUV, so no encoder decision can change what training sees, and the same
+frames give the same bytes. Each video holds a few bright ellipses on a dark background that drift,
 pulse and rotate smoothly, so consecutive frames are correlated as in natural video.
 """
 
@@ -38,13 +40,14 @@ def shape_frames(
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 25) -> Path:
-    """Write (T, H, W, 3) uint8 ``frames`` as H.264 MP4 (H and W even), atomically."""
+    """Write (T, H, W, 3) uint8 ``frames`` as lossless H.264 MP4 (H and W even), atomically."""
     import av  # PyAV: only writing videos needs it
 
     path = Path(path)
     with atomic_write(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
+        # bitexact: no muxer version string or timestamps that differ between builds and runs
+        with av.open(str(tmp), mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
+            stream = container.add_stream("libx264", rate=fps, options={"qp": "0", "threads": "1"})
             stream.height, stream.width = frames.shape[1], frames.shape[2]
             stream.pix_fmt = "yuv420p"
             for frame in frames:

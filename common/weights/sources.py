@@ -13,62 +13,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from common import checkpoint
+from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError
 from common.io import load_torch_file
 from common.weights.adapt import qkv_bias_from_qv
+from common.weights.files import State, keys_of, read_tensor_file
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
+from common.weights.monai_vit import read_monai
 
-State = dict[str, torch.Tensor]
 Reader = Callable[[Path, nn.Module, int], tuple[State, SourceLayout]]
-
-# Containers checkpoints are commonly wrapped in ({"model": sd}, {"state_dict": sd}, {"module": sd}).
-_WRAPPERS = ("state_dict", "model", "module", "model_state", "encoder")
-
-
-# -------------------------------------------------------------------------------------------- file reading
-def read_tensor_file(path: Path) -> State:
-    """Name -> tensor from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` (weights_only), unwrapped."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a weight file (.safetensors, .pth, .pt, .bin)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weight file")
-    if path.suffix == ".safetensors":
-        try:
-            obj = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    else:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head not in (b"PK", b"\x80\x02") and not head.startswith(b"\x80"):  # torch zip, or legacy pickle
-            kind = "a gzip file (a NIfTI image?)" if head == b"\x1f\x8b" else f"a file starting with {head!r}"
-            raise CheckpointError(
-                f"{path}: {kind}, not a weight file (.safetensors, or .pt/.pth/.bin from torch.save)"
-            )
-        obj = load_torch_file(path)
-    for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
-        if isinstance(obj, Mapping) and not _is_state(obj):
-            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not _is_state(obj):
-        raise CheckpointError(f"{path}: holds no state dict of tensors (top-level keys: {_keys(obj)})")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _is_state(obj: Mapping) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _keys(obj: object) -> str:
-    return ", ".join(list(map(str, obj))[:8]) if isinstance(obj, Mapping) else type(obj).__name__
-
 
 def strip_prefix(state: State, prefix: str) -> State:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
@@ -83,7 +39,7 @@ def _require(path: Path, state: State, keys: tuple[str, ...], kind: str, hint: s
     if absent:
         raise CheckpointError(
             f"{path}: not a {kind} checkpoint — it has no {', '.join(absent)} "
-            f"(first keys: {_keys(state)}). {hint}"
+            f"(first keys: {keys_of(state)}). {hint}"
         )
 
 
@@ -234,7 +190,8 @@ def _family(name: str) -> str:
 def read_deepspeed(path: Path, model: nn.Module, axis: int) -> tuple[State, SourceLayout]:
     """A DeepSpeed checkpoint folder (``OUT/checkpoints`` with ``latest``, or one tag folder inside it).
 
-    ZeRO shards are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; without
+    Every ``.pt`` in the tag folder must load with ``weights_only`` first (``check_deepspeed_tag``). ZeRO
+    shards are then consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; without
     ZeRO optimizer shards (stage 0) the module states file is read with ``weights_only``. The objective's
     prefix (``encoder.``, ``backbone.`` ...) is found by matching the model's key names.
     """
@@ -242,12 +199,16 @@ def read_deepspeed(path: Path, model: nn.Module, axis: int) -> tuple[State, Sour
         raise CheckpointError(f"{path}: deepspeed: needs a DeepSpeed checkpoint folder, this is not a folder")
     tag_dir = path
     if (path / "latest").is_file():
-        tag_dir = path / (path / "latest").read_text().strip()
+        tag = (path / "latest").read_text().strip()
+        if not tag or Path(tag).name != tag:
+            raise CheckpointError(f"{path}/latest: names {tag!r}, not a tag folder inside {path}")
+        tag_dir = path / tag
     if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*model_states.pt")):
         raise CheckpointError(
             f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt) in {tag_dir}; point at the "
             "checkpoints folder (with `latest`) or at one tag folder"
         )
+    check_deepspeed_tag(tag_dir)  # DeepSpeed's own readers unpickle in full: refuse files that need code
     if list(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -277,7 +238,7 @@ def _strip_objective_prefix(path: Path, state: State, model: nn.Module) -> State
     if best == 0:
         raise CheckpointError(
             f"{path}: no parameter of the DeepSpeed checkpoint matches the model under any prefix "
-            f"(first keys: {_keys(state)}); is it a checkpoint of this backbone?"
+            f"(first keys: {keys_of(state)}); is it a checkpoint of this backbone?"
         )
     ranked = sorted(
         (p for p in candidates if score(p) == best),
@@ -292,4 +253,5 @@ READERS: dict[str, Reader] = {
     "videomae": read_videomae,
     "medicalnet": read_medicalnet,
     "deepspeed": read_deepspeed,
+    "monai": read_monai,
 }

@@ -28,3 +28,6 @@ class FoldInputs:
     augment: bool = False  # light augmentation of training volumes (full fine-tuning)
     tb: object | None = None  # a RankZeroWriter, or None
     tb_prefix: str = ""
+    fold: int = 0
+    out_dir: str | None = None  # the cell's run directory: modes that keep weights write there
+    on_fitted: Callable[[nn.Module], None] | None = None  # called with the trained model (best epoch restored)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from common.distributed import seed_everything
 from common.precision import autocast, resolve_device, resolve_precision
+from common.schedule import warmup_cosine
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.metrics import classification_metrics, regression_metrics
@@ -64,18 +65,6 @@ class EpochSelector:
             return True, False
         self.since_best += 1
         return False, self.since_best >= self.patience
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LambdaLR factor: linear 0 -> 1 over ``warmup_steps``, then cosine 1 -> ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return factor
 
 
 @torch.no_grad()
@@ -169,6 +158,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         if stop:
             break
     model.load_state_dict(best_state)
+    if inputs.on_fitted is not None:
+        inputs.on_fitted(model)
     val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
     test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, precision))
     return (

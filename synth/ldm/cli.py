@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import load_config, to_object
+from common.config import load_config, parse_with_overrides, to_object
 from common.errors import ConfigError, NeurotransferError
 from common.precision import DEVICES, PRECISIONS, resolve_device, resolve_precision
 from synth.ldm.config import LDMTrainConfig
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m synth.ldm``: the two LDM commands on their own."""
     parser = argparse.ArgumentParser(prog="python -m synth.ldm", description=__doc__.splitlines()[0])
     add_ldm_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -176,11 +176,12 @@ def validate(cfg: LDMTrainConfig) -> None:
             )
     if len(un.num_head_channels) != len(un.channels):
         raise ConfigError(f"unet.num_head_channels needs one entry per level ({len(un.channels)})")
+    last = len(un.channels) - 1  # the middle block always has attention, with the last level's heads
     for level, (att, heads, ch) in enumerate(zip(un.attention_levels, un.num_head_channels, un.channels)):
-        if att and (heads <= 0 or ch % heads):
+        if heads < 0 or ((att or level == last) and (heads == 0 or ch % heads)):
             raise ConfigError(
                 f"unet.num_head_channels[{level}]={heads} must be > 0 and divide "
-                f"unet.channels[{level}]={ch} where that level has attention"
+                f"unet.channels[{level}]={ch} where that level has attention (and at the last level)"
             )
     factor = _downsampling(len(ae.channels)) * _downsampling(len(un.channels))
     bad_axes = [s for s in cfg.data.shape if s % factor]

@@ -53,7 +53,7 @@ def generate(
         raise ValueError(
             f"conditioning must be ({len(seeds)}, {len(COVARIATES)}), got {tuple(conditioning.shape)}"
         )
-    scheduler = sampling_scheduler(model.noise, ddim_steps or model.default_ddim_steps)
+    scheduler = sampling_scheduler(model.noise, _steps(ddim_steps, model))
     inferer = LatentDiffusionInferer(scheduler, scale_factor=model.scale_factor)
     noise = initial_noise(model.latent_shape, seeds).to(device)  # (B, C, d, h, w)
     context = conditioning.to(device=device, dtype=torch.float32)[:, None, :]  # (B, 1, 4)
@@ -133,6 +133,15 @@ def _write_manifest(out: Path, rows: list[dict]) -> Path:
     return out / "manifest.csv"
 
 
+def _steps(ddim_steps: int | None, model: LatentDiffusionModel) -> int:
+    """The DDIM step count: the model's default when not given; 0 or fewer is an error, not the default."""
+    if ddim_steps is None:
+        return int(model.default_ddim_steps)
+    if int(ddim_steps) < 1:
+        raise ConfigError(f"--ddim-steps must be >= 1, got {ddim_steps}")
+    return int(ddim_steps)
+
+
 def sample_to_directory(
     model: LatentDiffusionModel,
     out: str | Path,
@@ -158,8 +167,10 @@ def sample_to_directory(
         raise ConfigError(
             f"unknown covariate(s) {sorted(unknown)}; the LDM is conditioned on {list(COVARIATES)}"
         )
-    ddim_steps = int(ddim_steps or model.default_ddim_steps)
+    ddim_steps = _steps(ddim_steps, model)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is a file, not a corpus folder; choose a folder path")
     (out / "images").mkdir(parents=True, exist_ok=True)
     _check_settings(
         out,

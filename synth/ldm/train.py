@@ -39,6 +39,8 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     Returns the export folder, loadable with :func:`synth.ldm.model.load_model`.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is a file, not a run folder; choose a folder path")
     if not resume and any((out / "checkpoints").glob("*.pt")):
         raise ConfigError(
             f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out"

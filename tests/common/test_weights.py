@@ -342,3 +342,47 @@ def test_weights_that_do_not_fit_are_refused_and_the_model_is_untouched(tmp_path
     with pytest.raises(CheckpointError, match="do not fit the model"):
         load_backbone(wider, str(path))
     assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------- hostile checkpoints
+class RunsCode:
+    """Unpickles into a shell command that writes ``marker``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def hostile_deepspeed_folder(folder, marker, zero_shards: bool):
+    """A DeepSpeed checkpoint folder (``latest`` + tag) whose states file runs code when unpickled in full."""
+    tag = folder / "step1"
+    tag.mkdir(parents=True)
+    (folder / "latest").write_text("step1")
+    module = {"encoder.pos_embed": torch.zeros(1, 3, 4)}
+    if zero_shards:  # ZeRO 1-3: the optimizer shard is what DeepSpeed's consolidation unpickles first
+        benign = {"module": module, "buffer_names": [], "param_shapes": [{}], "shared_params": {}, "ds_version": "0"}
+        torch.save({**benign, "frozen_param_shapes": None}, tag / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": RunsCode(marker)}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        return tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"module": module, "hook": RunsCode(marker)}, tag / "mp_rank_00_model_states.pt")
+    return tag / "mp_rank_00_model_states.pt"
+
+
+@pytest.mark.parametrize("zero_shards", [False, True], ids=["zero0", "zero-shards"])
+def test_a_deepspeed_checkpoint_that_needs_code_is_refused_before_it_runs(tmp_path, zero_shards):
+    marker = tmp_path / "code-ran"
+    bad = hostile_deepspeed_folder(tmp_path / "checkpoints", marker, zero_shards)
+    model = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
+    with pytest.raises(CheckpointError, match=f"{bad}: this file needs full pickle.*posix.system"):
+        load_backbone(model, f"deepspeed:{tmp_path / 'checkpoints'}")
+    assert not marker.exists()
+
+
+def test_deepspeed_latest_may_not_point_outside_its_folder(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("../elsewhere")
+    model = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
+    with pytest.raises(CheckpointError, match="not a tag folder inside"):
+        load_backbone(model, f"deepspeed:{tmp_path / 'checkpoints'}")

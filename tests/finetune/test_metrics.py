@@ -94,8 +94,10 @@ def test_task_labels_and_their_errors():
             "sex": list("FMFM"),
         }
     )
-    ad = label_rows(get_task("ad"), df, "m.csv")
-    assert list(ad.y) == [0, 1, 0] and ad.classes == ("CN", "AD")  # MCI is not part of CN vs AD
+    with pytest.raises(DataError, match="m.csv.*does not know: 'MCI' on 1 rows"):
+        label_rows(get_task("ad"), df, "m.csv")  # MCI is not part of CN vs AD: dropped only when asked
+    ad = label_rows(get_task("ad"), df, "m.csv", drop=["MCI"])
+    assert list(ad.y) == [0, 1, 0] and ad.classes == ("CN", "AD") and ad.dropped == {"MCI": 1}
     sex = label_rows(get_task("classify:sex"), df, "m.csv")
     assert sex.classes == ("F", "M")
     with pytest.raises(DataError, match="m.csv.*'diagnosis' has 1 class"):

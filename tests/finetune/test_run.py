@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from common.errors import CheckpointError, DataError
+from common.errors import CheckpointError, ConfigError, DataError
 from common.models import create_backbone
 from finetune.config import RunConfig
 from finetune.heads import FineTuneModel, LinearHead
 from finetune.modes import full, linear_probe
-from finetune.run import run_cell
+from finetune.run import MODES, run_cell
 
 TINY_VIT = {"patch_size": 8, "depth": 1}
 
@@ -136,3 +136,56 @@ def test_early_stopping_ignores_warm_up_epochs():
     assert [best for best, _ in decisions] == [False, False, True, False, True, False, False, False]
     assert [stop for _, stop in decisions].index(True) == 7 and selector.best_epoch == 4
     assert full.EpochSelector(first=0, patience=3).update(0, (0.9, 0.0)) == (True, False)
+
+
+def test_labels_the_task_does_not_know_are_named_unless_the_config_drops_them(make_cohort, tmp_path):
+    manifest = make_cohort(tmp_path / "c", "ad", n_subjects=12)
+    df = pd.read_csv(manifest)
+    df.loc[[0, 1], "diagnosis"], df.loc[2, "diagnosis"] = "MCI", "Alzheimer"
+    df.to_csv(manifest, index=False)
+    with pytest.raises(DataError, match=r"does not know: 'Alzheimer', 'MCI' on 3 rows \(CSV lines 2, 3, 4\)"):
+        run_cell(tiny_config("ad", manifest), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    cfg = tiny_config("ad", manifest)
+    cfg.drop_labels = ["MCI", "Alzheimer"]
+    result = run_cell(cfg, tmp_path / "out")
+    assert result["dropped_labels"] == {"Alzheimer": 1, "MCI": 2}
+    assert len(pd.read_csv(tmp_path / "out" / "predictions.csv").query("split == 'test'")) == len(df) - 3
+
+
+def test_a_finished_run_folder_is_kept_unless_overwrite_replaces_it_whole(broken_cohort, tmp_path):
+    out = tmp_path / "out"
+    first = run_cell(tiny_config("ad", broken_cohort), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = tiny_config("ad", broken_cohort)
+    other.seed = 1
+    with pytest.raises(ConfigError, match=f"{out}: holds a finished run.*--overwrite"):
+        run_cell(other, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "stray.txt").write_text("from the old run")
+    assert run_cell(other, out, overwrite=True)["seed"] == 1 != first["seed"]
+    assert not (out / "stray.txt").exists()  # replaced whole, not merged
+
+
+def test_a_failed_run_leaves_no_folder_and_a_file_is_no_run_folder(broken_cohort, tmp_path, monkeypatch):
+    def crash(inputs, cfg):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setitem(MODES, "linear", crash)
+    with pytest.raises(RuntimeError, match="late failure"):
+        run_cell(tiny_config("ad", broken_cohort), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # neither out/ nor a partial folder
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out is a file"):
+        run_cell(tiny_config("ad", broken_cohort), tmp_path / "file")
+
+
+def test_cli_takes_overrides_after_option_flags_and_names_an_export_init(tmp_path):
+    from common.config import parse_with_overrides
+    from finetune.cli import _parser
+    from finetune.run import check_init_path
+
+    args = parse_with_overrides(_parser(), ["run", "train.epochs=1", "--out", "O", "seed=2", "--overwrite"])
+    assert args.out == "O" and args.overwrite and args.overrides == ["train.epochs=1", "seed=2"]
+    with pytest.raises(CheckpointError, match="names an export source"):
+        check_init_path(str(tmp_path / "missing.safetensors"))

@@ -13,15 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import load_config
+from common.config import load_config, save_config
 from common.errors import ConfigError
 from common.models import create_backbone
-from pretrain.cli import export_metadata, main
+from pretrain.cli import export_metadata, main, parse_args
 from pretrain.config import PretrainConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.engine import Engine, build_ds_config, init_distributed, param_groups
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer, TrainingDiverged
+from tests.common.test_weights import hostile_deepspeed_folder
 from tests.pretrain.conftest import TINY_VIT, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
     assert stopped_at < "step00000006"
 
     assert main(args + ["--output", str(killed), "--resume", "auto"]) == 0
-    assert losses(killed) == pytest.approx(losses(tmp_path / "ref"), abs=1e-6)  # same steps, same values
+    resumed, ref = losses(killed), losses(tmp_path / "ref")
+    assert [step for step, _ in resumed] == [step for step, _ in ref]  # each step once, none twice
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in ref], abs=1e-6)
     a = load_file(tmp_path / "ref" / "export" / "encoder.safetensors")
     b = load_file(killed / "export" / "encoder.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -88,7 +91,7 @@ class NaNSource:
         return torch.from_numpy(rng.random((1, 16, 16, 16), dtype="float32"))
 
 
-def make_trainer(tmp_path, every, streak=10):
+def make_trainer(tmp_path, every, streak=10, optim=None, log_every=4):
     init_distributed()
     cfg = load_config(
         PretrainConfig,
@@ -98,11 +101,13 @@ def make_trainer(tmp_path, every, streak=10):
                 data={"num_workers": 0},
                 train={
                     "steps": 4,
+                    "log_every": log_every,
                     "image_every": 0,
                     "checkpoint_every": 0,
                     "max_nonfinite_streak": streak,
                     "precision": "fp32",
                 },
+                optim=optim or {},
             ),
         ),
     )
@@ -120,8 +125,61 @@ def test_nonfinite_losses_skip_the_step_and_are_counted(tmp_path):
 
 
 def test_a_run_of_nonfinite_losses_stops_with_a_clear_message(tmp_path):
-    with pytest.raises(TrainingDiverged, match="NaN/Inf for 3 micro-batches in a row"):
+    with pytest.raises(TrainingDiverged, match="NaN/Inf for 3 micro-batches in a row") as error:
         make_trainer(tmp_path, every=1, streak=3).run()
+    assert "no checkpoint was written yet" in str(error.value)  # it names no checkpoint that does not exist
+
+
+def test_warm_up_trains_from_the_first_step_and_the_logged_lr_is_the_lr_used(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # a run killed before its first checkpoint left these; a fresh start must not append to them
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    trainer = make_trainer(tmp_path, every=10**6, optim={"lr": 1e-3, "warmup_steps": 2}, log_every=1)
+    used = []
+    step = trainer.engine.step
+    trainer.engine.step = lambda: (used.append(trainer.engine.optimizer.param_groups[0]["lr"]), step())[1]
+    trainer.run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert used[:2] == pytest.approx([5e-4, 1e-3])  # 1/2, then 2/2 of the peak: no step at lr 0
+    assert [r["lr"] for r in rows] == pytest.approx(used)
+
+
+def test_an_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config())
+    assert main(["--corpus", "synthmri", "--config", cfg, "--output", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'out'}: --output is a file" in capsys.readouterr().err
+
+
+def test_a_resume_with_other_architecture_or_data_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000002").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    save_config(load_config(PretrainConfig, write_yaml(tmp_path / "c.yaml", tiny_config())), out / "config.yaml")
+    before = (out / "config.yaml").read_bytes()
+    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--output", str(out), "--resume", "auto"]
+    assert main(args + ["model.kwargs.depth=3", "data.spacing=[2.0,2.0,2.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "model.kwargs.depth: 2 -> 3" in err and "data.spacing" in err and "train.steps" not in err
+    assert (out / "config.yaml").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+def test_a_resume_from_a_checkpoint_that_needs_code_runs_none_and_writes_nothing(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    bad = hostile_deepspeed_folder(tmp_path / "hostile", marker, zero_shards=False)
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config())
+    out = tmp_path / "run"
+    code = main(["--corpus", "synthmri", "--config", cfg, "--output", str(out), "--resume", str(tmp_path / "hostile")])
+    assert code == 2 and f"{bad}: this file needs full pickle" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
+def test_overrides_may_follow_option_flags():
+    args = parse_args(["--corpus", "synthmri", "optim.lr=1e-4", "--output", "O", "train.steps=3"])
+    assert args.output == "O" and args.overrides == ["optim.lr=1e-4", "train.steps=3"]
 
 
 def test_too_many_unreadable_items_stop_the_run(tmp_path, video_dir, capsys):

@@ -160,3 +160,16 @@ def test_resume_with_other_settings_is_refused(ad_cohort, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "other settings" in err and "seed" in err
+
+
+def test_invalid_yaml_names_its_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spacing: 4\natrophy: [1, 2\ncontrast: t1\n")
+    assert main(["generate", "--out", str(tmp_path / "o"), "--n", "1", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not valid YAML at line 3" in err and err.count("\n") == 1
+
+
+def test_overrides_may_follow_option_flags(tmp_path, capsys):
+    code = main(["generate", "--out", str(tmp_path / "o"), "--n", "1", "spacing=4", "--seed", "1", "shape=[9]"])
+    assert code == 2 and "shape" in capsys.readouterr().err  # reached the config: the override was parsed

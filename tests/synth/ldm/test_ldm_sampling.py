@@ -25,7 +25,7 @@ def test_conditioning_changes_the_sample_and_seed_fixes_it(run):
     torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=1e-4)  # deterministic per seed, batch-independent
 
 
-def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path):
+def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path, capsys):
     out = tmp_path / "corpus"
     args = [
         "ldm-sample",
@@ -47,6 +47,8 @@ def test_sample_cli_writes_a_corpus_and_resumes(run, tmp_path):
         "--precision",
         "fp32",
     ]
+    assert main([*args, "--n", "2", "--ddim-steps", "0"]) == 2  # not silently the default 50
+    assert "--ddim-steps must be >= 1" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--n", "2"]) == 0
     first = out / "images" / "sub-000000.nii.gz"
     stamp = first.stat().st_mtime_ns

@@ -29,6 +29,15 @@ def test_training_writes_run_folder_and_resumes(run):
     assert model.covariates.low[1] == pytest.approx(20) and model.covariates.high[1] == pytest.approx(80)
 
 
+def test_ldm_commands_refuse_an_out_that_is_a_file(run, corpus, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert main(["ldm-train", "--manifest", str(corpus), "--out", str(target), *TINY]) == 2
+    assert f"{target}: --out is a file" in capsys.readouterr().err
+    assert main(["ldm-sample", "--model", str(run), "--n", "1", "--out", str(target), "--device", "cpu"]) == 2
+    assert f"{target}: --out is a file" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
 def test_training_refuses_to_overwrite_a_run_without_resume(run, corpus):
     cfg = LDMTrainConfig(data=LDMDataConfig(manifest=str(corpus)))
     with pytest.raises(ConfigError, match="--resume"):
