@@ -46,9 +46,15 @@ def random_quickstart_ldm(shape: tuple[int, ...], spacing: float) -> LatentDiffu
     unet_kwargs = cfg.unet.kwargs(cfg.autoencoder.latent_channels, 4)
     ae, unet = assemble(ae_kwargs, unet_kwargs, cfg.unet.conditioning in ("concat", "both"), "quickstart")
     return LatentDiffusionModel(
-        autoencoder=ae, unet=unet, autoencoder_kwargs=ae_kwargs, unet_kwargs=unet_kwargs,
-        noise=asdict(cfg.noise), scale_factor=1.0, image_shape=tuple(shape),
-        spacing=(spacing,) * 3, covariates=CovariateSpace.identity(),
+        autoencoder=ae,
+        unet=unet,
+        autoencoder_kwargs=ae_kwargs,
+        unet_kwargs=unet_kwargs,
+        noise=asdict(cfg.noise),
+        scale_factor=1.0,
+        image_shape=tuple(shape),
+        spacing=(spacing,) * 3,
+        covariates=CovariateSpace.identity(),
     ).eval()
 
 
@@ -102,9 +108,11 @@ def main() -> None:
     anat_rate, ldm_rate = 60 / statistics.median(anat_s), 60 / statistics.median(ldm_s)
     print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}")
     print(f"anatomy model  {tuple(synth_cfg.shape)} @ {synth_cfg.spacing} mm: {anat_rate:8.2f} volumes/min")
-    print(f"LDM {'(' + str(args.model) + ')' if args.model else '(quickstart, random weights)'} "
-          f"{ldm.image_shape} @ {ldm.spacing[0]} mm, {args.ddim_steps} DDIM steps, batch {args.batch_size}: "
-          f"{ldm_rate:8.2f} volumes/min")
+    print(
+        f"LDM {'(' + str(args.model) + ')' if args.model else '(quickstart, random weights)'} "
+        f"{ldm.image_shape} @ {ldm.spacing[0]} mm, {args.ddim_steps} DDIM steps, batch {args.batch_size}: "
+        f"{ldm_rate:8.2f} volumes/min"
+    )
     print(f"ratio LDM / anatomy model: {ldm_rate / anat_rate:.3f}x")
 
     if args.figure:

@@ -71,8 +71,7 @@ def patchify(x: torch.Tensor, p: int = 16) -> torch.Tensor:
 
 def make_step(which: str, model: torch.nn.Module, bf16: bool):
     """bf16: ours under ``torch.autocast`` (fp32 weights); MONAI's model fails under autocast (its decoder's
-    index_put mixes fp32 mask tokens with bf16 activations), so it runs with bf16 weights and inputs
-    instead."""
+    index_put mixes fp32 mask tokens with bf16 activations), so it runs with bf16 weights and inputs instead."""
     monai_bf16 = bf16 and which == "monai"
     if monai_bf16:
         model.to(torch.bfloat16)
@@ -142,9 +141,7 @@ def step_flops(model, which, size, batch) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model and precision")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=96)

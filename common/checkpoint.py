@@ -123,8 +123,7 @@ def export_backbone(model: nn.Module, path: str | Path, metadata: Mapping[str, A
     arch = _model_arch(model)
     if "arch" in meta and _roundtrip(meta["arch"]) != _roundtrip(arch):
         raise CheckpointError(
-            f"{path}: metadata['arch'] = {meta['arch']} disagrees with the model's own arch {arch}; "
-            "leave it out"
+            f"{path}: metadata['arch'] = {meta['arch']} disagrees with the model's own arch {arch}; leave it out"
         )
     meta["arch"] = arch
     if "input_size" not in meta and getattr(model, "img_size", None) is not None:

@@ -26,8 +26,10 @@ def _last_metrics(run_dir: Path) -> dict:
 
 
 def _pretrain_table(cfg: ExperimentConfig, pretrain_dirs: dict[str, Path], timings: dict[str, float]) -> list[str]:
-    lines = ["| init | corpus | objective | backbone | steps | final loss | wall time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| init | corpus | objective | backbone | steps | final loss | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for spec in cfg.pretrain:
         meta = read_export_metadata(pretrain_dirs[spec.name] / EXPORT)
         last = _last_metrics(pretrain_dirs[spec.name])
@@ -36,7 +38,8 @@ def _pretrain_table(cfg: ExperimentConfig, pretrain_dirs: dict[str, Path], timin
         lines.append(
             f"| {spec.name} | {meta.get('corpus', spec.corpus)} | {meta.get('objective', '?')} | "
             f"{meta['arch']['name']} ({spec.backbone}) | {meta.get('step', '?')} | "
-            f"{'–' if loss is None else f'{loss:.4f}'} | {'–' if wall is None else f'{wall:.0f} s'} |")
+            f"{'–' if loss is None else f'{loss:.4f}'} | {'–' if wall is None else f'{wall:.0f} s'} |"
+        )
     return lines
 
 
@@ -52,20 +55,33 @@ def gains_over_scratch(summary: pd.DataFrame) -> pd.DataFrame:
         sign = 1.0 if bool(part["higher_is_better"].iloc[0]) else -1.0
         base = float(scratch[primary].iloc[0])
         for _, row in part[part["init"] != "scratch"].iterrows():
-            rows.append({"task": task, "backbone": backbone, "fraction": fraction, "init": row["init"],
-                         "metric": primary, "scratch": base, "pretrained": float(row[primary]),
-                         "gain": sign * (float(row[primary]) - base)})
+            rows.append(
+                {
+                    "task": task,
+                    "backbone": backbone,
+                    "fraction": fraction,
+                    "init": row["init"],
+                    "metric": primary,
+                    "scratch": base,
+                    "pretrained": float(row[primary]),
+                    "gain": sign * (float(row[primary]) - base),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _gains_md(gains: pd.DataFrame) -> list[str]:
     if gains.empty:
         return ["(no pre-trained init was evaluated)"]
-    lines = ["| task | backbone | fraction | init | metric | scratch | pre-trained | gain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | backbone | fraction | init | metric | scratch | pre-trained | gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in gains.iterrows():
-        lines.append(f"| {r['task']} | {r['backbone']} | {r['fraction']:g} | {r['init']} | {r['metric']} | "
-                     f"{r['scratch']:.3f} | {r['pretrained']:.3f} | {r['gain']:+.3f} |")
+        lines.append(
+            f"| {r['task']} | {r['backbone']} | {r['fraction']:g} | {r['init']} | {r['metric']} | "
+            f"{r['scratch']:.3f} | {r['pretrained']:.3f} | {r['gain']:+.3f} |"
+        )
     return lines
 
 
@@ -99,16 +115,19 @@ def write_experiment_report(
         "## What ran",
         "",
         f"- Synthetic pre-training corpus: {s.corpus_n} volumes ({s.contrast} contrast) at {s.spacing:g} mm.",
-        "- Labelled cohorts: " + ", ".join(f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items())
+        "- Labelled cohorts: "
+        + ", ".join(f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items())
         + f"; held-out site(s) for the out-of-site test: {', '.join(s.ood_sites)}.",
         f"- Video corpus: {cfg.video.count} synthetic clips of moving, deforming shapes "
         f"({cfg.video.frames} frames, {cfg.video.height}×{cfg.video.width})."
-        if any(p.corpus == "video" for p in cfg.pretrain) else "- No video pre-training.",
+        if any(p.corpus == "video" for p in cfg.pretrain)
+        else "- No video pre-training.",
         f"- Model input: {list(data.shape)} voxels at {list(data.spacing)} mm; fine-tuning mode "
         f"`{cfg.grid.base.train.mode}`, {cfg.grid.base.protocol.folds}-fold subject-level CV in-site; "
         f"training fractions {list(cfg.grid.fractions)}; seeds {list(cfg.grid.seeds)}.",
-        "- Backbones: " + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip()
-                                     for b in cfg.grid.backbones) + ".",
+        "- Backbones: "
+        + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip() for b in cfg.grid.backbones)
+        + ".",
         "",
         "Stage wall times (this run; stages skipped because their outputs existed are not counted):",
         "",
@@ -125,19 +144,31 @@ def write_experiment_report(
     in_summary, in_tables = _tables(grid_dirs["in_site"] / "results.csv")
     lines += ["## In-site results (k-fold CV over all sites)", "", in_tables, ""]
     if in_summary is not None:
-        lines += ["### Gain of each pre-trained init over scratch (positive = better)", "",
-                  *_gains_md(gains_over_scratch(in_summary)), ""]
+        lines += [
+            "### Gain of each pre-trained init over scratch (positive = better)",
+            "",
+            *_gains_md(gains_over_scratch(in_summary)),
+            "",
+        ]
         lines += ["### Learning curves", ""]
         for png in sorted((grid_dirs["in_site"] / "plots").glob("*_vs_fraction.png")):
             lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
         lines.append("")
     if cfg.ood:
         ood_summary, ood_tables = _tables(grid_dirs["out_of_site"] / "results.csv")
-        lines += [f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})", "",
-                  ood_tables, ""]
+        lines += [
+            f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})",
+            "",
+            ood_tables,
+            "",
+        ]
         if ood_summary is not None:
-            lines += ["### Gain over scratch on the held-out site(s)", "",
-                      *_gains_md(gains_over_scratch(ood_summary)), ""]
+            lines += [
+                "### Gain over scratch on the held-out site(s)",
+                "",
+                *_gains_md(gains_over_scratch(ood_summary)),
+                "",
+            ]
             for png in sorted((grid_dirs["out_of_site"] / "plots").glob("*_per_site.png")):
                 lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
             lines.append("")
@@ -154,4 +185,3 @@ def write_experiment_report(
         "",
     ]
     return atomic_write_text(out / "report.md", "\n".join(lines))
-

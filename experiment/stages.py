@@ -86,8 +86,17 @@ class Experiment:
     # ------------------------------------------------------------------ data
     def _synth_cmd(self, *args: str) -> list[str]:
         s = self.cfg.synth
-        return [sys.executable, "-m", "synth", *args, "--spacing", str(s.spacing), "--workers",
-                str(self.cfg.workers), *s.overrides]
+        return [
+            sys.executable,
+            "-m",
+            "synth",
+            *args,
+            "--spacing",
+            str(s.spacing),
+            "--workers",
+            str(self.cfg.workers),
+            *s.overrides,
+        ]
 
     def corpus_dir(self) -> Path:
         return self.data / "synthmri"
@@ -101,20 +110,56 @@ class Experiment:
     def _corpus(self) -> None:
         s = self.cfg.synth
         if s.corpus_backend == "ldm":
-            cmd = [sys.executable, "-m", "synth", "ldm-sample", "--model", str(s.ldm_model), "--n", str(s.corpus_n),
-                   "--out", str(self.corpus_dir()), "--seed", str(self.cfg.seed), "--ddim-steps", str(s.ldm_ddim_steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "synth",
+                "ldm-sample",
+                "--model",
+                str(s.ldm_model),
+                "--n",
+                str(s.corpus_n),
+                "--out",
+                str(self.corpus_dir()),
+                "--seed",
+                str(self.cfg.seed),
+                "--ddim-steps",
+                str(s.ldm_ddim_steps),
+            ]
         else:
-            cmd = self._synth_cmd("generate", "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed",
-                                  str(self.cfg.seed), "--contrast", s.contrast)
+            cmd = self._synth_cmd(
+                "generate",
+                "--out",
+                str(self.corpus_dir()),
+                "--n",
+                str(s.corpus_n),
+                "--seed",
+                str(self.cfg.seed),
+                "--contrast",
+                s.contrast,
+            )
         _child(cmd, self.out / "logs" / "corpus.log")
 
     def _cohorts(self) -> None:
         for i, (task, spec) in enumerate(self.cfg.synth.cohorts.items()):
             # cohort seeds differ from the corpus's, so no downstream subject is a pre-training subject
             seed = 1000 * (self.cfg.seed + 1) + i
-            _child(self._synth_cmd("cohort", "--task", task, "--out", str(self.cohort_dir(task)), "--n",
-                                   str(spec.n), "--sites", str(spec.sites), "--seed", str(seed)),
-                   self.out / "logs" / f"cohort_{task}.log")
+            _child(
+                self._synth_cmd(
+                    "cohort",
+                    "--task",
+                    task,
+                    "--out",
+                    str(self.cohort_dir(task)),
+                    "--n",
+                    str(spec.n),
+                    "--sites",
+                    str(spec.sites),
+                    "--seed",
+                    str(seed),
+                ),
+                self.out / "logs" / f"cohort_{task}.log",
+            )
 
     def _cohorts_done(self) -> bool:
         return all(self._manifest_complete(self.cohort_dir(t), spec.n) for t, spec in self.cfg.synth.cohorts.items())
@@ -147,8 +192,9 @@ class Experiment:
         recipe.model.kwargs = dict(bb.kwargs)
         recipe.corpus = spec.corpus
         recipe.train = OmegaConf.merge(recipe.get("train", {}), {"seed": self.cfg.seed})
-        recipe.data = OmegaConf.merge(recipe.get("data", {}), {
-            "input_size": list(data.shape), "spacing": list(data.spacing)})
+        recipe.data = OmegaConf.merge(
+            recipe.get("data", {}), {"input_size": list(data.shape), "spacing": list(data.spacing)}
+        )
         if spec.corpus == "synthmri":
             recipe.data.synthmri = {"directory": str(self.corpus_dir())}
         else:
@@ -167,8 +213,18 @@ class Experiment:
     def _pretrain(self, spec: PretrainSpec) -> None:
         if not Path(spec.config).is_file():
             raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
-        cmd = [sys.executable, "-m", "pretrain", "--config", str(self._pretrain_recipe(spec)),
-               "--output", str(self.pretrain_dir(spec)), "--resume", "auto", *spec.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            str(self._pretrain_recipe(spec)),
+            "--output",
+            str(self.pretrain_dir(spec)),
+            "--resume",
+            "auto",
+            *spec.overrides,
+        ]
         _child(cmd, self.out / "logs" / f"pretrain_{spec.name}.log")
 
     # ------------------------------------------------------------------ fine-tuning
@@ -177,7 +233,8 @@ class Experiment:
         grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in self.cfg.synth.cohorts}
         grid.inits = [InitEntry(name="scratch", spec="scratch")] + [
             InitEntry(name=spec.name, spec=str(self.export_path(spec)), backbones=[spec.backbone])
-            for spec in self.cfg.pretrain]
+            for spec in self.cfg.pretrain
+        ]
         # downstream test images must not be in a pre-training corpus: checked by the protocol
         grid.base.protocol.pretrain_manifests = [str(self.corpus_dir() / "manifest.csv")]
         grid.base.protocol.scheme = "kfold"
@@ -197,20 +254,28 @@ class Experiment:
     # ------------------------------------------------------------------ the run
     def stages(self) -> list[Stage]:
         stages = [
-            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n),
-                  self._corpus),
+            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n), self._corpus),
             Stage("cohorts", self._cohorts_done, self._cohorts),
         ]
         if any(spec.corpus == "video" for spec in self.cfg.pretrain):
             stages.append(Stage("video", self.video_dir().is_dir, self._video))
         for spec in self.cfg.pretrain:
-            stages.append(Stage(f"pretrain:{spec.name}", lambda spec=spec: self._pretrain_done(spec),
-                                lambda spec=spec: self._pretrain(spec)))
-        stages.append(Stage("finetune:in_site", (self.grid_dir(False) / "results.csv").is_file,
-                            lambda: self._finetune(False)))
+            stages.append(
+                Stage(
+                    f"pretrain:{spec.name}",
+                    lambda spec=spec: self._pretrain_done(spec),
+                    lambda spec=spec: self._pretrain(spec),
+                )
+            )
+        stages.append(
+            Stage("finetune:in_site", (self.grid_dir(False) / "results.csv").is_file, lambda: self._finetune(False))
+        )
         if self.cfg.ood:
-            stages.append(Stage("finetune:out_of_site", (self.grid_dir(True) / "results.csv").is_file,
-                                lambda: self._finetune(True)))
+            stages.append(
+                Stage(
+                    "finetune:out_of_site", (self.grid_dir(True) / "results.csv").is_file, lambda: self._finetune(True)
+                )
+            )
         stages.append(Stage("report", lambda: False, self._report))
         return stages
 
@@ -226,8 +291,13 @@ class Experiment:
             if stage.done():
                 log.info("[%d/%d] %s: done already, skipped", i, len(stages), stage.name)
                 continue
-            log.info("[%d/%d] %s: starting (experiment time so far %s)", i, len(stages), stage.name,
-                     _hms(time.perf_counter() - start))
+            log.info(
+                "[%d/%d] %s: starting (experiment time so far %s)",
+                i,
+                len(stages),
+                stage.name,
+                _hms(time.perf_counter() - start),
+            )
             t0 = time.perf_counter()
             stage.run()
             self.timings[stage.name] = round(time.perf_counter() - t0, 1)

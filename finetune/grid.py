@@ -57,18 +57,14 @@ def _slug(text: str) -> str:
 def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
     """Every cell of the grid, with its ``RunConfig``; checks labels, tasks and init paths up front."""
     if not cfg.tasks:
-        raise ConfigError(
-            "grid.tasks is empty: map each task to its manifest, e.g. tasks: {ad: cohort/manifest.csv}"
-        )
+        raise ConfigError("grid.tasks is empty: map each task to its manifest, e.g. tasks: {ad: cohort/manifest.csv}")
     labels = [b.label for b in cfg.backbones]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"backbone labels must be unique, got {labels}")
     for entry in cfg.inits:
         unknown = sorted(set(entry.backbones) - set(labels))
         if unknown:
-            raise ConfigError(
-                f"init {entry.name!r} names unknown backbone label(s) {unknown}; known: {labels}"
-            )
+            raise ConfigError(f"init {entry.name!r} names unknown backbone label(s) {unknown}; known: {labels}")
         check_init_path(entry.spec)
     cells = []
     for task, manifest in cfg.tasks.items():

@@ -51,9 +51,7 @@ def _classification_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -
     else:
         labels = np.arange(prob.shape[1])
         out["roc_auc"] = (
-            roc_auc_score(y, prob, multi_class="ovr", labels=labels)
-            if len(np.unique(y)) == prob.shape[1]
-            else np.nan
+            roc_auc_score(y, prob, multi_class="ovr", labels=labels) if len(np.unique(y)) == prob.shape[1] else np.nan
         )
         out["f1"] = f1_score(y, pred, average="macro", zero_division=0)
     return {k: float(v) for k, v in out.items()}

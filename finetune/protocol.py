@@ -65,9 +65,7 @@ def file_digest(path: str | Path) -> str:
     return _file_digest(str(path), st.st_size, st.st_mtime)
 
 
-def subject_table(
-    df: pd.DataFrame, y: np.ndarray, classification: bool, hash_images: bool = True
-) -> pd.DataFrame:
+def subject_table(df: pd.DataFrame, y: np.ndarray, classification: bool, hash_images: bool = True) -> pd.DataFrame:
     """One row per subject: ``subject_id``, ``strata`` (class or age quintile), ``site``, ``dataset``,
     ``group``.
 
@@ -116,9 +114,7 @@ def _identical_image_groups(rows: pd.DataFrame, subjects: pd.Series, hash_images
 
 
 # --------------------------------------------------------------------------------------------- folds
-def _stratified_groups(
-    subjects: pd.DataFrame, n_splits: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def _stratified_groups(subjects: pd.DataFrame, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k folds of row positions, whole groups per fold, stratified when every stratum has k groups."""
     n_groups = subjects["group"].nunique()
     if n_splits > n_groups:
@@ -127,9 +123,7 @@ def _stratified_groups(
     if smallest >= n_splits:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         return list(splitter.split(subjects, subjects["strata"], subjects["group"]))
-    splitter = GroupKFold(
-        n_splits=n_splits, shuffle=True, random_state=seed
-    )  # too few of a class to stratify
+    splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)  # too few of a class to stratify
     return list(splitter.split(subjects, groups=subjects["group"]))
 
 
@@ -162,9 +156,7 @@ def make_folds(subjects: pd.DataFrame, cfg: ProtocolConfig, seed: int) -> list[F
         if cfg.folds < 2:
             raise ConfigError(f"protocol.folds must be >= 2 for k-fold, got {cfg.folds}")
         for r in range(cfg.repeats):
-            outer += [
-                (tr, te, f"repeat{r}") for tr, te in _stratified_groups(subjects, cfg.folds, seed + 1009 * r)
-            ]
+            outer += [(tr, te, f"repeat{r}") for tr, te in _stratified_groups(subjects, cfg.folds, seed + 1009 * r)]
     elif cfg.scheme == "holdout":
         if not 0 < cfg.test_fraction < 1:
             raise ConfigError(f"protocol.test_fraction must lie in (0, 1), got {cfg.test_fraction}")

@@ -108,8 +108,12 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
     labelled = label_rows(task, df, cfg.manifest, cfg.drop_labels)
     if labelled.dropped:
-        log.info("%s: left out %s rows by drop_labels (%s)", cfg.manifest, sum(labelled.dropped.values()),
-                 ", ".join(f"{k}: {n}" for k, n in labelled.dropped.items()))
+        log.info(
+            "%s: left out %s rows by drop_labels (%s)",
+            cfg.manifest,
+            sum(labelled.dropped.values()),
+            ", ".join(f"{k}: {n}" for k, n in labelled.dropped.items()),
+        )
     volumes = load_volumes(labelled.df, cfg.data)
     subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
     return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects, labelled.dropped)
@@ -133,9 +137,7 @@ def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
     else:
         folds = make_folds(subjects, cfg.protocol, cfg.seed)
     # the subset seed ignores the fraction, so smaller training sets are nested inside larger ones
-    subsets = {
-        f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds
-    }
+    subsets = {f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds}
     splits = splits_frame(folds, subsets)
     source = cfg.protocol.splits_file or cfg.manifest
     check_splits(splits, data.df, source, cfg.protocol.check_duplicates)
@@ -152,8 +154,10 @@ def _features_key(cfg: RunConfig, prep: Prepared) -> str:
     for name, tensor in prep.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return json.dumps([prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(),
-                       list(prep.df["path"])], default=str)
+    return json.dumps(
+        [prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(), list(prep.df["path"])],
+        default=str,
+    )
 
 
 def check_run_folder(out: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -260,9 +264,7 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
 
     test = predictions[predictions["split"] == "test"]
     metrics = score_predictions(test, kind, n_boot=cfg.bootstrap, seed=cfg.seed)
-    baseline = score_predictions(
-        pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed
-    )
+    baseline = score_predictions(pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed)
     sites = per_site(test, kind) if "site" in test else pd.DataFrame()
     sites.to_csv(out / "per_site.csv", index=False)
     primary, higher = PRIMARY[kind]

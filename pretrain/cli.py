@@ -39,17 +39,11 @@ log = logging.getLogger("pretrain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--corpus", choices=CORPORA, help="pre-training corpus (overrides the config's corpus)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", choices=CORPORA, help="pre-training corpus (overrides the config's corpus)")
     parser.add_argument("--config", help="YAML recipe (configs/pretrain/*.yaml)")
     parser.add_argument("--output", help="run directory (default runs/pretrain-<corpus>-<objective>)")
-    parser.add_argument(
-        "--resume", help="'auto' (latest checkpoint in --output, if any) or a checkpoint folder"
-    )
+    parser.add_argument("--resume", help="'auto' (latest checkpoint in --output, if any) or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.steps=50")
     deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config (JSON in configs/deepspeed/)
@@ -65,8 +59,7 @@ def _setup_logging(rank: int) -> None:
 
 
 def export_metadata(cfg) -> dict:
-    """Provenance recorded with the exported encoder (``arch`` and the package version are added on
-    export)."""
+    """Provenance recorded with the exported encoder (``arch`` and the package version are added on export)."""
     d = cfg.data
     medical_used = cfg.corpus == "medical" or (cfg.corpus == "mixed" and d.mixed.medical > 0)
     # synthmri and video volumes are scaled to [0, 1] like common's "percentile" normalisation
@@ -88,8 +81,7 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
     if resume is None:
         if (ckpt / "latest").is_file():
             raise ConfigError(
-                f"{out} already holds checkpoints; pass --resume auto to continue that run, or "
-                "choose another --output"
+                f"{out} already holds checkpoints; pass --resume auto to continue that run, or choose another --output"
             )
         return None
     if resume == "auto":
@@ -99,9 +91,7 @@ def find_resume(out: Path, resume: str | None) -> tuple[Path, str | None] | None
         return path, None
     if path.is_dir() and any(path.glob("mp_rank_*_model_states.pt")):
         return path.parent, path.name
-    raise CheckpointError(
-        f"{path}: not a DeepSpeed checkpoint folder (no 'latest' file) nor a checkpoint tag"
-    )
+    raise CheckpointError(f"{path}: not a DeepSpeed checkpoint folder (no 'latest' file) nor a checkpoint tag")
 
 
 # Settings a resumed run may not change: they decide the model's shapes or the data it has been trained on.
@@ -165,9 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     objective = build_objective(cfg.objective, encoder)
     source = build_source(cfg)
-    views = (
-        TwoViews(cfg.objective.contrastive, cfg.data.input_size) if objective.needs_views else None
-    )
+    views = TwoViews(cfg.objective.contrastive, cfg.data.input_size) if objective.needs_views else None
 
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
     engine = Engine(objective, ds_config)

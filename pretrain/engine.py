@@ -145,8 +145,7 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weights; none on norms, biases, position embeddings and tokens
-    (``no_weight_decay``)."""
+    """AdamW groups: decay on weights; none on norms, biases, position embeddings and tokens (``no_weight_decay``)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -271,8 +270,7 @@ class Engine:
 
     @contextlib.contextmanager
     def full_parameters(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them
-        already)."""
+        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them already)."""
         if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 yield module

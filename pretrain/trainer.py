@@ -51,8 +51,7 @@ def step_seed(seed: int, rank: int, micro_step: int) -> int:
 
 
 class Trainer:
-    """Runs ``objective`` under ``engine`` on the stream ``make_loader(position)`` for ``cfg.train.steps``
-    steps."""
+    """Runs ``objective`` under ``engine`` on the stream ``make_loader(position)`` for ``cfg.train.steps`` steps."""
 
     def __init__(
         self,
@@ -222,9 +221,7 @@ class Trainer:
         writer.flush()
         if is_rank_zero():
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(
-                    json.dumps({"step": self.step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n"
-                )
+                f.write(json.dumps({"step": self.step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n")
         return loss
 
     # ---- checkpoints and export --------------------------------------------------------------------------

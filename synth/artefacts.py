@@ -13,8 +13,7 @@ from synth.resize import resize
 
 
 def log_bias_field(lattice: Lattice, sd: float, control_mm: float, rng: np.random.Generator) -> torch.Tensor:
-    """Smooth log bias (d, h, w) on ``lattice``: Gaussian at control points ``control_mm`` apart,
-    upsampled."""
+    """Smooth log bias (d, h, w) on ``lattice``: Gaussian at control points ``control_mm`` apart, upsampled."""
     extent = lattice.step * (np.asarray(lattice.size) - 1)
     coarse = tuple(int(math.ceil(e / control_mm)) + 1 for e in extent)
     b = torch.from_numpy(rng.normal(0.0, sd, (1, 1, *coarse)).astype(np.float32))

@@ -40,8 +40,7 @@ from synth.subject import SubjectPlan, cohort_plan, corpus_plan
 
 @dataclass(frozen=True)
 class Job:
-    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over
-    ``sites``."""
+    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over ``sites``."""
 
     seed: int
     task: str | None = None

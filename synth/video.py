@@ -15,9 +15,7 @@ import numpy as np
 from common.io import atomic_write
 
 
-def shape_frames(
-    n_frames: int, height: int, width: int, rng: np.random.Generator, n_shapes: int = 3
-) -> np.ndarray:
+def shape_frames(n_frames: int, height: int, width: int, rng: np.random.Generator, n_shapes: int = 3) -> np.ndarray:
     """(n_frames, height, width, 3) uint8 frames of ``n_shapes`` moving, deforming ellipses."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     t = np.arange(n_frames, dtype=np.float32)[:, None, None]  # (T, 1, 1)
@@ -32,9 +30,7 @@ def shape_frames(
         x = (xx - (cx + vx * t)) / (rx * (1 - pulse * np.sin(0.2 * t + phase)))
         angle = spin * t
         u, v = y * np.cos(angle) - x * np.sin(angle), y * np.sin(angle) + x * np.cos(angle)
-        inside = 1.0 / (
-            1.0 + np.exp(np.minimum((u**2 + v**2 - 1.0) * 8.0, 60.0))
-        )  # soft-edged ellipse, (T, H, W)
+        inside = 1.0 / (1.0 + np.exp(np.minimum((u**2 + v**2 - 1.0) * 8.0, 60.0)))  # soft-edged ellipse, (T, H, W)
         frames += inside[..., None] * colour
     return (np.clip(frames, 0, 1) * 255).astype(np.uint8)
 
@@ -64,6 +60,5 @@ def write_synthetic_videos(
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     return [
-        write_video(folder / f"video_{i:03d}.mp4", shape_frames(n_frames, height, width, rng))
-        for i in range(count)
+        write_video(folder / f"video_{i:03d}.mp4", shape_frames(n_frames, height, width, rng)) for i in range(count)
     ]

@@ -50,9 +50,7 @@ def write_nifti(
             raise ValueError(f"{path}: affine must be 4x4, got {affine.shape}")
         voxel = np.linalg.norm(affine[:3, :3], axis=0)
         if spacing is not None and not np.allclose(voxel, spacing, rtol=1e-4):
-            raise ValueError(
-                f"{path}: spacing {tuple(spacing)} disagrees with the affine's voxel size {tuple(voxel)}"
-            )
+            raise ValueError(f"{path}: spacing {tuple(spacing)} disagrees with the affine's voxel size {tuple(voxel)}")
     image = nib.Nifti1Image(data.astype(dtype, copy=False), affine)
     image.set_qform(affine, code=1)  # scanner-aligned: readers that prefer qform see the same orientation
     image.set_sform(affine, code=1)

@@ -172,20 +172,15 @@ class ViT3D(nn.Module):
                 "pick an img_size that is a multiple of the patch size (crop or pad the volumes to it)"
             )
         if in_chans < 1 or depth < 1 or num_heads < 1:
-            raise ConfigError(
-                f"in_chans, depth and num_heads must be >= 1 (got {in_chans}, {depth}, {num_heads})"
-            )
+            raise ConfigError(f"in_chans, depth and num_heads must be >= 1 (got {in_chans}, {depth}, {num_heads})")
         if embed_dim % num_heads:
             raise ConfigError(
-                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
-                "choose a head count that divides it"
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; choose a head count that divides it"
             )
         if global_pool not in ("token", "avg"):
             raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if global_pool == "token" and not class_token:
-            raise ConfigError(
-                "global_pool='token' needs class_token=True; use global_pool='avg' without a cls token"
-            )
+            raise ConfigError("global_pool='token' needs class_token=True; use global_pool='avg' without a cls token")
         if pos_embed not in ("sincos", "learn"):
             raise ConfigError(f"pos_embed must be 'sincos' or 'learn', got {pos_embed!r}")
         if pos_embed == "sincos":

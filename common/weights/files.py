@@ -35,9 +35,7 @@ def read_tensor_file(path: Path) -> State:
             head = f.read(2)
         if head not in (b"PK", b"\x80\x02") and not head.startswith(b"\x80"):  # torch zip, or legacy pickle
             kind = "a gzip file (a NIfTI image?)" if head == b"\x1f\x8b" else f"a file starting with {head!r}"
-            raise CheckpointError(
-                f"{path}: {kind}, not a weight file (.safetensors, or .pt/.pth/.bin from torch.save)"
-            )
+            raise CheckpointError(f"{path}: {kind}, not a weight file (.safetensors, or .pt/.pth/.bin from torch.save)")
         obj = load_torch_file(path)
     for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
         if isinstance(obj, Mapping) and not _is_state(obj):

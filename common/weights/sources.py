@@ -26,6 +26,7 @@ from common.weights.monai_vit import read_monai
 
 Reader = Callable[[Path, nn.Module, int], tuple[State, SourceLayout]]
 
+
 def strip_prefix(state: State, prefix: str) -> State:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
@@ -38,8 +39,7 @@ def _require(path: Path, state: State, keys: tuple[str, ...], kind: str, hint: s
     absent = [k for k in keys if k not in state]
     if absent:
         raise CheckpointError(
-            f"{path}: not a {kind} checkpoint — it has no {', '.join(absent)} "
-            f"(first keys: {keys_of(state)}). {hint}"
+            f"{path}: not a {kind} checkpoint — it has no {', '.join(absent)} (first keys: {keys_of(state)}). {hint}"
         )
 
 
@@ -172,8 +172,7 @@ def read_own_export(path: Path, model: nn.Module, axis: int) -> tuple[State, Sou
     if path.suffix != ".safetensors":
         raise CheckpointError(
             f"{path}: an init path without a prefix must be our .safetensors export; name foreign weights "
-            "with "
-            "timm2d:, videomae:, medicalnet: or deepspeed:"
+            "with timm2d:, videomae:, medicalnet: or deepspeed:"
         )
     state, meta = checkpoint.read_export(path)
     own = getattr(model, "arch", None) or {}

@@ -37,11 +37,7 @@ def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_dec
             continue
         inner = name.removeprefix("backbone.")
         decay = 0.0 if p.ndim <= 1 or inner in skip else weight_decay
-        scale = (
-            layer_decay ** (top - backbone.layer_id(inner))
-            if use_ld and name.startswith("backbone.")
-            else 1.0
-        )
+        scale = layer_decay ** (top - backbone.layer_id(inner)) if use_ld and name.startswith("backbone.") else 1.0
         groups.setdefault((scale, decay), []).append(p)
     return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": d} for (s, d), ps in groups.items()]
 
@@ -112,9 +108,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         decode = lambda out: out[:, 0].numpy() * std + mean
 
     model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
-    train_set = VolumeDataset(
-        inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed
-    )
+    train_set = VolumeDataset(inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed)
     generator = torch.Generator().manual_seed(inputs.seed)
     loader = DataLoader(
         train_set,

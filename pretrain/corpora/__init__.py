@@ -1,5 +1,4 @@
-"""Pre-training corpora: synthetic MRI, medical NIfTI, video, and their mixture, as resumable sharded
-streams."""
+"""Pre-training corpora: synthetic MRI, medical NIfTI, video, and their mixture, as resumable sharded streams."""
 
 from __future__ import annotations
 

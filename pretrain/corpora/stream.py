@@ -160,8 +160,7 @@ class StreamPosition:
             pos.next_index = {int(k): v for k, v in state["next_index"].items()}
         else:
             log.warning(
-                "data.num_workers changed from %s to %s: the data stream restarts rather than resuming "
-                "exactly",
+                "data.num_workers changed from %s to %s: the data stream restarts rather than resuming exactly",
                 state["num_workers"],
                 num_workers,
             )

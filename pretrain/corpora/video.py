@@ -34,8 +34,7 @@ def find_videos(paths: Sequence[str | Path], extensions: Sequence[str]) -> list[
     if not found:
         raise DataError(
             None,
-            f"no video files ({', '.join(sorted(exts))}) under {', '.join(map(str, paths))}; "
-            "set data.video.paths",
+            f"no video files ({', '.join(sorted(exts))}) under {', '.join(map(str, paths))}; set data.video.paths",
         )
     return sorted(set(found))
 
@@ -47,9 +46,7 @@ def _resolve_reader(reader: str) -> str:
     if reader == "auto":
         return "decord" if has_decord else "pyav"
     if reader == "decord" and not has_decord:
-        raise ConfigError(
-            "data.video.reader=decord but decord is not installed; use reader=pyav (pip install av)"
-        )
+        raise ConfigError("data.video.reader=decord but decord is not installed; use reader=pyav (pip install av)")
     if reader == "pyav" and importlib.util.find_spec("av") is None:
         raise ConfigError("data.video.reader=pyav but PyAV is not installed: pip install av")
     return reader
@@ -137,7 +134,5 @@ class VideoSource:
         path = self.files[file_at(position, len(self.files), self.seed)]
         clip = self.read(path, rng)  # (D, h, w, 3) uint8
         grey = torch.from_numpy(clip.astype(np.float32) @ _LUMA / 255.0)  # (D, h, w) in [0, 1]
-        grey = F.interpolate(
-            grey[:, None], size=self.size, mode="bilinear", antialias=True, align_corners=False
-        )
+        grey = F.interpolate(grey[:, None], size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return grey[:, 0].clamp(0, 1)[None].contiguous()  # (1, D, H, W)

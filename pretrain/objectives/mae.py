@@ -109,9 +109,7 @@ class MaskedAutoencoder(Objective):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, gd, pd, gh, ph, gw, pw)
         return x.reshape(B, self.in_chans, gd * pd, gh * ph, gw * pw)
 
-    def random_masking(
-        self, batch: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-volume random (or tube) masks by argsort of uniform noise.
 
         Returns ``ids_keep`` (B, n_keep) long, ``mask`` (B, N) with 1 = masked, and ``ids_restore`` (B, N)
@@ -127,9 +125,7 @@ class MaskedAutoencoder(Objective):
             ids_keep = (offsets[None, :, None] + keep_slab[:, None, :]).reshape(batch, -1)  # (B, n_keep)
             mask = torch.ones(batch, N, device=device)
             mask.scatter_(1, ids_keep, 0.0)
-            ids_shuffle = torch.argsort(
-                mask, dim=1, stable=True
-            )  # visible first (in raster order), then masked
+            ids_shuffle = torch.argsort(mask, dim=1, stable=True)  # visible first (in raster order), then masked
         else:
             noise = torch.rand(batch, N, device=device)  # (B, N)
             ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept

@@ -30,8 +30,7 @@ def moco_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> to
 
 
 class MoCoV3(Objective):
-    """Online backbone + projector + predictor, momentum backbone + projector (not trained by the
-    optimizer)."""
+    """Online backbone + projector + predictor, momentum backbone + projector (not trained by the optimizer)."""
 
     needs_views = True
     updates_in_place = True  # the momentum encoder's EMA
@@ -71,9 +70,7 @@ class MoCoV3(Objective):
         q = self.predictor(self.projector(self.encoder.forward_features(views)))  # (2B, d)
         with torch.no_grad():
             k = self.momentum_projector(self.momentum_encoder.forward_features(views))  # (2B, d)
-        loss = moco_contrastive(q[:B], k[B:], self.temperature) + moco_contrastive(
-            q[B:], k[:B], self.temperature
-        )
+        loss = moco_contrastive(q[:B], k[B:], self.temperature) + moco_contrastive(q[B:], k[:B], self.temperature)
         return {"loss": loss}
 
     def momentum_at(self, step: int, total_steps: int) -> float:

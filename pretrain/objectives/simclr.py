@@ -38,9 +38,7 @@ class SimCLR(Objective):
 
     needs_views = True
 
-    def __init__(
-        self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.2
-    ):
+    def __init__(self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.2):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

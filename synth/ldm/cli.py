@@ -32,13 +32,10 @@ def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--config",
         type=Path,
-        help="YAML recipe, e.g. configs/synth/ldm_quickstart.yaml "
-        "(with --resume: defaults to OUT/config.yaml)",
+        help="YAML recipe, e.g. configs/synth/ldm_quickstart.yaml (with --resume: defaults to OUT/config.yaml)",
     )
     t.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
-    t.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_diffusion.steps=10"
-    )
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_diffusion.steps=10")
     t.set_defaults(func=run_ldm_train)
 
     s = subparsers.add_parser(

@@ -143,9 +143,7 @@ def load_model_folder(folder: str | Path) -> LatentDiffusionModel:
     load_state_dict_strict(
         ae, _read_safetensors(folder / "autoencoder.safetensors"), folder / "autoencoder.safetensors"
     )
-    load_state_dict_strict(
-        unet.unet, _read_safetensors(folder / "unet.safetensors"), folder / "unet.safetensors"
-    )
+    load_state_dict_strict(unet.unet, _read_safetensors(folder / "unet.safetensors"), folder / "unet.safetensors")
     table = None
     if (folder / "covariates.csv").is_file():
         table = pd.read_csv(folder / "covariates.csv")

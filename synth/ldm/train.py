@@ -42,9 +42,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out is a file, not a run folder; choose a folder path")
     if not resume and any((out / "checkpoints").glob("*.pt")):
-        raise ConfigError(
-            f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out"
-        )
+        raise ConfigError(f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out")
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass --manifest CSV (or data.manifest=CSV)")
     device = resolve_device(cfg.device)

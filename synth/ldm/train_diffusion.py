@@ -116,9 +116,7 @@ def train_diffusion(
             bar.set_postfix(loss=f"{value:.4f}")
         if preview is not None and (step % tc.image_every == 0 or step == tc.steps):
             unet.eval()
-            writer.add_image(
-                "diffusion/samples_across_age", axial_strip(preview(scale).cpu()), step, dataformats="HW"
-            )
+            writer.add_image("diffusion/samples_across_age", axial_strip(preview(scale).cpu()), step, dataformats="HW")
             unet.train()
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             checkpoint()

@@ -30,9 +30,7 @@ def test_sdpa_matches_math(dtype, tol):
         torch.testing.assert_close(g.float(), g_ref.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(
-    not xformers_available(), reason="xformers runs on CUDA only and needs the xformers package"
-)
+@pytest.mark.skipif(not xformers_available(), reason="xformers runs on CUDA only and needs the xformers package")
 def test_xformers_matches_math():
     out_ref, _ = forward_backward("math", qkv(torch.float16, "cuda", requires_grad=True))
     out, _ = forward_backward("xformers", qkv(torch.float16, "cuda", requires_grad=True))

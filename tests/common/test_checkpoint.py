@@ -10,14 +10,19 @@ from common.checkpoint import export_backbone, load_export, load_state_dict_stri
 from common.errors import CheckpointError
 from common.models import create_backbone, registry
 
-META = {"input_size": [32, 16, 16], "spacing": [1.5, 1.5, 1.5], "intensity": "zscore",
-        "corpus": "synth", "objective": "mae", "step": 7}
+META = {
+    "input_size": [32, 16, 16],
+    "spacing": [1.5, 1.5, 1.5],
+    "intensity": "zscore",
+    "corpus": "synth",
+    "objective": "mae",
+    "step": 7,
+}
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return create_backbone("vit_tiny_p16", img_size=(32, 16, 16), patch_size=8, embed_dim=24, depth=1,
-                           num_heads=2)
+    return create_backbone("vit_tiny_p16", img_size=(32, 16, 16), patch_size=8, embed_dim=24, depth=1, num_heads=2)
 
 
 class TiedNet(nn.Module):

@@ -57,8 +57,16 @@ def test_every_stage_wrote_its_outputs(finished):
 def test_report_has_the_tables_and_plots(finished):
     _, out, report = finished
     text = report.read_text()
-    for heading in ("## Pre-training", "## In-site results", "### Gain of each pre-trained init over scratch",
-                    "## Out-of-site results", "### ad", "### pd", "### brain_age", "## What this can and cannot"):
+    for heading in (
+        "## Pre-training",
+        "## In-site results",
+        "### Gain of each pre-trained init over scratch",
+        "## Out-of-site results",
+        "### ad",
+        "### pd",
+        "### brain_age",
+        "## What this can and cannot",
+    ):
         assert heading in text
     for line in text.splitlines():
         if line.startswith("!["):

@@ -1,5 +1,4 @@
-"""The benchmark grid end to end at tiny size, through the CLI: results, report, plots, TensorBoard,
-resume."""
+"""The benchmark grid end to end at tiny size, through the CLI: results, report, plots, TensorBoard, resume."""
 
 from __future__ import annotations
 
@@ -50,9 +49,7 @@ def test_benchmark_grid_runs_end_to_end_and_resumes(ad_cohort, age_cohort, tmp_p
     monkeypatch.setattr(finetune.run, "load_volumes", counted("load_volumes", finetune.run.load_volumes))
     monkeypatch.setattr(finetune.grid, "prepare", counted("prepare", finetune.grid.prepare))
     encoder = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
-    export = export_backbone(
-        encoder, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"}
-    )
+    export = export_backbone(encoder, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"})
     config = tmp_path / "grid.yaml"
     config.write_text(GRID_YAML.format(ad=ad_cohort, age=age_cohort, export=export))
     out = tmp_path / "grid"
@@ -79,9 +76,7 @@ def test_benchmark_grid_runs_end_to_end_and_resumes(ad_cohort, age_cohort, tmp_p
 
     # resumable: finished cells are skipped, a new seed adds only its cells
     stamp = (cell / "metrics.json").stat().st_mtime_ns
-    assert (
-        main(["benchmark", "--config", str(config), "--out", str(out), "seeds=[0,1]", "fractions=[1.0]"]) == 0
-    )
+    assert main(["benchmark", "--config", str(config), "--out", str(out), "seeds=[0,1]", "fractions=[1.0]"]) == 0
     assert (cell.parent.parent / "frac1/seed0/metrics.json").stat().st_mtime_ns > 0
     assert (cell / "metrics.json").stat().st_mtime_ns == stamp
     results = pd.read_csv(out / "results.csv")
@@ -93,9 +88,7 @@ def test_benchmark_config_errors_name_the_key(tmp_path, capsys):
     config.write_text("tasks: {ad: nowhere.csv}\ninits: [{name: x, spec: 'timm2d:/no/such.pth'}]\n")
     assert main(["benchmark", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "/no/such.pth" in capsys.readouterr().err
-    assert (
-        main(["benchmark", "--config", str(config), "--out", str(tmp_path / "o"), "base.trian.epochs=1"]) == 2
-    )
+    assert main(["benchmark", "--config", str(config), "--out", str(tmp_path / "o"), "base.trian.epochs=1"]) == 2
     assert "trian" in capsys.readouterr().err
 
 

@@ -1,5 +1,4 @@
-"""Corpora: sharding, exact stream resume, bad-item skipping, video decoding (decord and PyAV), NIfTI
-folders."""
+"""Corpora: sharding, exact stream resume, bad-item skipping, video decoding (decord and PyAV), NIfTI folders."""
 
 import numpy as np
 import pytest

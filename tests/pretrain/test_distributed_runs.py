@@ -103,9 +103,7 @@ def test_two_rank_run_writes_checkpoints_events_and_a_strict_export(two_rank_run
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
     kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
     assert kept == ["step00000002", "step00000004"]
-    assert (out / "config.yaml").is_file() and json.loads((out / "deepspeed.json").read_text())[
-        "train_batch_size"
-    ] == 4
+    assert (out / "config.yaml").is_file() and json.loads((out / "deepspeed.json").read_text())["train_batch_size"] == 4
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
@@ -125,9 +123,7 @@ def test_two_rank_run_writes_checkpoints_events_and_a_strict_export(two_rank_run
 
     model, meta = load_export(out / "export" / "encoder.safetensors")  # strict: raises on any mismatch
     assert meta["corpus"] == corpus and meta["step"] == 4
-    assert (
-        meta["objective"] == {"synthmri": "mae", "medical": "simclr", "video": "mae", "mixed": "moco"}[corpus]
-    )
+    assert meta["objective"] == {"synthmri": "mae", "medical": "simclr", "video": "mae", "mixed": "moco"}[corpus]
     assert meta["input_size"] == ([8, 16, 16] if corpus == "video" else [16, 16, 16])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]

@@ -36,9 +36,7 @@ def losses(out: Path) -> list[tuple[int, float]]:
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
     cfg = write_yaml(
         tmp_path / "c.yaml",
-        tiny_config(
-            train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}
-        ),
+        tiny_config(train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}),
     )
     args = ["--corpus", "synthmri", "--config", cfg]
     assert main(args + ["--output", str(tmp_path / "ref")]) == 0  # uninterrupted reference
