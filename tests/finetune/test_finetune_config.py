@@ -11,7 +11,7 @@ from finetune.modes import MODES
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.mode=lora", "train.mode must be one of"),
+        ("train.mode=adapter", "train.mode must be one of"),
         ("train.head_norm=layer", "train.head_norm must be one of"),
         ("train.precision=on", "train.precision must be one of"),
         ("train.device=tpu", "train.device must be one of"),
