@@ -104,3 +104,21 @@ def test_task_labels_and_their_errors():
         label_rows(get_task("classify:site"), df, "m.csv")
     with pytest.raises(DataError, match="'age' must be numeric"):
         label_rows(get_task("brain_age"), df, "m.csv")
+
+
+def test_a_site_whose_metrics_raise_keeps_its_row_with_the_reason():
+    p = np.tile([0.2, 0.8], 6)
+    pred = pd.DataFrame(
+        {
+            "subject_id": np.arange(12),
+            "site": np.repeat(["a", "b", "c"], 4),
+            "y_true": np.tile([0, 1], 6),
+            "prob_0": 1 - p,
+            "prob_1": p,
+        }
+    )
+    pred.loc[pred["site"] == "b", ["prob_0", "prob_1"]] = np.nan  # e.g. a fold whose network diverged
+    sites = per_site(pred, "classification").set_index("site")
+    assert list(sites.index) == ["a", "b", "c"] and list(sites["n"]) == [4, 4, 4]
+    assert sites.loc["a", "roc_auc"] == 1.0 and sites.loc["a", "error"] == ""
+    assert np.isnan(sites.loc["b", "roc_auc"]) and "NaN" in sites.loc["b", "error"]

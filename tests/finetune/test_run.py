@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -136,3 +139,30 @@ def test_early_stopping_ignores_warm_up_epochs():
     assert [best for best, _ in decisions] == [False, False, True, False, True, False, False, False]
     assert [stop for _, stop in decisions].index(True) == 7 and selector.best_epoch == 4
     assert full.EpochSelector(first=0, patience=3).update(0, (0.9, 0.0)) == (True, False)
+
+
+def test_on_equal_validation_auc_the_epoch_with_the_lower_loss_is_kept():
+    """Two epochs rank the validation subjects alike (same AUC); the confident, lower-loss one must win."""
+    y = np.array([0, 1, 0, 1, 0, 1])
+    volumes = torch.tensor(y, dtype=torch.float32).reshape(-1, 1, 1, 1, 1)  # each volume holds its label
+    inputs = full.FoldInputs(volumes, None, np.arange(0), np.arange(6), np.arange(0), y, "classification", 2, 0, "")
+    cfg = SimpleNamespace(batch_size=4)
+    decode = lambda out: torch.softmax(out, dim=1).numpy()
+
+    class Epoch(torch.nn.Module):  # logits (c, -c) for label 0, (-c, c) for label 1: always ranked right
+        def __init__(self, confidence):
+            super().__init__()
+            self.c = confidence
+
+        def forward(self, x):
+            x = x.reshape(len(x), 1)
+            return self.c * torch.cat([1 - 2 * x, 2 * x - 1], dim=1)
+
+    scores = [
+        full._validate(Epoch(c), inputs, inputs.val_idx, decode, cfg, torch.device("cpu"), False)
+        for c in (0.2, 3.0, 1.0)
+    ]
+    assert scores[0][0] == scores[1][0] == scores[2][0] == 1.0
+    selector = full.EpochSelector(first=0, patience=5)
+    assert [selector.update(e, s)[0] for e, s in enumerate(scores)] == [True, True, False]
+    assert selector.best_epoch == 1
