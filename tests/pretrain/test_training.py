@@ -172,16 +172,18 @@ def test_deepspeed_json_may_not_contradict_the_recipe(tmp_path):
 
 def test_weight_decay_is_off_for_norms_biases_and_position_embeddings():
     cfg = load_config(PretrainConfig)
-    objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
+    # a learnt position embedding: a 3-D tensor that only its name (no_weight_decay) keeps out of decay
+    encoder = create_backbone("vit_base_p16", img_size=16, pos_embed="learn", **TINY_VIT)
+    objective = build_objective(cfg.objective, encoder)
     decay, no_decay = param_groups(objective, 0.05)
     names = {id(p): n for n, p in objective.named_parameters()}
     off = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= off
+    assert "encoder.pos_embed" in off and encoder.pos_embed.requires_grad and encoder.pos_embed.ndim == 3
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
-    assert "encoder.pos_embed" not in names.values() or "encoder.pos_embed" not in {
-        names[id(p)] for p in decay["params"]
-    }
+    # the fixed sin-cos decoder embedding is not trained: in neither group
+    assert "decoder_pos_embed" not in off | {names[id(p)] for p in decay["params"]}
 
 
 def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights():
