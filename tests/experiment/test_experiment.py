@@ -15,6 +15,7 @@ from common.config import load_config, to_object
 from common.errors import ConfigError
 from finetune.cli import main
 from finetune.experiment import Experiment, ExperimentConfig, run_experiment
+from finetune.experiment_report import gains_over_scratch
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "experiment" / "smoke.yaml"
@@ -126,3 +127,13 @@ def test_config_errors_name_the_problem(tmp_path):
     cfg = _config(tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
     assert not Experiment(cfg).stages()[0].done()
+
+
+def test_a_falling_mae_is_a_positive_gain_and_a_rising_auc_too():
+    summary = pd.DataFrame(
+        {"task": ["brain_age"] * 2 + ["ad"] * 2, "backbone": "vit", "fraction": 1.0, "init": ["scratch", "mae"] * 2,
+         "primary": ["mae"] * 2 + ["roc_auc"] * 2, "higher_is_better": [False] * 2 + [True] * 2,
+         "mae": [6.0, 4.5, None, None], "roc_auc": [None, None, 0.6, 0.8]}
+    )
+    gains = gains_over_scratch(summary).set_index("task")["gain"]
+    assert gains["brain_age"] == pytest.approx(1.5) and gains["ad"] == pytest.approx(0.2)
