@@ -62,21 +62,40 @@ def _setup_logging(rank: int) -> None:
     )
 
 
+# What each corpus feeds the model, as the nearest of common's intensity modes and in words: synthmri and video
+# are not normalised by common.data but arrive in [0, 1], as common's "percentile" mode gives.
+SOURCE_SCALING = {"synthmri": ("percentile", "generated on [0, 1]"), "video": ("percentile", "grey (luma) / 255")}
+
+
 def export_metadata(cfg) -> dict:
     """Provenance recorded with the exported encoder (``arch`` and the package version are added on
-    export)."""
+    export). ``sources`` holds each corpus the run drew from with its weight and real preprocessing;
+    ``intensity`` is their shared mode, or ``"mixed"`` when a mixed corpus combines different ones."""
     d = cfg.data
-    medical_used = cfg.corpus == "medical" or (cfg.corpus == "mixed" and d.mixed.medical > 0)
-    # synthmri and video volumes are scaled to [0, 1] like common's "percentile" normalisation
-    intensity = d.medical.intensity if cfg.corpus == "medical" else "percentile"
+    weights = (
+        {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}
+        if cfg.corpus == "mixed"
+        else {cfg.corpus: 1.0}
+    )
+    sources = {}
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        if name == "medical":
+            mode, how = d.medical.intensity, f"common.data {d.medical.intensity} at {list(d.spacing)} mm"
+        else:
+            mode, how = SOURCE_SCALING[name]
+        sources[name] = {"weight": weight, "intensity": mode, "preprocessing": how}
+    modes = {s["intensity"] for s in sources.values()}
     return {
         "input_size": list(d.input_size),
         "spacing": list(d.spacing),
-        "intensity": intensity,
+        "intensity": modes.pop() if len(modes) == 1 else "mixed",
+        "sources": sources,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
         "steps": cfg.train.steps,
-        "manifest_hash": manifest_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
+        "manifest_hash": manifest_hash(d.medical.manifest) if "medical" in sources and d.medical.manifest else None,
     }
 
 
