@@ -3,6 +3,7 @@ DeepSpeed) and random weights; no downloads."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
