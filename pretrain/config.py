@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-CORPORA = ("synthmri", "medical", "video", "mixed")
+CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
 OBJECTIVES = ("mae", "simclr", "moco")
 
 
@@ -44,6 +44,12 @@ class VideoConfig:
 
 
 @dataclass
+class PackedConfig:
+    directory: str | None = None  # a folder written by `python -m pretrain.pack` (preprocessed, memory-mapped)
+    flip_prob: float = 0.5  # per-axis random flip probability
+
+
+@dataclass
 class MixedConfig:
     # sampling weight of each corpus in the mixture; 0 leaves a corpus out (its settings are then not needed)
     synthmri: float = 1.0
@@ -66,6 +72,7 @@ class DataConfig:
     medical: MedicalConfig = field(default_factory=MedicalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
+    packed: PackedConfig = field(default_factory=PackedConfig)
 
 
 @dataclass
@@ -137,7 +144,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    corpus: str = "synthmri"  # synthmri | medical | video | mixed (the --corpus flag sets it)
+    corpus: str = "synthmri"  # synthmri | medical | video | mixed | packed (the --corpus flag sets it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

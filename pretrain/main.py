@@ -68,13 +68,19 @@ def export_metadata(cfg) -> dict:
     medical_used = cfg.corpus == "medical" or (cfg.corpus == "mixed" and d.mixed.medical > 0)
     # synthmri and video volumes are scaled to [0, 1] like common's "percentile" normalisation
     intensity = d.medical.intensity if cfg.corpus == "medical" else "percentile"
+    hashed = manifest_hash(d.medical.manifest) if medical_used and d.medical.manifest else None
+    if cfg.corpus == "packed":  # the pack records its preprocessing and its source manifest
+        from common.data.packed import PackedVolumes
+
+        pack = PackedVolumes(d.packed.directory).settings
+        intensity, hashed = pack["preprocess"]["intensity"], pack["source_hash"]
     return {
         "input_size": list(d.input_size),
         "spacing": list(d.spacing),
         "intensity": intensity,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
-        "manifest_hash": manifest_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
+        "manifest_hash": hashed,
     }
 
 
