@@ -22,6 +22,7 @@ class SynthMRIConfig:
     )
     synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
     overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
+    device: str = "cpu"  # auto | cpu | cuda: cpu = DataLoader workers; cuda (auto on a GPU) = batched on the GPU
 
 
 @dataclass

@@ -156,7 +156,18 @@ def run(args: argparse.Namespace) -> dict:
         out,
     )
 
+    on_device = None
+    if cfg.corpus == "synthmri":
+        from pretrain.corpora.synthmri_device import DeviceSynthStream, generation_device
+
+        on_device = generation_device(cfg.data.synthmri.device, engine.device)
+        if on_device is not None and views is not None:
+            raise ConfigError("data.synthmri.device=cuda makes MAE batches; contrastive views need device=cpu")
+
     def loader_for(position):
+        if on_device is not None:  # generated in this process, a batch at a time, on the training device
+            start = position.next_index.get(0, 0)
+            return DeviceSynthStream(source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start)
         stream = CorpusStream(source, cfg.train.seed, rank, world, views, **position.stream_kwargs())
         return make_loader(stream, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor)
 
