@@ -7,7 +7,9 @@ Worker start-up is excluded (the clock starts once every worker has delivered it
 machine the wall-clock columns drop with the other processes' load, so the script also measures CPU seconds
 per volume (one thread, generation and reading) and the rate they imply on ``--workers`` idle cores. Last, the
 same volumes are packed (``common.data.packed``, uint8, no resampling) and read back memory-mapped through the
-same DataLoader set-up: volumes/s and CPU seconds per volume against the .nii.gz reader, in the same run.
+same DataLoader set-up: volumes/s and CPU seconds per volume against the .nii.gz reader, in the same run. And
+the batched generator (``Generator.batch``, 4 subjects per call, on the CPU) against one volume at a time, in CPU
+seconds per volume (one thread).
 
     python benchmarks/synth_throughput.py [--spacings 1 2] [--seconds 20] [--workers N]
 """
@@ -32,6 +34,8 @@ from common.data.packed import PackedVolumes, pack_manifest
 from synth.anatomy import output_affine
 from synth.config import SynthConfig
 from synth.dataset import SyntheticMRIStream
+from synth.generator import Generator
+from synth.subject import corpus_plan
 
 TARGETS = {1.0: 2.0, 2.0: 15.0}  # vol/s on 2 cores, from the build issue
 
@@ -94,12 +98,23 @@ def cpu_seconds(items, n: int) -> float:
     return (time.process_time() - start) / n
 
 
+def batched_cpu_seconds(cfg: SynthConfig, batch: int, calls: int = 2) -> float:
+    """CPU seconds per volume of ``Generator.batch`` (one thread, on the CPU) after one warm-up call."""
+    generator = Generator(cfg)
+    generator.batch([corpus_plan(cfg, 3, i) for i in range(batch)])
+    start = time.process_time()
+    for c in range(calls):
+        generator.batch([corpus_plan(cfg, 4, c * batch + i) for i in range(batch)])
+    return (time.process_time() - start) / (calls * batch)
+
+
 def measure(spacing: float, seconds: float, workers: int, tmp: Path) -> dict[str, float]:
     cfg = SynthConfig(spacing=spacing)
     # single process, single thread: the per-volume cost
     torch.set_num_threads(1)
     single, _ = rate(iter(SyntheticMRIStream(cfg, seed=0, length=4)), warm=1)
     gen_cpu = cpu_seconds(SyntheticMRIStream(cfg, seed=2, length=9), 8)
+    batched_cpu = batched_cpu_seconds(cfg, batch=4)
     torch.set_num_threads(workers)
     n = max(workers * 3, int(seconds * single * workers) + workers)
     kept: list[torch.Tensor] = []
@@ -126,6 +141,7 @@ def measure(spacing: float, seconds: float, workers: int, tmp: Path) -> dict[str
         "mb": size_mb,
         "gen_cpu": gen_cpu,
         "read_cpu": read_cpu,
+        "batched_cpu": batched_cpu,
         "packed": packed,
         "packed_cpu": packed_cpu,
     }
@@ -154,6 +170,10 @@ def main() -> None:
                 f"{r['read']:>10.2f}/s {r['gen'] / r['read']:>6.2f} {verdict:>5}/s | {r['gen_cpu']:>13.3f} "
                 f"{r['read_cpu']:>6.3f} {estimate:>15.1f} vol/s {r['read_cpu'] / r['gen_cpu']:>6.2f}"
                 f"   ({r['n']} volumes timed, {r['mb']:.1f} MB per .nii.gz)"
+            )
+            print(
+                f"{'':>7} batched generation (Generator.batch, 4 per call, CPU) vs per-volume: CPU s/vol "
+                f"{r['batched_cpu']:.3f} vs {r['gen_cpu']:.3f} -> ratio {r['gen_cpu'] / r['batched_cpu']:.2f}"
             )
             print(
                 f"{'':>7} packed shards (uint8, memory-mapped) vs .nii.gz, same volumes: {r['packed']:.1f} vs "
