@@ -15,8 +15,9 @@ Parts (each a key of ``parts`` in the JSON line; whatever cannot run here is nam
 - ``zero2`` and ``data_wait``: one short pre-training run, ``python pretrain/main.py`` with
   ``configs/deepspeed/zero2.json`` (ZeRO-2; NCCL on CUDA, gloo on a CPU), on-the-fly ``synthmri``: it must
   finish with a finite loss and an export; its ``data_wait_share`` (share of the run spent waiting for data)
-  is the data-wait part. On CUDA: ViT-B/16 at 96³, bf16, batch 8, 30 steps, one DataLoader worker per core;
-  on a CPU: a 2-block ViT at 32³ (4 mm), 6 steps.
+  is the data-wait part. On CUDA: ViT-B/16 at 96³, bf16, batch 8, 30 steps, one DataLoader worker per core,
+  then the same run with ``data.synthmri.device=cuda`` (batches generated in the training process on the GPU:
+  ``zero2_on_device``, ``data_wait_on_device``); on a CPU: a 2-block ViT at 32³ (4 mm), 6 steps, workers only.
 """
 
 from __future__ import annotations
@@ -225,13 +226,18 @@ def part_synth(device: torch.device, skipped: dict[str, str]) -> dict:
 
 
 # ---- ZeRO-2 run and its data wait ------------------------------------------------------------------------
-def part_run(device: torch.device, budget: Budget, skipped: dict[str, str]) -> tuple[dict, dict]:
+def part_run(
+    device: torch.device, budget: Budget, skipped: dict[str, str], in_process: bool = False
+) -> tuple[dict, dict]:
+    """The ZeRO-2 run; ``in_process``: synthmri generated in the training process on the GPU
+    (``data.synthmri.device=cuda``) instead of by DataLoader workers."""
     from deepspeed.accelerator import get_accelerator
 
     cuda = device.type == "cuda"
-    workers = max(1, min(15, (os.cpu_count() or 2) - 1))
+    workers = 0 if in_process else max(1, min(15, (os.cpu_count() or 2) - 1))
     if cuda:
         data = {"input_size": [96] * 3, "spacing": [2.0] * 3, "batch_size": 8, "num_workers": workers}
+        data["synthmri"] = {"device": "cuda" if in_process else "cpu"}
         model, train = {"backbone": "vit_base_p16"}, {"steps": 30, "precision": "bf16", "log_every": 5}
         objective = {"mae": {}}
     else:
@@ -272,7 +278,7 @@ def part_run(device: torch.device, budget: Budget, skipped: dict[str, str]) -> t
     if not ok:
         zero2["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
     wait = {
-        "corpus": "synthmri on the fly",
+        "corpus": "synthmri on the fly, " + ("in process on the GPU" if in_process else "DataLoader workers"),
         "num_workers": data["num_workers"],
         "data_wait_share": result.get("data_wait_share"),
         "volumes_per_s": sig(metrics[-1]["volumes_per_s"]) if metrics else None,
@@ -300,8 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         ("mae_step", lambda: part_mae_step(device, skipped), 90),
         ("synth", lambda: part_synth(device, skipped), 60),
         ("zero2+data_wait", lambda: part_run(device, budget, skipped), 60),
+        ("zero2+data_wait_on_device", lambda: part_run(device, budget, skipped, in_process=True), 60),
     ]
     for name, run, needs in parts:
+        if name == "zero2+data_wait_on_device" and device.type != "cuda":
+            skipped[name] = "no CUDA device: synthmri generated in the training process on a GPU not run"
+            continue
         if budget.left() < needs:
             skipped[name] = f"time budget: {budget.left():.0f} s left of {args.budget:.0f}, the part needs ~{needs} s"
             continue
@@ -313,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name == "zero2+data_wait":
             report["parts"]["zero2"], report["parts"]["data_wait"] = out
+        elif name == "zero2+data_wait_on_device":
+            report["parts"]["zero2_on_device"], report["parts"]["data_wait_on_device"] = out
         else:
             report["parts"][name] = out
     report["seconds"] = round(time.perf_counter() - started, 1)
