@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-CORPORA = ("synthmri", "medical", "video", "mixed")
+CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
 OBJECTIVES = ("mae", "simclr", "moco")
 
 
@@ -22,6 +22,7 @@ class SynthMRIConfig:
     )
     synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
     overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
+    device: str = "cpu"  # auto | cpu | cuda: cpu = DataLoader workers; cuda (auto on a GPU) = batched on the GPU
 
 
 @dataclass
@@ -41,6 +42,12 @@ class VideoConfig:
     stride: int = 2  # frames between consecutive clip frames (temporal subsampling)
     reader: str = "auto"  # auto | decord | pyav: decord when installed, PyAV as fallback
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".webm", ".mov"])
+
+
+@dataclass
+class PackedConfig:
+    directory: str | None = None  # a folder written by `python -m pretrain.pack` (preprocessed, memory-mapped)
+    flip_prob: float = 0.5  # per-axis random flip probability
 
 
 @dataclass
@@ -66,6 +73,7 @@ class DataConfig:
     medical: MedicalConfig = field(default_factory=MedicalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
+    packed: PackedConfig = field(default_factory=PackedConfig)
 
 
 @dataclass
@@ -137,7 +145,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    corpus: str = "synthmri"  # synthmri | medical | video | mixed (the --corpus flag sets it)
+    corpus: str = "synthmri"  # synthmri | medical | video | mixed | packed (the --corpus flag sets it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from common.checkpoint import atomic_write, manifest_hash
 from common.config import load_config, parse_with_overrides, save_config
+from common.data.packed import PackedVolumes
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.models import create_backbone
@@ -77,12 +78,17 @@ def export_metadata(cfg) -> dict:
         if cfg.corpus == "mixed"
         else {cfg.corpus: 1.0}
     )
-    sources = {}
+    sources, hashed = {}, None
     for name, weight in weights.items():
         if weight <= 0:
             continue
         if name == "medical":
             mode, how = d.medical.intensity, f"common.data {d.medical.intensity} at {list(d.spacing)} mm"
+            hashed = manifest_hash(d.medical.manifest) if d.medical.manifest else None
+        elif name == "packed":  # the pack records its preprocessing and its source manifest
+            pack = PackedVolumes(d.packed.directory).settings
+            mode, how = pack["preprocess"]["intensity"], f"packed shards of {d.packed.directory}"
+            hashed = pack["source_hash"]
         else:
             mode, how = SOURCE_SCALING[name]
         sources[name] = {"weight": weight, "intensity": mode, "preprocessing": how}
@@ -95,7 +101,7 @@ def export_metadata(cfg) -> dict:
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
         "steps": cfg.train.steps,
-        "manifest_hash": manifest_hash(d.medical.manifest) if "medical" in sources and d.medical.manifest else None,
+        "manifest_hash": hashed,
     }
 
 
@@ -206,7 +212,18 @@ def run(args: argparse.Namespace) -> dict:
         out,
     )
 
+    on_device = None
+    if cfg.corpus == "synthmri":
+        from pretrain.corpora.synthmri_device import DeviceSynthStream, generation_device
+
+        on_device = generation_device(cfg.data.synthmri.device, engine.device)
+        if on_device is not None and views is not None:
+            raise ConfigError("data.synthmri.device=cuda makes MAE batches; contrastive views need device=cpu")
+
     def loader_for(position):
+        if on_device is not None:  # generated in this process, a batch at a time, on the training device
+            start = position.next_index.get(0, 0)
+            return DeviceSynthStream(source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start)
         stream = CorpusStream(source, cfg.train.seed, rank, world, views, **position.stream_kwargs())
         return make_loader(stream, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from common.errors import ConfigError
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
 
-CORPORA = ("synthmri", "medical", "video", "mixed")
+CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
 
 
 def build_source(cfg, corpus: str | None = None):
@@ -28,6 +28,10 @@ def build_source(cfg, corpus: str | None = None):
 
         v = d.video
         return VideoSource(v.paths, d.input_size, v.stride, v.reader, v.extensions, seed)
+    if corpus == "packed":
+        from pretrain.corpora.packed import PackedSource
+
+        return PackedSource(d.packed, d.input_size, d.spacing, seed)
     if corpus == "mixed":
         from pretrain.corpora.mixed import MixedSource
 
