@@ -24,12 +24,14 @@ import deepspeed
 from omegaconf import OmegaConf
 
 from common.config import load_config, parse_with_overrides, save_config
+from common.data.packed import PackedVolumes
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
 from pretrain.corpora import CorpusStream, build_source, make_loader
+from pretrain.corpora.synthmri_device import DeviceSynthStream, generation_device
 from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer
@@ -58,20 +60,45 @@ def _setup_logging(rank: int) -> None:
     )
 
 
+# What each corpus feeds the model, as the nearest of common's intensity modes and in words: synthmri and video
+# are not normalised by common.data but arrive in [0, 1], as common's "percentile" mode gives.
+SOURCE_SCALING = {"synthmri": ("percentile", "generated on [0, 1]"), "video": ("percentile", "grey (luma) / 255")}
+
+
 def export_metadata(cfg) -> dict:
-    """Provenance recorded with the exported encoder (``arch`` and the package version are added on export)."""
+    """Provenance recorded with the exported encoder (``arch`` and the package version are added on export).
+    ``sources`` holds each corpus the run drew from with its weight and real preprocessing; ``intensity`` is
+    their shared mode, or ``"mixed"`` when a mixed corpus combines different ones."""
     d = cfg.data
-    medical_used = cfg.corpus == "medical" or (cfg.corpus == "mixed" and d.mixed.medical > 0)
-    # synthmri and video volumes are scaled to [0, 1] like common's "percentile" normalisation
-    intensity = d.medical.intensity if cfg.corpus == "medical" else "percentile"
+    weights = (
+        {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}
+        if cfg.corpus == "mixed"
+        else {cfg.corpus: 1.0}
+    )
+    sources, hashed = {}, None
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        if name == "medical":
+            mode, how = d.medical.intensity, f"common.data {d.medical.intensity} at {list(d.spacing)} mm"
+            hashed = file_hash(d.medical.manifest) if d.medical.manifest else None
+        elif name == "packed":  # the pack records its preprocessing and its source manifest
+            pack = PackedVolumes(d.packed.directory).settings
+            mode, how = pack["preprocess"]["intensity"], f"packed shards of {d.packed.directory}"
+            hashed = pack["source_hash"]
+        else:
+            mode, how = SOURCE_SCALING[name]
+        sources[name] = {"weight": weight, "intensity": mode, "preprocessing": how}
+    modes = {s["intensity"] for s in sources.values()}
     return {
         "input_size": list(d.input_size),
         "spacing": list(d.spacing),
-        "intensity": intensity,
+        "intensity": modes.pop() if len(modes) == 1 else "mixed",
+        "sources": sources,
         "corpus": cfg.corpus,
         "objective": cfg.objective.name,
         "steps": cfg.train.steps,
-        "manifest_hash": file_hash(d.medical.manifest) if medical_used and d.medical.manifest else None,
+        "manifest_hash": hashed,
     }
 
 
@@ -170,7 +197,16 @@ def run(args: argparse.Namespace) -> dict:
         out,
     )
 
+    on_device = None
+    if cfg.corpus == "synthmri":
+        on_device = generation_device(cfg.data.synthmri.device, engine.device)
+        if on_device is not None and views is not None:
+            raise ConfigError("data.synthmri.device=cuda makes MAE batches; contrastive views need device=cpu")
+
     def loader_for(position):
+        if on_device is not None:  # generated in this process, a batch at a time, on the training device
+            start = position.next_index.get(0, 0)
+            return DeviceSynthStream(source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start)
         stream = CorpusStream(source, cfg.train.seed, rank, world, views, **position.stream_kwargs())
         return make_loader(stream, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from common.attention import BACKENDS
 from common.errors import ConfigError
-from common.precision import PRECISIONS
+from common.precision import DEVICES, PRECISIONS
 
-CORPORA = ("synthmri", "medical", "video", "mixed")
+CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
 OBJECTIVES = ("mae", "simclr", "moco")
 MASKINGS = ("random", "tube")  # MAE: per token, or one spatial mask repeated along D (VideoMAE's tube)
 VIDEO_READERS = ("auto", "decord", "pyav")
@@ -26,6 +26,7 @@ class SynthMRIConfig:
     directory: str | None = None  # a directory written by `python -m synth`; None generates volumes on the fly
     synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
     overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
+    device: str = "cpu"  # auto | cpu | cuda: cpu = DataLoader workers; cuda (auto on a GPU) = batched on the GPU
 
 
 @dataclass
@@ -43,6 +44,12 @@ class VideoConfig:
     stride: int = 2  # frames between consecutive clip frames (temporal subsampling)
     reader: str = "auto"  # VIDEO_READERS: decord when installed, PyAV as fallback
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".webm", ".mov"])
+
+
+@dataclass
+class PackedConfig:
+    directory: str | None = None  # a folder written by `python -m pretrain.pack` (preprocessed, memory-mapped)
+    flip_prob: float = 0.5  # per-axis random flip probability
 
 
 @dataclass
@@ -66,6 +73,7 @@ class DataConfig:
     medical: MedicalConfig = field(default_factory=MedicalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
+    packed: PackedConfig = field(default_factory=PackedConfig)
 
 
 @dataclass
@@ -133,7 +141,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    corpus: str = "synthmri"  # synthmri | medical | video | mixed (the --corpus flag sets it)
+    corpus: str = "synthmri"  # synthmri | medical | video | mixed | packed (the --corpus flag sets it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -150,6 +158,7 @@ def validate(cfg: PretrainConfig) -> None:
         "data.video.reader": (cfg.data.video.reader, VIDEO_READERS),
         "model.attn_backend": (cfg.model.attn_backend, BACKENDS),
         "train.precision": (cfg.train.precision, PRECISIONS),
+        "data.synthmri.device": (cfg.data.synthmri.device, DEVICES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -115,11 +115,14 @@ class Trainer:
         bar = progress(total=cfg.steps, initial=self.step, desc="pretrain")
         window = new_window()
         last_loss = float("nan")
+        waited, started = 0.0, time.perf_counter()  # whole run: the data-wait share in the result line
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = next(batches)
-                window["wait"] += time.perf_counter() - t0
+                wait = time.perf_counter() - t0
+                window["wait"] += wait
+                waited += wait
                 self.position.update(batch)
                 self._check_bad_share()
                 inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
@@ -153,6 +156,7 @@ class Trainer:
                         writer.add_image(f"{tag}/{name}", image.float().cpu(), self.step)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.checkpoint()
+            elapsed = time.perf_counter() - started  # before the final checkpoint: training steps only
             self.checkpoint()
         finally:
             bar.close()
@@ -163,6 +167,7 @@ class Trainer:
             "loss": last_loss,
             "nonfinite": self.nonfinite,
             "bad_items": self.position.skipped,
+            "data_wait_share": round(waited / max(elapsed, 1e-9), 4),
         }
 
     def _skip_nonfinite(self) -> None:

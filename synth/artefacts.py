@@ -39,9 +39,9 @@ def acquire(
     # integer averaging factors: avg_pool is ~10x faster than adaptive pooling and the ratio need not be exact
     factor = tuple(max(1, round(r / spacing)) for r in resolution_mm)
     low = F.avg_pool3d(image, factor, ceil_mode=True) if max(factor) > 1 else image
-    n1 = torch.randn(low.shape, generator=generator)
+    n1 = torch.randn(low.shape, generator=generator, device=generator.device)
     if rician:
-        n2 = torch.randn(low.shape, generator=generator)
+        n2 = torch.randn(low.shape, generator=generator, device=generator.device)
         low = torch.sqrt((low + noise_sd * n1).square_() + (noise_sd * n2).square_())
     else:
         low = low + noise_sd * n1

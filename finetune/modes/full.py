@@ -175,5 +175,5 @@ def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> 
     if inputs.kind == "classification":
         m = classification_metrics(inputs.y[va], out)
         ce = -float(np.mean(np.log(np.clip(out[np.arange(len(va)), inputs.y[va]], 1e-7, 1))))
-        return (m["roc_auc"] if np.isfinite(m["roc_auc"]) else m["balanced_accuracy"]), ce
+        return (m["roc_auc"] if np.isfinite(m["roc_auc"]) else m["balanced_accuracy"]), -ce
     return -regression_metrics(inputs.y[va], out)["mae"], 0.0

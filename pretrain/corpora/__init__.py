@@ -6,6 +6,7 @@ from common.errors import ConfigError
 from pretrain.config import CORPORA
 from pretrain.corpora.medical import MedicalSource
 from pretrain.corpora.mixed import MixedSource
+from pretrain.corpora.packed import PackedSource
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
 from pretrain.corpora.synthmri import SynthMRISource
 from pretrain.corpora.video import VideoSource
@@ -24,8 +25,10 @@ def build_source(cfg, corpus: str | None = None):
     if corpus == "video":
         v = d.video
         return VideoSource(v.paths, d.input_size, v.stride, v.reader, v.extensions, seed)
+    if corpus == "packed":
+        return PackedSource(d.packed, d.input_size, d.spacing, seed)
     if corpus == "mixed":
-        weights = {name: float(getattr(d.mixed, name)) for name in CORPORA if name != "mixed"}
+        weights = {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}  # MixedConfig
         return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
 

@@ -8,9 +8,13 @@ from common.errors import ConfigError
 from common.precision import autocast, bf16_native, resolve_device, resolve_precision
 
 
-def test_cpu_bf16_follows_the_cpu_flags():
-    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert bf16_native("cpu") is expected
+@pytest.mark.parametrize(
+    "avx512_bf16,amx,native", [(False, False, False), (True, False, True), (False, True, True), (True, True, True)]
+)
+def test_cpu_bf16_follows_the_cpu_flags(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bf16_native("cpu") is native and bf16_native(torch.device("cpu")) is native
 
 
 def test_unknown_device_has_no_native_bf16():

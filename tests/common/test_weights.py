@@ -78,6 +78,21 @@ def test_adapters_keep_the_response_to_constant_input():
     )
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_inflation_on_every_axis_gives_the_2d_response_to_a_volume_constant_along_it(axis):
+    """A non-square 2D kernel (3 x 5): its two axes must fill the two other spatial axes in order."""
+    torch.manual_seed(axis)
+    w2d = torch.randn(4, 2, 3, 5)
+    w3d = inflate_kernel(w2d, depth=4, axis=axis)
+    shape = [3, 5]
+    shape.insert(axis, 4)
+    assert w3d.shape == (4, 2, *shape)
+    image = torch.randn(1, 2, 7, 9)  # (B, C, a, b): a and b fill the non-inflated axes in order
+    volume = image.unsqueeze(2 + axis).expand(-1, -1, *[7, 9][:axis], 4, *[7, 9][axis:])
+    out = F.conv3d(volume, w3d)  # one output position along the inflated axis
+    torch.testing.assert_close(out.squeeze(2 + axis), F.conv2d(image, w2d), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- timm 2D
 @pytest.mark.parametrize("axis", [0, 1])
 def test_timm_vit_inflation_reproduces_2d_features_on_a_constant_volume(timm, tmp_path, axis):
@@ -271,12 +286,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_deepspeed_checkpoints_zero0_and_zero2(tmp_path):
+def test_deepspeed_checkpoints_zero0_and_zero2(tmp_path, monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
-    if not torch.distributed.is_initialized():
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+    if not torch.distributed.is_initialized():  # a world of one; the conftest destroys it after the test
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for stage in (0, 2):
         wrapper = nn.Module()  # what pretrain's objectives look like: encoder + decoder
