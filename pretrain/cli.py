@@ -30,8 +30,7 @@ from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
-from pretrain.corpora import CorpusStream, build_source, make_loader
-from pretrain.corpora.synthmri_device import DeviceSynthStream, generation_device
+from pretrain.corpora import CorpusStream, build_source, make_loader, synthmri_device
 from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer
@@ -199,14 +198,16 @@ def run(args: argparse.Namespace) -> dict:
 
     on_device = None
     if cfg.corpus == "synthmri":
-        on_device = generation_device(cfg.data.synthmri.device, engine.device)
+        on_device = synthmri_device.generation_device(cfg.data.synthmri.device, engine.device)
         if on_device is not None and views is not None:
             raise ConfigError("data.synthmri.device=cuda makes MAE batches; contrastive views need device=cpu")
 
     def loader_for(position):
         if on_device is not None:  # generated in this process, a batch at a time, on the training device
             start = position.next_index.get(0, 0)
-            return DeviceSynthStream(source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start)
+            return synthmri_device.DeviceSynthStream(
+                source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start
+            )
         stream = CorpusStream(source, cfg.train.seed, rank, world, views, **position.stream_kwargs())
         return make_loader(stream, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor)
 
