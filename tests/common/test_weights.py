@@ -288,10 +288,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_deepspeed_checkpoints_zero0_and_zero2(tmp_path, monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
-    if not torch.distributed.is_initialized():  # a world of one; the conftest destroys it after the test
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    # a world of one (an earlier test may have made it already; DeepSpeed reads the environment either way)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized():  # the conftest destroys it when the session ends
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for stage in (0, 2):
         wrapper = nn.Module()  # what pretrain's objectives look like: encoder + decoder
