@@ -204,12 +204,13 @@ def run(args: argparse.Namespace) -> dict:
 
     def loader_for(position):
         if on_device is not None:  # generated in this process, a batch at a time, on the training device
-            start = position.next_index.get(0, 0)
             return synthmri_device.DeviceSynthStream(
-                source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, start
+                source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, position.batches
             )
-        stream = CorpusStream(source, cfg.train.seed, rank, world, views, **position.stream_kwargs())
-        return make_loader(stream, cfg.data.batch_size, cfg.data.num_workers, cfg.data.prefetch_factor)
+        stream = CorpusStream(
+            source, cfg.train.seed, rank, world, views, cfg.data.batch_size, **position.stream_kwargs()
+        )
+        return make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
 
     trainer = Trainer(cfg, out, engine, objective, loader_for, export_metadata(cfg))
     if resume_from is not None:

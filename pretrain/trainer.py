@@ -67,7 +67,7 @@ class Trainer:
         self.export_metadata = export_metadata
         self.ckpt_dir = self.out / "checkpoints"
         self.step = 0
-        self.position = StreamPosition(num_workers=cfg.data.num_workers)
+        self.position = StreamPosition()
         self.nonfinite = 0  # skipped micro-steps, whole run
         self.streak = 0  # ... in a row
 
@@ -79,7 +79,7 @@ class Trainer:
         self.nonfinite = int(client.get("nonfinite", 0))
         states = client["data"]
         if len(states) == self.engine.world_size:
-            self.position = StreamPosition.from_state(states[self.engine.rank], self.cfg.data.num_workers)
+            self.position = StreamPosition.from_state(states[self.engine.rank])
         else:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: data streams restart",
@@ -140,7 +140,7 @@ class Trainer:
                 engine.step()
                 window["loss"] = window["loss"] + out["loss"].detach().float()  # on device: no sync
                 window["micro"] += 1
-                window["volumes"] += int(batch["_worker"].numel())
+                window["volumes"] += int(batch["_batch"].numel())
                 if not boundary:
                     continue
                 self.step += 1

@@ -1,9 +1,9 @@
 """Synthetic MRI generated in the training process, a batch at a time, on the training device
 (``data.synthmri.device: auto|cpu|cuda``; ``cpu`` keeps the DataLoader-worker path of ``synthmri.py``).
 
-Rank ``r`` of ``W`` takes corpus positions ``r, r + W, r + 2W, ...`` (one logical stream per rank, as a run
-with ``data.num_workers=0`` has), so ranks never repeat each other; a batch is ``synth``'s
-``Generator.batch`` of those positions' subjects, fitted to ``input_size`` by the same seeded crop/pad as the
+Batch ``j`` of rank ``r`` holds the corpus positions ``stream.batch_positions`` gives, as on the worker path
+(whatever its worker count), so ranks never repeat each other; a batch is ``synth``'s ``Generator.batch`` of
+those positions' subjects, fitted to ``input_size`` by the same seeded crop/pad as the
 worker path. Batches carry the trainer's bookkeeping fields, so resuming is exact as for any corpus.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from common.errors import ConfigError
 from common.precision import DEVICES
+from pretrain.corpora.stream import batch_positions
 from pretrain.corpora.synthmri import SynthMRISource
 
 
@@ -31,7 +32,7 @@ def generation_device(setting: str, training_device: torch.device) -> torch.devi
 
 
 class DeviceSynthStream:
-    """Endless batches ``{"image": (B, 1, *input_size)}`` on ``device`` for one rank, from position ``start``."""
+    """Endless batches ``{"image": (B, 1, *input_size)}`` on ``device`` for one rank, from batch ``start``."""
 
     def __init__(
         self,
@@ -51,10 +52,9 @@ class DeviceSynthStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from synth.subject import corpus_plan
 
-        k = self.start
+        j = self.start
         while True:
-            ks = range(k, k + self.batch_size)
-            positions = [i * self.world + self.rank for i in ks]
+            positions = batch_positions(self.rank, self.world, self.batch_size, j)
             plans = [corpus_plan(self.source.synth_cfg, self.seed, p) for p in positions]
             volumes = self.source.generator.batch(plans, self.device)  # (B, 1, D, H, W) on the device
             images = []
@@ -62,11 +62,10 @@ class DeviceSynthStream:
                 rng = np.random.default_rng([self.seed, position])  # as CorpusStream seeds an item
                 self.source.fit.set_random_state(seed=int(rng.integers(2**31)))
                 images.append(torch.as_tensor(self.source.fit(volume)))
-            k += self.batch_size
             n = len(positions)
             yield {
                 "image": torch.stack(images).contiguous(),  # (B, 1, *input_size)
-                "_worker": torch.zeros(n, dtype=torch.long),
-                "_next": torch.tensor(list(ks), dtype=torch.long) + 1,
+                "_batch": torch.full((n,), j, dtype=torch.long),
                 "_skipped": torch.zeros(n, dtype=torch.long),
             }
+            j += 1

@@ -9,7 +9,7 @@ from common.errors import ConfigError, DataError
 from pretrain.config import ContrastiveConfig, MedicalConfig
 from pretrain.corpora import video
 from pretrain.corpora.medical import MedicalSource
-from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
+from pretrain.corpora.stream import FALLBACK_STRIDE, CorpusStream, StreamPosition, make_loader
 from pretrain.corpora.video import VideoSource
 from pretrain.views import TwoViews
 from synth.video import shape_frames, write_synthetic_videos, write_video
@@ -26,37 +26,48 @@ class PositionSource:
     def item(self, position, rng):
         if self.bad_every and position % self.bad_every == 0:
             raise DataError(f"item{position}", "unreadable")
-        return torch.full((1, 2, 2, 2), float(position))
+        return torch.full((1, 2, 2, 2), float(position), dtype=torch.float64)  # exact for fallback positions
 
 
 def positions(batch):
     return batch["image"][:, 0, 0, 0, 0].long().tolist()
 
 
-def test_ranks_and_workers_get_disjoint_streams():
+def test_ranks_get_disjoint_streams():
     seen = []
     for rank in range(2):
-        loader = make_loader(CorpusStream(PositionSource(), 0, rank, 2), batch_size=3, num_workers=2, prefetch_factor=1)
+        loader = make_loader(CorpusStream(PositionSource(), 0, rank, 2, batch_size=3), num_workers=2, prefetch_factor=1)
         for _, batch in zip(range(4), loader):
             seen += positions(batch)
     assert len(seen) == len(set(seen)) == 24
 
 
-def test_stream_resumes_exactly_where_the_trainer_stopped():
-    source = PositionSource(bad_every=5)
-    full = make_loader(CorpusStream(source, 0, 0, 1), batch_size=2, num_workers=2, prefetch_factor=2)
-    reference = [positions(b) for _, b in zip(range(7), full)]
-    pos = StreamPosition(num_workers=2)
-    first = make_loader(CorpusStream(source, 0, 0, 1), batch_size=2, num_workers=2, prefetch_factor=2)
-    for _, batch in zip(range(3), first):  # consume 3 batches (the workers prefetched more)
+def batches(num_workers, n, start=0, rank=1):
+    """The first ``n`` batches from batch ``start`` of ``rank`` (of 2) through a DataLoader, and their position."""
+    stream = CorpusStream(PositionSource(bad_every=5), 0, rank, 2, batch_size=3, start=start)
+    pos = StreamPosition(batches=start)
+    out = []
+    for _, batch in zip(range(n), make_loader(stream, num_workers=num_workers, prefetch_factor=2)):
         pos.update(batch)
-    pos = StreamPosition.from_state(pos.state_dict(), num_workers=2)
-    resumed = make_loader(
-        CorpusStream(source, 0, 0, 1, **pos.stream_kwargs()), batch_size=2, num_workers=2, prefetch_factor=2
-    )
-    assert [positions(b) for _, b in zip(range(4), resumed)] == reference[3:]
-    assert all(p % 5 for b in reference for p in b)  # unreadable items never reach a batch ...
-    assert pos.skipped > 0 and pos.items == 6  # ... but are counted
+        out.append(positions(batch))
+    return out, pos
+
+
+def test_batches_do_not_depend_on_the_worker_count_and_resume_exactly_with_another():
+    reference, _ = batches(num_workers=0, n=7)
+    assert batches(num_workers=2, n=7)[0] == batches(num_workers=1, n=7)[0] == reference
+    first, pos = batches(num_workers=2, n=3)  # consume 3 batches (the workers prefetched more)
+    pos = StreamPosition.from_state(pos.state_dict())
+    resumed, _ = batches(num_workers=0, n=4, **pos.stream_kwargs())
+    assert first + resumed == reference
+    assert batches(num_workers=1, n=4, **pos.stream_kwargs())[0] == reference[3:]
+    flat = [p for b in reference for p in b]
+    assert all(p % 5 for p in flat)  # unreadable items never reach a batch ...
+    assert pos.skipped > 0 and pos.items == 9  # ... but are counted ...
+    assert any(p >= FALLBACK_STRIDE for p in flat)  # ... and replaced by their fallback item
+    assert [p % FALLBACK_STRIDE for p in reference[0]] == [3, 4, 5]  # batch 0 of rank 1 of 2, batch size 3
+    old = {"num_workers": 2, "batches": 3, "items": 6, "skipped": 1, "next_index": {"0": 2, "1": 1}}
+    assert StreamPosition.from_state(old) == StreamPosition(batches=3, items=6, skipped=1)  # pre-batch checkpoints
 
 
 def test_a_corpus_of_only_bad_items_raises_a_clear_error():

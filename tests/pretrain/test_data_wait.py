@@ -39,7 +39,7 @@ def run(tmp_path, seconds):
     )
     objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
     engine = Engine(objective, build_ds_config(cfg, None, 1, "fp32"))
-    loader = lambda pos: make_loader(CorpusStream(SlowSource(seconds), 0, **pos.stream_kwargs()), 2, 0, 2)
+    loader = lambda pos: make_loader(CorpusStream(SlowSource(seconds), 0, batch_size=2, **pos.stream_kwargs()), 0, 2)
     return Trainer(cfg, tmp_path / "run", engine, objective, loader, export_metadata(cfg)).run()
 
 

@@ -22,14 +22,14 @@ def source():
 def test_batches_equal_the_worker_path_items_and_resume_exactly(source):
     batches = iter(DeviceSynthStream(source, 0, rank=0, world_size=1, batch_size=2, device="cpu"))
     first, second = next(batches), next(batches)
-    assert first["image"].shape == (2, 1, 32, 32, 32) and first["_next"].tolist() == [1, 2]
-    workers = iter(make_loader(CorpusStream(source, 0, 0, 1), batch_size=4, num_workers=0, prefetch_factor=2))
+    assert first["image"].shape == (2, 1, 32, 32, 32) and first["_batch"].tolist() == [0, 0]
+    workers = iter(make_loader(CorpusStream(source, 0, 0, 1, batch_size=4), num_workers=0, prefetch_factor=2))
     reference = next(workers)["image"]  # positions 0..3, generated one volume at a time
     assert torch.allclose(torch.cat([first["image"], second["image"]]), reference, rtol=0, atol=1e-5)
-    resumed = next(iter(DeviceSynthStream(source, 0, 0, 1, 2, "cpu", start=2)))
+    resumed = next(iter(DeviceSynthStream(source, 0, 0, 1, 2, "cpu", start=1)))
     assert torch.equal(resumed["image"], second["image"])
     other_rank = next(iter(DeviceSynthStream(source, 0, rank=1, world_size=2, batch_size=2, device="cpu")))
-    assert not torch.allclose(other_rank["image"], first["image"])  # rank 1 takes positions 1, 3
+    assert not torch.allclose(other_rank["image"], first["image"])  # rank 1 takes positions 2, 3
 
 
 def test_device_setting():
@@ -52,7 +52,7 @@ def test_a_run_trains_on_in_process_batches(tmp_path, monkeypatch):
     class Counting(DeviceSynthStream):
         def __iter__(self):
             for batch in super().__iter__():
-                made.append(batch["_next"].tolist())
+                made.append(batch["_batch"].tolist())
                 yield batch
 
     monkeypatch.setattr(module, "generation_device", lambda setting, device: torch.device("cpu"))
@@ -60,4 +60,4 @@ def test_a_run_trains_on_in_process_batches(tmp_path, monkeypatch):
     cfg = tiny_config(data={"num_workers": 0}, train={"steps": 2, "image_every": 0, "checkpoint_every": 0})
     args = ["--corpus", "synthmri", "--config", write_yaml(tmp_path / "c.yaml", cfg), "--output", str(tmp_path / "r")]
     assert main(args) == 0
-    assert made[:2] == [[1, 2], [3, 4]]  # batch_size 2, positions 0-3 of rank 0
+    assert made[:2] == [[0, 0], [1, 1]]  # batches 0 and 1 of rank 0

@@ -105,7 +105,7 @@ def make_trainer(tmp_path, every, streak=10, optim=None, log_every=4):
     )
     objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
     engine = Engine(objective, build_ds_config(cfg, None, 1, "fp32"))
-    loader = lambda pos: make_loader(CorpusStream(NaNSource(every), 0, **pos.stream_kwargs()), 2, 0, 2)
+    loader = lambda pos: make_loader(CorpusStream(NaNSource(every), 0, batch_size=2, **pos.stream_kwargs()), 0, 2)
     return Trainer(cfg, tmp_path / "run", engine, objective, loader, export_metadata(cfg))
 
 
