@@ -37,8 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def make_step(backend: str, batch: int, tokens: int, dtype: torch.dtype, device: torch.device):
     """A forward+backward closure over fresh q, k, v of shape (batch, 12, tokens, 64)."""
     q, k, v = (
-        torch.randn(batch, HEADS, tokens, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
-        for _ in range(3)
+        torch.randn(batch, HEADS, tokens, HEAD_DIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
 
     def step() -> None:
@@ -124,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             steps = {b: make_step(b, args.batch, tokens, dtype, device) for b in ["math", *backends]}
             seconds = interleaved_seconds(steps, device, args.warmup, args.repeats)
             peak = {
-                b: cuda_peak_bytes(s, device) if device.type == "cuda" else cpu_peak_bytes(s)
-                for b, s in steps.items()
+                b: cuda_peak_bytes(s, device) if device.type == "cuda" else cpu_peak_bytes(s) for b, s in steps.items()
             }
             del steps
             base_s, base_mem = seconds["math"], peak["math"]

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from common.config import load_config, to_object
+from common.precision import PRECISIONS, resolve_device, resolve_precision
 from synth.config import SynthConfig
 from synth.generator import Generator
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import CovariateSpace
-from synth.ldm.device import resolve_device, resolve_precision
 from synth.ldm.figures import age_sweep, save_age_sweep_png
-from synth.ldm.model import LatentDiffusionModel, assemble, load_model
+from synth.ldm.load import load_model
+from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.sampling import generate
 from synth.subject import corpus_plan
 
@@ -45,9 +46,15 @@ def random_quickstart_ldm(shape: tuple[int, ...], spacing: float) -> LatentDiffu
     unet_kwargs = cfg.unet.kwargs(cfg.autoencoder.latent_channels, 4)
     ae, unet = assemble(ae_kwargs, unet_kwargs, cfg.unet.conditioning in ("concat", "both"), "quickstart")
     return LatentDiffusionModel(
-        autoencoder=ae, unet=unet, autoencoder_kwargs=ae_kwargs, unet_kwargs=unet_kwargs,
-        noise=asdict(cfg.noise), scale_factor=1.0, image_shape=tuple(shape),
-        spacing=(spacing,) * 3, covariates=CovariateSpace.identity(),
+        autoencoder=ae,
+        unet=unet,
+        autoencoder_kwargs=ae_kwargs,
+        unet_kwargs=unet_kwargs,
+        noise=asdict(cfg.noise),
+        scale_factor=1.0,
+        image_shape=tuple(shape),
+        spacing=(spacing,) * 3,
+        covariates=CovariateSpace.identity(),
     ).eval()
 
 
@@ -59,7 +66,7 @@ def main() -> None:
     p.add_argument("--volumes", type=int, default=4, help="timed volumes of each (after one warm-up)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--figure", type=Path, help="also save a PNG of --model's samples across --ages")
     p.add_argument("--ages", type=float, nargs="+", default=[20, 40, 60, 80], help="for --figure (model units)")
     args = p.parse_args()
@@ -101,9 +108,11 @@ def main() -> None:
     anat_rate, ldm_rate = 60 / statistics.median(anat_s), 60 / statistics.median(ldm_s)
     print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}")
     print(f"anatomy model  {tuple(synth_cfg.shape)} @ {synth_cfg.spacing} mm: {anat_rate:8.2f} volumes/min")
-    print(f"LDM {'(' + str(args.model) + ')' if args.model else '(quickstart, random weights)'} "
-          f"{ldm.image_shape} @ {ldm.spacing[0]} mm, {args.ddim_steps} DDIM steps, batch {args.batch_size}: "
-          f"{ldm_rate:8.2f} volumes/min")
+    print(
+        f"LDM {'(' + str(args.model) + ')' if args.model else '(quickstart, random weights)'} "
+        f"{ldm.image_shape} @ {ldm.spacing[0]} mm, {args.ddim_steps} DDIM steps, batch {args.batch_size}: "
+        f"{ldm_rate:8.2f} volumes/min"
+    )
     print(f"ratio LDM / anatomy model: {ldm_rate / anat_rate:.3f}x")
 
     if args.figure:

@@ -59,11 +59,9 @@ def scaled_dot_product(
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if backend == "xformers":
-        import xformers.ops as xops
+        import xformers.ops as xops  # optional (the cuda extra): only when this backend is asked for
 
         # xformers wants (B, N, heads, head_dim)
-        out = xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p
-        )
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p=dropout_p)
         return out.transpose(1, 2)
     return math_attention(q, k, v, dropout_p)

@@ -1,4 +1,5 @@
-"""Encoder export/import as safetensors + JSON metadata, atomic writes, and pickle-free ``.pt`` reading.
+"""Encoder export/import as safetensors + JSON metadata, and strict state-dict loading (file writing and
+reading: ``common.io``).
 
 An export is one ``.safetensors`` file: the backbone's state dict plus, in the safetensors header under the
 key ``neurotransfer``, a JSON object with ``arch`` (``model.arch``: the registry name and kwargs that
@@ -9,14 +10,8 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import pickle
-import re
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,93 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import common
+from common import models
 from common.errors import CheckpointError
+from common.io import atomic_write, load_torch_file
 
 METADATA_KEY = "neurotransfer"
+FOLDER_WEIGHTS = "model.safetensors"  # the weights of an export folder (``common.export``): an export file itself
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
-RESAVE_HINT = "Re-save it as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors."
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    The temporary name ends with the target's own name, so writers that pick a format from the suffix
-    (``.nii.gz``, ``.safetensors``) behave as for the target. On an exception the temporary file is removed
-    and an existing ``path`` is left untouched. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        yield tmp
-        if not tmp.is_file():
-            raise CheckpointError(f"atomic write of {path}: nothing was written to the temporary file {tmp}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem, where it is skipped.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def manifest_hash(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes: provenance of the data manifest a model was trained on."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: cannot hash the manifest, the file does not exist")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------------ .pt / .pth
-def load_torch_file(
-    path: str | Path,
-    map_location: str | torch.device = "cpu",
-    allow: Sequence[Any] = (),
-    hint: str = RESAVE_HINT,
-) -> Any:
-    """Read a ``.pt``/``.pth`` file with ``torch.load(weights_only=True)``; ``allow``: extra plain types
-    (classes, enums) the unpickler may build.
-
-    A file that needs full pickle (custom classes, numpy arrays, ...) is refused with a ``CheckpointError``:
-    unpickling can run arbitrary code, so the project never does it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with torch.serialization.safe_globals(list(allow)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"\bGLOBAL ([\w.]+)", str(e))
-        what = f" (it contains {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: this file needs full pickle to load{what} and is refused, because unpickling can run "
-            f"arbitrary code. {hint}"
-        ) from e
-    except Exception as e:  # a truncated zip, a text file, ...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _deepspeed_plain_types() -> list[Any]:
@@ -207,8 +123,7 @@ def export_backbone(model: nn.Module, path: str | Path, metadata: Mapping[str, A
     arch = _model_arch(model)
     if "arch" in meta and _roundtrip(meta["arch"]) != _roundtrip(arch):
         raise CheckpointError(
-            f"{path}: metadata['arch'] = {meta['arch']} disagrees with the model's own arch {arch}; "
-            "leave it out"
+            f"{path}: metadata['arch'] = {meta['arch']} disagrees with the model's own arch {arch}; leave it out"
         )
     meta["arch"] = arch
     if "input_size" not in meta and getattr(model, "img_size", None) is not None:
@@ -247,9 +162,19 @@ def _roundtrip(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def read_export_metadata(path: str | Path) -> dict:
-    """The metadata dict of an export, read from the safetensors header without loading the weights."""
+def export_file(path: str | Path) -> Path:
+    """The safetensors file of an export given as the file or as its folder (``FOLDER/model.safetensors``)."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / FOLDER_WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: a folder without {FOLDER_WEIGHTS}, so not an export folder")
+    return path / FOLDER_WEIGHTS
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The metadata dict of an export (file or folder), read from the safetensors header without the weights."""
+    path = export_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such export file")
     try:
@@ -273,6 +198,7 @@ def read_export_metadata(path: str | Path) -> dict:
 
 def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, metadata)`` of an export, for callers that adapt weights before loading them."""
+    path = export_file(path)
     meta = read_export_metadata(path)
     try:
         state = load_file(path, device=str(device))
@@ -283,8 +209,6 @@ def read_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[d
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the exported backbone with ``common.models.create_backbone`` and load its weights strictly."""
-    from common import models  # imported here: models import nothing from checkpoint, keep it that way
-
     state, meta = read_export(path, device="cpu")
     name = meta["arch"]["name"]
     try:

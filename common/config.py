@@ -7,8 +7,6 @@ error naming the key, raised before any work starts.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import ConfigError
+from common.io import atomic_write_text
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -102,17 +101,5 @@ def to_object(cfg: DictConfig) -> Any:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg), resolve=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)

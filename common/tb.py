@@ -17,7 +17,7 @@ class RankZeroWriter:
         self.enabled = is_rank_zero()
         self._writer = None
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # rank 0 only: others never load TensorBoard
 
             self._writer = SummaryWriter(log_dir=str(logdir), **kwargs)
 

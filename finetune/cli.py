@@ -1,4 +1,4 @@
-"""``python -m finetune run|benchmark|experiment``: one cell, the grid, or the whole experiment, from YAML configs.
+"""``python -m finetune run|benchmark``: one cell or the grid, from YAML (the whole chain: ``python -m experiment``).
 
 Configs merge defaults ⊕ ``--config`` YAML ⊕ ``key=value`` overrides (``common.config``); the resolved config
 is written into the output directory. Bad input ends with one ``error:`` line naming the file or key.
@@ -14,7 +14,9 @@ from pathlib import Path
 
 from common.config import load_config, parse_with_overrides
 from common.errors import NeurotransferError
-from finetune.config import GridConfig, RunConfig
+from finetune.config import TRAIN_MODES, GridConfig, RunConfig
+from finetune.grid import run_grid
+from finetune.run import run_cell
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="the task's manifest CSV")
     run.add_argument(
         "--init",
-        help="scratch | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | medicalnet:PATH",
+        help="scratch | EXPORT_FOLDER | EXPORT.safetensors | deepspeed:DIR | timm2d:PATH | videomae:PATH | "
+        "medicalnet:PATH | monai:PATH",
     )
     run.add_argument("--backbone", help="a registry name (resnet18, vit_small_p16, ...)")
-    run.add_argument("--mode", choices=("linear", "full"))
+    run.add_argument("--mode", choices=TRAIN_MODES)
     run.add_argument("--config", help="YAML with RunConfig keys")
     run.add_argument("--out", help="run directory")
     run.add_argument("--overwrite", action="store_true", help="replace a finished or other run in --out, whole")
@@ -37,16 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", required=True, help="YAML with GridConfig keys (configs/finetune/*.yaml)")
     bench.add_argument("--out", help="output directory (default: the config's out_dir)")
     bench.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] base.train.epochs=3")
-    exp = sub.add_parser("experiment", help="synthetic cohorts -> pre-training per source -> fine-tuning -> report")
-    exp.add_argument("--config", required=True, help="YAML with ExperimentConfig keys (configs/experiment/*.yaml)")
-    exp.add_argument("--out", help="output directory (default: the config's out_dir)")
-    exp.add_argument("overrides", nargs="*", help="key=value, e.g. synth.corpus_n=100 grid.seeds=[0,1]")
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
-    from finetune.run import run_cell
-
     flags = {
         "task": args.task,
         "manifest": args.manifest,
@@ -69,28 +66,17 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _benchmark(args: argparse.Namespace) -> None:
-    from finetune.grid import run_grid
-
     cfg = load_config(GridConfig, args.config, args.overrides)
     out = Path(args.out or cfg.out_dir)
     run_grid(cfg, out)
     print((out / "results.md").read_text())
 
 
-def _experiment(args: argparse.Namespace) -> None:
-    from common.config import to_object
-    from finetune.experiment import ExperimentConfig, run_experiment
-
-    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
-    report = run_experiment(to_object(load_config(ExperimentConfig, args.config, overrides)))
-    print(f"report: {report}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_overrides(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        {"run": _run, "benchmark": _benchmark, "experiment": _experiment}[args.command](args)
+        {"run": _run, "benchmark": _benchmark}[args.command](args)
     except NeurotransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.protocol import ProtocolConfig
+from common.errors import ConfigError
+from common.precision import DEVICES, PRECISIONS
+from finetune.protocol import SCHEMES, ProtocolConfig
+
+TRAIN_MODES = ("linear", "full", "lora")  # finetune.modes.MODES implements each
+HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
+THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 
 
 @dataclass
 class BackboneConfig:
     name: str = "resnet18"  # a name from common.models.list_backbones()
-    kwargs: dict[str, Any] = field(
-        default_factory=dict
-    )  # extra create_backbone kwargs (depth, patch_size ...)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_backbone kwargs (depth, patch_size ...)
 
 
 @dataclass
@@ -27,8 +31,18 @@ class DataConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through ``peft`` (``train.mode=lora``): low-rank updates on the backbone's projections."""
+
+    rank: int = 4  # r of each update B·A; ~3 % of a ViT-Ti backbone trains at r 4 (adapters + norms)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA branch's input
+    targets: list[str] = field(default_factory=list)  # module suffixes (attn.qkv) or a type (Conv3d); []: default
+
+
+@dataclass
 class TrainConfig:
-    mode: str = "full"  # "linear" (frozen backbone, cached features, scikit-learn probe) or "full"
+    mode: str = "full"  # TRAIN_MODES: linear (frozen backbone, cached features, scikit-learn probe) | full | lora
     epochs: int = 30  # upper bound; early stopping usually ends sooner
     batch_size: int = 8
     lr: float = 3e-4  # peak AdamW lr for the head; backbone layers get lr * layer_decay^(depth - layer)
@@ -38,13 +52,14 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     patience: int = 8  # epochs without validation improvement before stopping
     class_weights: bool = True  # weight the loss by inverse class frequency of the training subjects
-    head_norm: str = "batch"  # features standardised over the batch before the head ("batch") or not ("none")
+    head_norm: str = "batch"  # HEAD_NORMS: features standardised over the batch before the head, or not
     head_dropout: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    bf16: str = "auto"  # "auto" (bf16 autocast where the hardware has native bf16), "on", "off"
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
     probe_c: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe grid
     probe_alpha: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])  # ridge grid
+    lora: LoraSettings = field(default_factory=LoraSettings)  # used by mode lora only
 
 
 @dataclass
@@ -53,7 +68,7 @@ class RunConfig:
 
     task: str = "ad"  # ad | pd | brain_age | classify:COLUMN | regress:COLUMN
     manifest: str = ""  # the task's manifest CSV
-    init: str = "scratch"  # scratch, EXPORT.safetensors, or deepspeed:/timm2d:/videomae:/medicalnet:PATH
+    init: str = "scratch"  # scratch, an export (folder or .safetensors), or KIND:PATH (common.weights.INIT_KINDS)
     init_axis: int = 0  # spatial axis a 2D init is inflated along (0 D, 1 H, 2 W)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -63,7 +78,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str = ""  # the run directory (default runs/finetune/TASK-BACKBONE-INIT)
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
-    threshold: str = "youden"  # binary tasks' decision cut: "youden" (chosen on each fold's validation) | "argmax"
+    threshold: str = "youden"  # binary tasks' decision cut: youden (chosen on each fold's validation) | argmax
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
     drop_labels: list[str] = field(default_factory=list)  # labels to leave out (e.g. [MCI]); other unknowns: error
 
@@ -73,9 +88,7 @@ class InitEntry:
     name: str = "scratch"  # the label in tables and plots
     spec: str = "scratch"  # the init spec given to common.weights.load_backbone
     backbones: list[str] = field(default_factory=list)  # backbone labels it applies to (empty: all)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # RunConfig key=value for this init, after the backbone's (train.layer_decay=0.75 for pre-trained weights)
+    overrides: list[str] = field(default_factory=list)  # RunConfig key=value after the backbone's (layer_decay)
 
 
 @dataclass
@@ -83,9 +96,7 @@ class GridBackbone:
     label: str = "resnet18"  # the name in tables (two entries may share a registry name)
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    overrides: list[str] = field(
-        default_factory=list
-    )  # RunConfig key=value for this backbone (train.lr=1e-3)
+    overrides: list[str] = field(default_factory=list)  # RunConfig key=value for this backbone (train.lr=1e-3)
 
 
 @dataclass
@@ -101,3 +112,20 @@ class GridConfig:
     base: RunConfig = field(default_factory=RunConfig)  # everything else (data, train, protocol ...)
     metrics: list[str] = field(default_factory=list)  # columns of results.md beyond the primary (default set)
 
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the first field of one cell's config with a value the run cannot use."""
+    choices = {
+        "train.mode": (cfg.train.mode, TRAIN_MODES),
+        "train.head_norm": (cfg.train.head_norm, HEAD_NORMS),
+        "train.precision": (cfg.train.precision, PRECISIONS),
+        "threshold": (cfg.threshold, THRESHOLDS),
+        "protocol.scheme": (cfg.protocol.scheme, SCHEMES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.train.device not in DEVICES and not cfg.train.device.startswith("cuda:"):
+        raise ConfigError(f"train.device must be one of {DEVICES} (or cuda:N), got {cfg.train.device!r}")
+    if not cfg.manifest:
+        raise ConfigError("manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)")

@@ -3,9 +3,6 @@ corrupt file fails before any training), kept in memory, and served with light a
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
-
 import numpy as np
 import pandas as pd
 import torch
@@ -14,9 +11,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.data import ManifestDataset, PreprocessConfig
 from finetune.config import DataConfig
-
-_CACHE: OrderedDict[str, torch.Tensor] = OrderedDict()  # a grid reuses one cohort's volumes across cells
-_CACHE_SIZE = 3
 
 
 def preprocess_config(cfg: DataConfig) -> PreprocessConfig:
@@ -34,18 +28,9 @@ def _first_image(items: list[dict]) -> torch.Tensor:
 
 def load_volumes(df: pd.DataFrame, cfg: DataConfig) -> torch.Tensor:
     """(N, 1, D, H, W) float32, one per manifest row in order; a bad file raises ``DataError`` naming it."""
-    pre = preprocess_config(cfg)
-    key = json.dumps([list(df["path"]), pre.describe()])
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    dataset = ManifestDataset(df[["path", "subject_id"]], pre)
+    dataset = ManifestDataset(df[["path", "subject_id"]], preprocess_config(cfg))
     loader = DataLoader(dataset, batch_size=1, num_workers=cfg.num_workers, collate_fn=_first_image)
-    volumes = torch.stack(list(loader))  # (N, 1, D, H, W)
-    _CACHE[key] = volumes
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return volumes
+    return torch.stack(list(loader))  # (N, 1, D, H, W)
 
 
 def augmentation(seed: int) -> Compose:

@@ -21,7 +21,16 @@ from common.config import save_config
 from common.errors import ConfigError
 from finetune.config import GridConfig, RunConfig
 from finetune.report import write_report
-from finetune.run import METRICS_FILE, check_init_path, prepare, run_cell
+from finetune.run import (
+    METRICS_FILE,
+    Prepared,
+    TaskData,
+    check_init_path,
+    load_task_data,
+    prepare,
+    run_cell,
+    task_data_key,
+)
 from finetune.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -48,18 +57,14 @@ def _slug(text: str) -> str:
 def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
     """Every cell of the grid, with its ``RunConfig``; checks labels, tasks and init paths up front."""
     if not cfg.tasks:
-        raise ConfigError(
-            "grid.tasks is empty: map each task to its manifest, e.g. tasks: {ad: cohort/manifest.csv}"
-        )
+        raise ConfigError("grid.tasks is empty: map each task to its manifest, e.g. tasks: {ad: cohort/manifest.csv}")
     labels = [b.label for b in cfg.backbones]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"backbone labels must be unique, got {labels}")
     for entry in cfg.inits:
         unknown = sorted(set(entry.backbones) - set(labels))
         if unknown:
-            raise ConfigError(
-                f"init {entry.name!r} names unknown backbone label(s) {unknown}; known: {labels}"
-            )
+            raise ConfigError(f"init {entry.name!r} names unknown backbone label(s) {unknown}; known: {labels}")
         check_init_path(entry.spec)
     cells = []
     for task, manifest in cfg.tasks.items():
@@ -106,17 +111,24 @@ def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
     cells = expand(cfg, out)
     todo = [c for c in cells if not (cell_dir(out, c) / METRICS_FILE).is_file()]
     log.info("grid: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    # Every task's inputs (manifest, labels, images, init weights, splits) are checked before the first cell
-    # trains; the volumes stay in finetune.data's in-memory cache for the cells.
+    # Every task's inputs (manifest, labels, images) are read and checked once, and every (task, backbone, init)
+    # has its weights, splits and leakage checked, before the first cell trains. The data is passed on, and
+    # the first cell of each combination gets what was prepared for it (held in memory until it runs).
+    data: dict[str, TaskData] = {}
+    prepared: dict[str, Prepared] = {}  # cell key -> its preparation
     checked: set[str] = set()
     for cell in todo:
-        key = json.dumps([cell.task, cell.cfg.manifest, cell.backbone, cell.init])
-        if key not in checked:
-            prepare(cell.cfg)
-            checked.add(key)
+        key = task_data_key(cell.cfg)
+        if key not in data:
+            data[key] = load_task_data(cell.cfg)
+        combination = json.dumps([key, cell.backbone, cell.init])
+        if combination not in checked:
+            prepared[cell.key] = prepare(cell.cfg, data[key])
+            checked.add(combination)
     for i, cell in enumerate(todo):
         log.info("grid cell %d/%d: %s", i + 1, len(todo), cell.key)
-        run_cell(cell.cfg, cell_dir(out, cell))
+        prep = prepared.pop(cell.key, None) or prepare(cell.cfg, data[task_data_key(cell.cfg)])
+        run_cell(cell.cfg, cell_dir(out, cell), prep)
     results = collect(out, cells)
     write_report(results, out, metrics=cfg.metrics or None)
     return results

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-
-HEAD_NORMS = ("batch", "none")
+from finetune.config import HEAD_NORMS
 
 
 class LinearHead(nn.Module):
@@ -25,7 +23,7 @@ class LinearHead(nn.Module):
     def __init__(self, feature_dim: int, out_dim: int, dropout: float = 0.0, norm: str = "batch"):
         super().__init__()
         if norm not in HEAD_NORMS:
-            raise ConfigError(f"train.head_norm must be one of {HEAD_NORMS}, got {norm!r}")
+            raise ValueError(f"norm must be one of {HEAD_NORMS}, got {norm!r}")
         self.norm = nn.BatchNorm1d(feature_dim, affine=False) if norm == "batch" else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(feature_dim, out_dim)

@@ -3,6 +3,7 @@ confidence intervals over subjects, and per-site results."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 
@@ -21,6 +22,8 @@ from sklearn.metrics import (
     roc_curve,
     root_mean_squared_error,
 )
+
+log = logging.getLogger(__name__)
 
 # The headline metric of each task kind, and whether larger is better (for early stopping and "best" marks).
 PRIMARY = {"classification": ("roc_auc", True), "regression": ("mae", False)}
@@ -51,9 +54,7 @@ def _classification_metrics(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -
     else:
         labels = np.arange(prob.shape[1])
         out["roc_auc"] = (
-            roc_auc_score(y, prob, multi_class="ovr", labels=labels)
-            if len(np.unique(y)) == prob.shape[1]
-            else np.nan
+            roc_auc_score(y, prob, multi_class="ovr", labels=labels) if len(np.unique(y)) == prob.shape[1] else np.nan
         )
         out["f1"] = f1_score(y, pred, average="macro", zero_division=0)
     return {k: float(v) for k, v in out.items()}
@@ -202,18 +203,23 @@ def score_predictions(pred: pd.DataFrame, kind: str, n_boot: int = 1000, seed: i
 
 
 def per_site(pred: pd.DataFrame, kind: str, column: str = "site") -> pd.DataFrame:
-    """Point metrics per value of ``column`` (no CI), with the number of images ``n``."""
+    """Point metrics per value of ``column`` (no CI), with the number of images ``n``. A site whose metrics
+    cannot be computed keeps its row, with NaN metrics and the reason in ``error``: a reader of
+    ``per_site.csv`` must see every site, not a table that silently lost one."""
     rows = []
     for site, part in pred.groupby(column):
         try:
             metrics = score_predictions(part, kind, n_boot=0)
-        except ValueError:
-            continue
+            error = ""
+        except ValueError as e:
+            metrics, error = {}, f"{type(e).__name__}: {e}"
+            log.warning("per-site metrics of %s=%s (%d rows) cannot be computed: %s", column, site, len(part), e)
         rows.append(
             {
                 column: site,
                 "n": len(part),
                 **{k: v for k, v in metrics.items() if not k.endswith(("_lo", "_hi"))},
+                "error": error,
             }
         )
     return pd.DataFrame(rows)

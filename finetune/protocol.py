@@ -7,7 +7,6 @@ are byte-identical (a duplicate under two IDs) are merged into one group before 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,18 +17,19 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
 
+from common.data import read_manifest
 from common.errors import ConfigError, DataError
+from common.io import file_hash
 
 SPLITS = ("train", "val", "test")
+SCHEMES = ("kfold", "holdout", "ood", "loso")  # protocol.scheme
 
 
 @dataclass
 class ProtocolConfig:
     """How subjects are divided into train / validation / test."""
 
-    scheme: str = (
-        "kfold"  # "kfold" (stratified k-fold CV), "holdout", "ood" (held-out sites/datasets), "loso"
-    )
+    scheme: str = "kfold"  # SCHEMES: stratified k-fold CV, holdout, ood (held-out sites/datasets), loso
     folds: int = 5  # k for "kfold"
     repeats: int = 1  # k-fold repeated with a new shuffle (fold ids continue: repeat r, fold i -> r * k + i)
     test_fraction: float = 0.2  # share of subjects in the test set for "holdout"
@@ -56,11 +56,7 @@ class Fold:
 # --------------------------------------------------------------------------------------------- subjects
 @lru_cache(maxsize=65536)
 def _file_digest(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hash(path, "sha1")  # size and mtime are in the cache key: a changed file is hashed again
 
 
 def file_digest(path: str | Path) -> str:
@@ -69,9 +65,7 @@ def file_digest(path: str | Path) -> str:
     return _file_digest(str(path), st.st_size, st.st_mtime)
 
 
-def subject_table(
-    df: pd.DataFrame, y: np.ndarray, classification: bool, hash_images: bool = True
-) -> pd.DataFrame:
+def subject_table(df: pd.DataFrame, y: np.ndarray, classification: bool, hash_images: bool = True) -> pd.DataFrame:
     """One row per subject: ``subject_id``, ``strata`` (class or age quintile), ``site``, ``dataset``,
     ``group``.
 
@@ -120,9 +114,7 @@ def _identical_image_groups(rows: pd.DataFrame, subjects: pd.Series, hash_images
 
 
 # --------------------------------------------------------------------------------------------- folds
-def _stratified_groups(
-    subjects: pd.DataFrame, n_splits: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def _stratified_groups(subjects: pd.DataFrame, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k folds of row positions, whole groups per fold, stratified when every stratum has k groups."""
     n_groups = subjects["group"].nunique()
     if n_splits > n_groups:
@@ -131,9 +123,7 @@ def _stratified_groups(
     if smallest >= n_splits:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         return list(splitter.split(subjects, subjects["strata"], subjects["group"]))
-    splitter = GroupKFold(
-        n_splits=n_splits, shuffle=True, random_state=seed
-    )  # too few of a class to stratify
+    splitter = GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)  # too few of a class to stratify
     return list(splitter.split(subjects, groups=subjects["group"]))
 
 
@@ -166,9 +156,7 @@ def make_folds(subjects: pd.DataFrame, cfg: ProtocolConfig, seed: int) -> list[F
         if cfg.folds < 2:
             raise ConfigError(f"protocol.folds must be >= 2 for k-fold, got {cfg.folds}")
         for r in range(cfg.repeats):
-            outer += [
-                (tr, te, f"repeat{r}") for tr, te in _stratified_groups(subjects, cfg.folds, seed + 1009 * r)
-            ]
+            outer += [(tr, te, f"repeat{r}") for tr, te in _stratified_groups(subjects, cfg.folds, seed + 1009 * r)]
     elif cfg.scheme == "holdout":
         if not 0 < cfg.test_fraction < 1:
             raise ConfigError(f"protocol.test_fraction must lie in (0, 1), got {cfg.test_fraction}")
@@ -193,7 +181,7 @@ def make_folds(subjects: pd.DataFrame, cfg: ProtocolConfig, seed: int) -> list[F
         for tr, te in LeaveOneGroupOut().split(subjects, groups=sites):
             outer.append((tr, te, f"site {sites.iloc[te[0]]}"))
     else:
-        raise ConfigError(f"protocol.scheme must be kfold, holdout, ood or loso, got {cfg.scheme!r}")
+        raise ConfigError(f"protocol.scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
     folds = []
     for i, (pool, test, name) in enumerate(outer):
         train, val = _carve_val(subjects, pool, cfg.val_fraction, seed + i)
@@ -286,8 +274,6 @@ def check_pretrain_overlap(test_paths: Iterable[str], manifests: Sequence[str | 
     """Raise ``DataError`` if a downstream test image is in a pre-training manifest (same file or bytes)."""
     if not manifests:
         return
-    from common.data import read_manifest
-
     tests = {str(Path(p).resolve()): p for p in test_paths}
     sizes: dict[int, list[str]] = {}
     for p in tests:

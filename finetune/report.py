@@ -27,9 +27,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     numeric = [
         c
         for c in results.columns
-        if c not in KEYS
-        and pd.api.types.is_numeric_dtype(results[c])
-        and c not in ("seed", "higher_is_better")
+        if c not in KEYS and pd.api.types.is_numeric_dtype(results[c]) and c not in ("seed", "higher_is_better")
     ]
     grouped = results.groupby(KEYS, sort=True)
     summary = grouped[numeric].mean().reset_index()
@@ -66,11 +64,7 @@ def markdown(summary: pd.DataFrame, metrics: list[str] | None = None) -> str:
         lines += [
             f"## {task}",
             "",
-            "| backbone | init | mode | fraction | seeds | "
-            + primary
-            + " (95 % CI) | "
-            + " | ".join(cols)
-            + " |",
+            "| backbone | init | mode | fraction | seeds | " + primary + " (95 % CI) | " + " | ".join(cols) + " |",
             "|" + "---|" * (6 + len(cols)),
         ]
         for (_, row), top in zip(part.iterrows(), best):
@@ -87,11 +81,7 @@ def markdown(summary: pd.DataFrame, metrics: list[str] | None = None) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         base = part.get(f"baseline_{primary}")
         if base is not None and base.notna().any():
-            what = (
-                "chance (training-set class priors)"
-                if kind == "classification"
-                else "training-mean predictor"
-            )
+            what = "chance (training-set class priors)" if kind == "classification" else "training-mean predictor"
             lines += ["", f"Trivial baseline, {what}: {primary} = {base.mean():.3f}"]
         lines.append("")
     return "\n".join(lines)
@@ -149,9 +139,7 @@ def plot_sites(results: pd.DataFrame, out_dir: Path, out: Path) -> list[Path]:
             if path.is_file() and path.stat().st_size > 1:
                 site = pd.read_csv(path)
                 if primary in site and "site" in site:
-                    frames.append(
-                        site.assign(model=f"{row['backbone']}/{row['init']}")[["site", "model", primary]]
-                    )
+                    frames.append(site.assign(model=f"{row['backbone']}/{row['init']}")[["site", "model", primary]])
         if not frames:
             continue
         table = pd.concat(frames).groupby(["site", "model"])[primary].mean().unstack("model")
@@ -167,9 +155,7 @@ def plot_sites(results: pd.DataFrame, out_dir: Path, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(
-    results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None
-) -> pd.DataFrame:
+def write_report(results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None) -> pd.DataFrame:
     """Write results.csv, results.md, plots/*.png and tb/ summary scalars; returns the per-cell summary."""
     out_dir = Path(out_dir)
     results.to_csv(out_dir / "results.csv", index=False)

@@ -23,15 +23,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common.checkpoint import atomic_write
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError
+from common.io import atomic_write
 from common.models import create_backbone
 from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init
-from finetune.config import RunConfig
+from finetune.config import RunConfig, validate
 from finetune.data import load_volumes, preprocess_config
 from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
 from finetune.modes import MODES, FoldInputs
@@ -82,47 +82,69 @@ def check_init_path(init: str) -> None:
         raise CheckpointError(f"{path}: init {init!r} names {article} {kind} source that does not exist")
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Read and check all inputs; a ``NeurotransferError`` names the file/column before any training."""
-    if cfg.train.mode not in MODES:
-        raise ConfigError(f"train.mode must be one of {', '.join(MODES)}, got {cfg.train.mode!r}")
-    if cfg.threshold not in ("youden", "argmax"):
-        raise ConfigError(f"threshold must be youden or argmax, got {cfg.threshold!r}")
-    if not cfg.manifest:
-        raise ConfigError(
-            "manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)"
-        )
+@dataclass
+class TaskData:
+    """One task's checked rows, labels, volumes and subjects: what every cell on that task shares."""
+
+    task: Task
+    df: pd.DataFrame  # the task's rows
+    y: np.ndarray
+    classes: tuple[str, ...] | None
+    volumes: torch.Tensor  # (N, 1, D, H, W)
+    subjects: pd.DataFrame  # finetune.protocol.subject_table
+    dropped: dict[str, int] = field(default_factory=dict)  # rows left out by label (drop_labels)
+
+
+def task_data_key(cfg: RunConfig) -> str:
+    """Cells with equal keys share their ``TaskData`` (same task, manifest, preprocessing, duplicate check)."""
+    pre = preprocess_config(cfg.data).describe()
+    return json.dumps([cfg.task, cfg.manifest, cfg.drop_labels, pre, cfg.protocol.check_duplicates], default=str)
+
+
+def load_task_data(cfg: RunConfig) -> TaskData:
+    """Read and check the manifest, labels and every image (a corrupt file fails here, before any training)."""
+    validate(cfg)
     task = get_task(cfg.task)
-    check_init_path(cfg.init)
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
     labelled = label_rows(task, df, cfg.manifest, cfg.drop_labels)
     if labelled.dropped:
-        log.info("%s: left out %s rows by drop_labels (%s)", cfg.manifest, sum(labelled.dropped.values()),
-                 ", ".join(f"{k}: {n}" for k, n in labelled.dropped.items()))
+        log.info(
+            "%s: left out %s rows by drop_labels (%s)",
+            cfg.manifest,
+            sum(labelled.dropped.values()),
+            ", ".join(f"{k}: {n}" for k, n in labelled.dropped.items()),
+        )
+    volumes = load_volumes(labelled.df, cfg.data)
+    subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
+    return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects, labelled.dropped)
+
+
+def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
+    """Check all inputs of one cell; a ``NeurotransferError`` names the file/column before any training.
+
+    ``data`` is the cell's ``TaskData`` when the caller (the grid) has read it already, else it is read here.
+    """
+    validate(cfg)
+    get_task(cfg.task)
+    check_init_path(cfg.init)
     seed_everything(cfg.seed)  # a scratch backbone's random weights follow the seed
     backbone = build_backbone(cfg)
     report = load_backbone(backbone, cfg.init, axis=cfg.init_axis)
-    volumes = load_volumes(labelled.df, cfg.data)  # every image read now: a corrupt one fails here
-
-    subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
+    data = data or load_task_data(cfg)
+    subjects = data.subjects
     if cfg.protocol.splits_file:
         folds = read_splits(cfg.protocol.splits_file, subjects["subject_id"])
     else:
         folds = make_folds(subjects, cfg.protocol, cfg.seed)
     # the subset seed ignores the fraction, so smaller training sets are nested inside larger ones
-    subsets = {
-        f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds
-    }
+    subsets = {f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds}
     splits = splits_frame(folds, subsets)
     source = cfg.protocol.splits_file or cfg.manifest
-    check_splits(splits, labelled.df, source, cfg.protocol.check_duplicates)
-    tests = labelled.df["path"][
-        labelled.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])
-    ]
+    check_splits(splits, data.df, source, cfg.protocol.check_duplicates)
+    tests = data.df["path"][data.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])]
     check_pretrain_overlap(tests, cfg.protocol.pretrain_manifests)
     return Prepared(
-        task, labelled.df, labelled.y, labelled.classes, volumes, folds, subsets, splits, backbone, report,
-        labelled.dropped,
+        data.task, data.df, data.y, data.classes, data.volumes, folds, subsets, splits, backbone, report, data.dropped
     )
 
 
@@ -132,8 +154,10 @@ def _features_key(cfg: RunConfig, prep: Prepared) -> str:
     for name, tensor in prep.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return json.dumps([prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(),
-                       list(prep.df["path"])], default=str)
+    return json.dumps(
+        [prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(), list(prep.df["path"])],
+        default=str,
+    )
 
 
 def check_run_folder(out: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -213,6 +237,8 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
             tb=tb,
             tb_prefix=f"fold{fold.fold}/",
             augment=cfg.data.augment,
+            fold=fold.fold,
+            out_dir=str(out),
         )
         val_out, test_out, info = mode(inputs, cfg.train)
         fold_info.append(
@@ -238,9 +264,7 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
 
     test = predictions[predictions["split"] == "test"]
     metrics = score_predictions(test, kind, n_boot=cfg.bootstrap, seed=cfg.seed)
-    baseline = score_predictions(
-        pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed
-    )
+    baseline = score_predictions(pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed)
     sites = per_site(test, kind) if "site" in test else pd.DataFrame()
     sites.to_csv(out / "per_site.csv", index=False)
     primary, higher = PRIMARY[kind]

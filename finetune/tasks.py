@@ -21,9 +21,7 @@ class Task:
     name: str
     kind: str  # "classification" or "regression"
     column: str  # the manifest column holding the label
-    classes: tuple[str, ...] | None = (
-        None  # class values in label order (negative first); None: all values seen
-    )
+    classes: tuple[str, ...] | None = None  # class values in label order (negative first); None: all values seen
 
     @property
     def is_classification(self) -> bool:
@@ -44,9 +42,7 @@ def get_task(name: str) -> Task:
     kind, sep, column = name.partition(":")
     if sep and column and kind in ("classify", "regress"):
         return Task(name, "classification" if kind == "classify" else "regression", column)
-    raise ConfigError(
-        f"unknown task {name!r}; use one of {', '.join(NAMED_TASKS)}, classify:COLUMN or regress:COLUMN"
-    )
+    raise ConfigError(f"unknown task {name!r}; use one of {', '.join(NAMED_TASKS)}, classify:COLUMN or regress:COLUMN")
 
 
 @dataclass

@@ -11,17 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-CORPORA = ("synthmri", "medical", "video", "mixed")
+from common.attention import BACKENDS
+from common.errors import ConfigError
+from common.precision import DEVICES, PRECISIONS
+
+CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
 OBJECTIVES = ("mae", "simclr", "moco")
+MASKINGS = ("random", "tube")  # MAE: per token, or one spatial mask repeated along D (VideoMAE's tube)
+VIDEO_READERS = ("auto", "decord", "pyav")
 
 
 @dataclass
 class SynthMRIConfig:
-    directory: str | None = (
-        None  # a directory written by `python -m synth`; None generates volumes on the fly
-    )
+    directory: str | None = None  # a directory written by `python -m synth`; None generates volumes on the fly
     synth_config: str | None = None  # YAML for synth's generator (on the fly); None uses synth's defaults
     overrides: list[str] = field(default_factory=list)  # key=value overrides for synth's generator config
+    device: str = "cpu"  # auto | cpu | cuda: cpu = DataLoader workers; cuda (auto on a GPU) = batched on the GPU
 
 
 @dataclass
@@ -29,9 +34,7 @@ class MedicalConfig:
     manifest: str | None = None  # CSV manifest (common.data format); either this or `directory`
     directory: str | None = None  # a folder searched recursively for *.nii / *.nii.gz
     intensity: str = "zscore"  # common's intensity normalisation: zscore | percentile
-    crop_from: list[int] | None = (
-        None  # preprocess to this (D, H, W) and take random input_size crops; None = input_size
-    )
+    crop_from: list[int] | None = None  # preprocess to this (D, H, W), take random input_size crops; None: none
     flip_prob: float = 0.5  # per-axis random flip probability
 
 
@@ -39,8 +42,14 @@ class MedicalConfig:
 class VideoConfig:
     paths: list[str] = field(default_factory=list)  # video files and/or directories (searched recursively)
     stride: int = 2  # frames between consecutive clip frames (temporal subsampling)
-    reader: str = "auto"  # auto | decord | pyav: decord when installed, PyAV as fallback
+    reader: str = "auto"  # VIDEO_READERS: decord when installed, PyAV as fallback
     extensions: list[str] = field(default_factory=lambda: [".mp4", ".avi", ".mkv", ".webm", ".mov"])
+
+
+@dataclass
+class PackedConfig:
+    directory: str | None = None  # a folder written by `python -m pretrain.pack` (preprocessed, memory-mapped)
+    flip_prob: float = 0.5  # per-axis random flip probability
 
 
 @dataclass
@@ -54,9 +63,7 @@ class MixedConfig:
 @dataclass
 class DataConfig:
     input_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # (D, H, W) fed to the model
-    spacing: list[float] = field(
-        default_factory=lambda: [2.0, 2.0, 2.0]
-    )  # mm, for MRI corpora (and metadata)
+    spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm, for MRI corpora (and metadata)
     batch_size: int = 4  # per rank, per micro-step
     num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
@@ -66,6 +73,7 @@ class DataConfig:
     medical: MedicalConfig = field(default_factory=MedicalConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
+    packed: PackedConfig = field(default_factory=PackedConfig)
 
 
 @dataclass
@@ -73,9 +81,7 @@ class ModelConfig:
     backbone: str = "vit_base_p16"  # a name from common.models.list_backbones()
     # extra create_backbone keywords (patch_size, depth ...); common.config keeps dict fields open to any key
     kwargs: dict[str, Any] = field(default_factory=dict)
-    grad_checkpointing: bool = (
-        False  # recompute blocks in backward: less activation memory, ~30% more compute
-    )
+    grad_checkpointing: bool = False  # recompute blocks in backward: less activation memory, ~30% more compute
     attn_backend: str = "auto"  # auto | sdpa | xformers | math (ViTs)
 
 
@@ -95,9 +101,7 @@ class ContrastiveConfig:
     proj_dim: int = 256  # output width of the projection head
     proj_hidden: int = 2048  # hidden width of projection / prediction MLPs
     momentum: float = 0.99  # MoCo v3: momentum encoder EMA at step 0, raised to 1 by a cosine over training
-    crop_scale: list[float] = field(
-        default_factory=lambda: [0.4, 1.0]
-    )  # random resized crop, share of each axis
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])  # random resized crop, share of each axis
     affine_prob: float = 0.5  # random rotation / scaling
     intensity_prob: float = 0.8  # random contrast / scale / shift
     noise_prob: float = 0.5  # Gaussian noise
@@ -137,9 +141,45 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    corpus: str = "synthmri"  # synthmri | medical | video | mixed (the --corpus flag sets it)
+    corpus: str = "synthmri"  # synthmri | medical | video | mixed | packed (the --corpus flag sets it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Raise ``ConfigError`` naming the first field whose value the run cannot use (before any work starts)."""
+    choices = {
+        "corpus": (cfg.corpus, CORPORA),
+        "objective.name": (cfg.objective.name, OBJECTIVES),
+        "objective.mae.masking": (cfg.objective.mae.masking, MASKINGS),
+        "data.video.reader": (cfg.data.video.reader, VIDEO_READERS),
+        "model.attn_backend": (cfg.model.attn_backend, BACKENDS),
+        "train.precision": (cfg.train.precision, PRECISIONS),
+        "data.synthmri.device": (cfg.data.synthmri.device, DEVICES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    d, mae, con = cfg.data, cfg.objective.mae, cfg.objective.contrastive
+    if len(d.input_size) != 3 or min(d.input_size) < 1:
+        raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
+    if cfg.train.steps < 1 or d.batch_size < 1:
+        raise ConfigError("train.steps and data.batch_size must be >= 1")
+    if d.video.stride < 1:
+        raise ConfigError(f"data.video.stride must be >= 1, got {d.video.stride}")
+    if not 0.0 < mae.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mae.mask_ratio must lie in (0, 1), got {mae.mask_ratio}")
+    if mae.decoder_dim % mae.decoder_heads:
+        raise ConfigError(
+            f"objective.mae.decoder_dim {mae.decoder_dim} is not divisible by decoder_heads {mae.decoder_heads}"
+        )
+    if con.temperature <= 0:
+        raise ConfigError(f"objective.contrastive.temperature must be > 0, got {con.temperature}")
+    if not 0.0 <= con.momentum <= 1.0:
+        raise ConfigError(f"objective.contrastive.momentum must lie in [0, 1], got {con.momentum}")
+    lo, hi = con.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"objective.contrastive.crop_scale must be (low, high) in (0, 1], got {list(con.crop_scale)}")

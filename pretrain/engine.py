@@ -25,12 +25,11 @@ from deepspeed.accelerator import get_accelerator
 from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError, ConfigError
 from common.optim import adamw_kernel
-from common.precision import bf16_native, choose_precision, step_seconds
+from common.precision import choose_precision, resolve_precision, step_seconds
 from common.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE = "neurotransfer.warmup_cosine"  # common.schedule, handed to DeepSpeed as a client scheduler
 # Keys the pretrain config decides; a DeepSpeed JSON may repeat them only with the same value.
 OWNED_KEYS = (
@@ -73,20 +72,9 @@ def device_type() -> str:
     return get_accelerator().device_name()
 
 
-def bf16_supported() -> bool:
-    """Whether the accelerator computes in bf16 natively (on CPU: AVX512-BF16 or AMX; emulation is slower)."""
-    if device_type() not in ("cpu", "cuda"):
-        return get_accelerator().is_bf16_supported()
-    return bf16_native(device_type())
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where the hardware has it, else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    return precision
+def resolve_run_precision(precision: str) -> str:
+    """``train.precision`` resolved for the accelerator DeepSpeed runs on (``common.precision``'s words)."""
+    return resolve_precision(precision, device_type(), key="train.precision")
 
 
 def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision: str) -> dict[str, Any]:
@@ -159,8 +147,7 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weights; none on norms, biases, position embeddings and tokens
-    (``no_weight_decay``)."""
+    """AdamW groups: decay on weights; none on norms, biases, position embeddings and tokens (``no_weight_decay``)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -215,7 +202,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, ds_config: dict[str, Any]):
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        if self.zero_stage == 3 and hasattr(model, "after_step"):
+        if self.zero_stage == 3 and getattr(model, "updates_in_place", False):  # an Objective's declaration
             raise ConfigError(
                 "this objective updates a momentum encoder in place, which ZeRO stage 3 partitions; "
                 "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"
@@ -328,8 +315,7 @@ class Engine:
 
     @contextlib.contextmanager
     def full_parameters(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them
-        already)."""
+        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them already)."""
         if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 yield module
@@ -349,6 +335,6 @@ class Engine:
             with open("/proc/self/status") as f:
                 return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20  # kB
         except (OSError, StopIteration):
-            import resource
+            import resource  # Unix-only; the fallback where /proc is absent
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

@@ -18,12 +18,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from common.checkpoint import atomic_write, export_backbone
+from common.checkpoint import FOLDER_WEIGHTS
 from common.distributed import is_rank_zero
 from common.errors import DataError, NeurotransferError
+from common.export import export_folder, link_file
+from common.io import atomic_write
 from common.tb import RankZeroWriter, progress
 from pretrain.corpora.stream import StreamPosition
 from pretrain.engine import Engine
+from pretrain.objectives.base import Objective
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "step"
@@ -48,15 +51,14 @@ def step_seed(seed: int, rank: int, micro_step: int) -> int:
 
 
 class Trainer:
-    """Runs ``objective`` under ``engine`` on the stream ``make_loader(position)`` for ``cfg.train.steps``
-    steps."""
+    """Runs ``objective`` under ``engine`` on the stream ``make_loader(position)`` for ``cfg.train.steps`` steps."""
 
     def __init__(
         self,
         cfg,
         out: Path,
         engine: Engine,
-        objective: torch.nn.Module,
+        objective: Objective,
         make_loader: Callable[[StreamPosition], DataLoader],
         export_metadata: dict[str, Any],
     ):
@@ -65,7 +67,7 @@ class Trainer:
         self.export_metadata = export_metadata
         self.ckpt_dir = self.out / "checkpoints"
         self.step = 0
-        self.position = StreamPosition(num_workers=cfg.data.num_workers)
+        self.position = StreamPosition()
         self.nonfinite = 0  # skipped micro-steps, whole run
         self.streak = 0  # ... in a row
 
@@ -77,7 +79,7 @@ class Trainer:
         self.nonfinite = int(client.get("nonfinite", 0))
         states = client["data"]
         if len(states) == self.engine.world_size:
-            self.position = StreamPosition.from_state(states[self.engine.rank], self.cfg.data.num_workers)
+            self.position = StreamPosition.from_state(states[self.engine.rank])
         else:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: data streams restart",
@@ -113,11 +115,14 @@ class Trainer:
         bar = progress(total=cfg.steps, initial=self.step, desc="pretrain")
         window = new_window()
         last_loss = float("nan")
+        waited, started = 0.0, time.perf_counter()  # whole run: the data-wait share in the result line
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 batch = next(batches)
-                window["wait"] += time.perf_counter() - t0
+                wait = time.perf_counter() - t0
+                window["wait"] += wait
+                waited += wait
                 self.position.update(batch)
                 self._check_bad_share()
                 inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
@@ -135,22 +140,23 @@ class Trainer:
                 engine.step()
                 window["loss"] = window["loss"] + out["loss"].detach().float()  # on device: no sync
                 window["micro"] += 1
-                window["volumes"] += int(batch["_worker"].numel())
+                window["volumes"] += int(batch["_batch"].numel())
                 if not boundary:
                     continue
                 self.step += 1
                 bar.update(1)
-                if hasattr(self.objective, "after_step"):
-                    self.objective.after_step(self.step, cfg.steps)
+                self.objective.after_step(self.step, cfg.steps)
                 if log_now:
                     last_loss = self._log(writer, window, grad_norm, lr)
                     bar.set_postfix(loss=f"{last_loss:.4f}")
                     window = new_window()
-                if cfg.image_every and self.step % cfg.image_every == 0 and hasattr(self.objective, "images"):
+                tag = self.objective.image_tag
+                if tag and cfg.image_every and self.step % cfg.image_every == 0:
                     for name, image in self.objective.images(engine.to_device(inputs), out).items():
-                        writer.add_image(f"mae/{name}", image.float().cpu(), self.step)
+                        writer.add_image(f"{tag}/{name}", image.float().cpu(), self.step)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.checkpoint()
+            elapsed = time.perf_counter() - started  # before the final checkpoint: training steps only
             self.checkpoint()
         finally:
             bar.close()
@@ -161,6 +167,7 @@ class Trainer:
             "loss": last_loss,
             "nonfinite": self.nonfinite,
             "bad_items": self.position.skipped,
+            "data_wait_share": round(waited / max(elapsed, 1e-9), 4),
         }
 
     def _skip_nonfinite(self) -> None:
@@ -219,9 +226,7 @@ class Trainer:
         writer.flush()
         if is_rank_zero():
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(
-                    json.dumps({"step": self.step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n"
-                )
+                f.write(json.dumps({"step": self.step, **{k.split("/")[1]: v for k, v in scalars.items()}}) + "\n")
         return loss
 
     # ---- checkpoints and export --------------------------------------------------------------------------
@@ -249,11 +254,14 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def export(self) -> Path:
-        """``export/encoder.safetensors``: the backbone's weights and metadata, written atomically by rank
-        0."""
-        path = self.out / "export" / "encoder.safetensors"
+        """``export/``: the export folder (``model.safetensors``, ``config.json``, the ``README.md`` card with
+        the loss so far), written by rank 0, each file atomically; ``encoder.safetensors`` names the same
+        weights for readers of the single file."""
+        folder = self.out / "export"
         encoder = self.objective.encoder
         with self.engine.full_parameters(encoder):
             if is_rank_zero():
-                export_backbone(encoder, path, {**self.export_metadata, "step": self.step})
-        return path
+                meta = {**self.export_metadata, "step": self.step}
+                export_folder(encoder, folder, meta, metrics=self.out / "metrics.jsonl")
+                link_file(folder / FOLDER_WEIGHTS, folder / "encoder.safetensors")
+        return folder / "encoder.safetensors"

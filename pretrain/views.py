@@ -33,9 +33,7 @@ def build_view_transform(cfg, input_size: Sequence[int]) -> Compose:
     """The random view pipeline for ``cfg`` (a ``ContrastiveConfig``): (1, D, H, W) -> (1, *input_size)."""
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
-        raise ConfigError(
-            f"objective.contrastive.crop_scale must be (low, high) in (0, 1], got {list(cfg.crop_scale)}"
-        )
+        raise ConfigError(f"objective.contrastive.crop_scale must be (low, high) in (0, 1], got {list(cfg.crop_scale)}")
     size = tuple(int(s) for s in input_size)
     return Compose(
         [
@@ -52,9 +50,7 @@ def build_view_transform(cfg, input_size: Sequence[int]) -> Compose:
             RandAdjustContrast(prob=cfg.intensity_prob, gamma=(0.7, 1.5)),
             RandScaleIntensity(factors=0.2, prob=cfg.intensity_prob),
             RandShiftIntensity(offsets=0.1, prob=cfg.intensity_prob),
-            RandGaussianSmooth(
-                sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=cfg.blur_prob
-            ),
+            RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), sigma_z=(0.25, 1.0), prob=cfg.blur_prob),
             RandGaussianNoise(prob=cfg.noise_prob, std=0.05),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]

@@ -1,4 +1,3 @@
-"""Synthetic brain MRI: anatomy model, deformation and atrophy, contrast and artefacts, cohorts, datasets,
-CLI."""
+"""Synthetic brain MRI: anatomy model, deformation and atrophy, contrast and artefacts, cohorts, datasets, CLI."""
 
 import common  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)

@@ -13,8 +13,7 @@ from synth.resize import resize
 
 
 def log_bias_field(lattice: Lattice, sd: float, control_mm: float, rng: np.random.Generator) -> torch.Tensor:
-    """Smooth log bias (d, h, w) on ``lattice``: Gaussian at control points ``control_mm`` apart,
-    upsampled."""
+    """Smooth log bias (d, h, w) on ``lattice``: Gaussian at control points ``control_mm`` apart, upsampled."""
     extent = lattice.step * (np.asarray(lattice.size) - 1)
     coarse = tuple(int(math.ceil(e / control_mm)) + 1 for e in extent)
     b = torch.from_numpy(rng.normal(0.0, sd, (1, 1, *coarse)).astype(np.float32))
@@ -40,9 +39,9 @@ def acquire(
     # integer averaging factors: avg_pool is ~10x faster than adaptive pooling and the ratio need not be exact
     factor = tuple(max(1, round(r / spacing)) for r in resolution_mm)
     low = F.avg_pool3d(image, factor, ceil_mode=True) if max(factor) > 1 else image
-    n1 = torch.randn(low.shape, generator=generator)
+    n1 = torch.randn(low.shape, generator=generator, device=generator.device)
     if rician:
-        n2 = torch.randn(low.shape, generator=generator)
+        n2 = torch.randn(low.shape, generator=generator, device=generator.device)
         low = torch.sqrt((low + noise_sd * n1).square_() + (noise_sd * n2).square_())
     else:
         low = low + noise_sd * n1

@@ -77,8 +77,7 @@ def template_lattice(lattice_mm: float) -> Lattice:
 
 @functools.lru_cache(maxsize=2)
 def atrophy_basis(lattice_mm: float) -> dict[str, torch.Tensor]:
-    """Unit-peak region fields ``g`` (3, d, h, w) on ``template_lattice(lattice_mm)``, signed by
-    ``DIRECTION``."""
+    """Unit-peak region fields ``g`` (3, d, h, w) on ``template_lattice(lattice_mm)``, signed by ``DIRECTION``."""
     t = load_templates()
     lattice = template_lattice(lattice_mm)
     # lattice points in template voxel units (1 mm, origin t.origin_mm)

@@ -3,6 +3,7 @@
     python -m synth generate --out DIR --n N --seed S [--spacing MM] [--contrast t1|random] [--workers W]
         [key=value ...]
     python -m synth cohort --task ad|pd|brain_age --out DIR --n N --sites K --seed S [--spacing MM] [...]
+    python -m synth generate|cohort ... --shard K/N     # one job of an array; then: python -m synth merge --out DIR
 
 ``key=value`` overrides any ``SynthConfig`` field (e.g. ``atrophy.hippocampus_ad_mm=2``); ``--config FILE``
 reads a YAML first (``configs/synth/default.yaml`` holds the defaults). Mistakes give one line on stderr and
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from common.config import load_config, parse_with_overrides, to_object
 from common.errors import NeurotransferError
 from synth.config import CONTRASTS, TASKS, SynthConfig
+from synth.ldm.cli import add_ldm_commands
 
 
 class UsageError(Exception):
@@ -38,6 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--config", default=None, help="YAML config file (SynthConfig fields)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default=None, metavar="K/N", help="make only the K-th of N index ranges (job arrays)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. atrophy.ventricle_ad_mm=2")
 
 
@@ -49,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("--task", required=True, choices=TASKS, help="ad: CN/AD, pd: HC/PD, brain_age: CN 20-90")
     cohort.add_argument("--sites", type=int, default=1, help="number of sites (scanners); each gets both classes")
     _common(cohort)
-    from synth.ldm.cli import add_ldm_commands
-
+    merge = sub.add_parser("merge", help="join the shard manifests of a folder into manifest.csv")
+    merge.add_argument("--out", required=True, help="the folder the shards wrote")
     add_ldm_commands(sub)  # ldm-train, ldm-sample: the latent-diffusion backend
     return parser
 
@@ -77,14 +80,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = parse_with_overrides(build_parser(), argv)
     if hasattr(args, "func"):  # a latent-diffusion command
         return args.func(args)
+    if args.command == "merge":
+        from synth.shard import merge
+
+        print(merge(args.out))
+        return 0
     cfg = load(args)
     from synth.cohort import Job, default_workers, generate  # after parsing: --help stays fast
+    from synth.shard import Shard
+
+    shard = None if args.shard is None else Shard.parse(args.shard)
 
     job = Job(seed=args.seed) if args.command == "generate" else Job(seed=args.seed, task=args.task, sites=args.sites)
     workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
-    manifest = generate(args.out, cfg, job, args.n, workers=workers, show_progress=not args.no_progress)
+    manifest = generate(args.out, cfg, job, args.n, workers=workers, show_progress=not args.no_progress, shard=shard)
     print(manifest)
     return 0
 

@@ -25,23 +25,23 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from common.checkpoint import atomic_write
 from common.data.manifest import MANIFEST_COLUMNS
 from common.data.nifti import write_nifti
 from common.errors import ConfigError, DataError
+from common.io import atomic_write
 from common.tb import progress
 from synth.anatomy import anatomy_at
 from synth.atrophy import atrophy_basis
 from synth.config import TASKS, SynthConfig
 from synth.generator import Generator, head_scale
 from synth.regions import label_volumes
+from synth.shard import Shard
 from synth.subject import SubjectPlan, cohort_plan, corpus_plan
 
 
 @dataclass(frozen=True)
 class Job:
-    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over
-    ``sites``."""
+    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over ``sites``."""
 
     seed: int
     task: str | None = None
@@ -67,7 +67,7 @@ def check_job(job: Job, n: int) -> None:
         raise ConfigError(f"--sites must be >= 1, got {job.sites}")
 
 
-def _prepare(out: Path, cfg: SynthConfig, job: Job) -> None:
+def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "the output path is a file, not a folder; give a folder with --out")
     settings = OmegaConf.to_yaml(OmegaConf.create({"job": asdict(job), "config": OmegaConf.structured(cfg)}))
@@ -82,8 +82,10 @@ def _prepare(out: Path, cfg: SynthConfig, job: Job) -> None:
     try:
         for sub in ("images", "labels"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-            for stale in (out / sub).glob(".tmp-*.nii.gz"):  # temporary files of a killed run, never outputs
-                stale.unlink(missing_ok=True)
+            # temporary files of a killed run, never outputs; only our own subjects' (other shards may be writing)
+            for stale in (out / sub).glob(".tmp-*.nii.gz"):
+                if stale.name.split("-", 2)[-1].removesuffix(".nii.gz") in subjects:
+                    stale.unlink(missing_ok=True)
         if not record.is_file():
             with atomic_write(record) as tmp:
                 tmp.write_text(settings)
@@ -195,22 +197,37 @@ def _run(todo: list[int], cfg: SynthConfig, job: Job, out: Path, workers: int) -
             raise
 
 
-def generate(out: str | Path, cfg: SynthConfig, job: Job, n: int, workers: int = 1, show_progress: bool = True) -> Path:
-    """Make subjects ``0 .. n-1`` under ``out`` (skipping finished ones) and write ``out/manifest.csv``."""
+def generate(
+    out: str | Path,
+    cfg: SynthConfig,
+    job: Job,
+    n: int,
+    workers: int = 1,
+    show_progress: bool = True,
+    shard: Shard | None = None,
+) -> Path:
+    """Make subjects ``0 .. n-1`` under ``out`` (skipping finished ones) and write ``out/manifest.csv``.
+
+    With ``shard`` only that shard's index range is made and its rows go to ``out/manifest.shard-K-of-N.csv``
+    (``synth.shard.merge`` joins them)."""
     check_job(job, n)
+    if shard is not None and shard.count > n:
+        raise ConfigError(f"--shard {shard.k}/{shard.count}: more shards than subjects (--n {n})")
+    indices = range(n) if shard is None else shard.indices(n)
     out = Path(out).expanduser()
-    _prepare(out, cfg, job)
-    rows = {i: r for i in range(n) if (r := _finished_row(cfg, job, out, i)) is not None}
-    todo = [i for i in range(n) if i not in rows]
+    _prepare(out, cfg, job, {job.plan(cfg, i).subject_id for i in indices})
+    rows = {i: r for i in indices if (r := _finished_row(cfg, job, out, i)) is not None}
+    todo = [i for i in indices if i not in rows]
     _check_space(out, cfg, len(todo))
-    bar = progress(total=n, initial=len(rows), desc=f"synth {job.dataset}", unit="vol", disable=not show_progress)
+    desc = f"synth {job.dataset}" + ("" if shard is None else f" {shard.k}/{shard.count}")
+    bar = progress(total=len(indices), initial=len(rows), desc=desc, unit="vol", disable=not show_progress)
     with bar:
         for row in _run(todo, cfg, job, out, workers):
             rows[int(row["index"])] = row
             bar.update(1)
-    manifest = out / "manifest.csv"
+    manifest = out / ("manifest.csv" if shard is None else shard.manifest_name)
     with atomic_write(manifest) as tmp:
-        pd.DataFrame([rows[i] for i in range(n)]).to_csv(tmp, index=False)
+        pd.DataFrame([rows[i] for i in indices]).to_csv(tmp, index=False)
     return manifest
 
 

@@ -121,11 +121,7 @@ class SynthConfig:
     """Everything that decides a synthetic volume, apart from the seed and the subject's index."""
 
     spacing: float = 1.0  # output voxel size in mm (isotropic)
-    shape_1mm: tuple[int, int, int] = (
-        160,
-        192,
-        160,
-    )  # field of view in voxels at 1 mm; scaled at other spacings
+    shape_1mm: tuple[int, int, int] = (160, 192, 160)  # field of view in voxels at 1 mm; scaled at other spacings
     contrast: str = "t1"  # "t1" or "random"
     affine: AffineConfig = field(default_factory=AffineConfig)
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)

@@ -52,6 +52,8 @@ def source_weights(means: np.ndarray, effects: Effects) -> torch.Tensor:
 
 
 def form_image(source: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``(5, X, Y, Z)`` tissue channels, ``(5,)`` weights -> ``(1, 1, X, Y, Z)`` partial-volume image."""
+    """``(5, X, Y, Z)`` tissue channels, ``(5,)`` or ``(B, 5)`` weights -> ``(B, 1, X, Y, Z)`` partial-volume
+    images (B = 1 for one weight vector)."""
     c, *spatial = source.shape
-    return (weights[None] @ source.reshape(c, -1)).reshape(1, 1, *spatial)  # one BLAS pass over the channels
+    weights = weights.reshape(-1, c)  # (B, 5)
+    return (weights @ source.reshape(c, -1)).reshape(-1, 1, *spatial)  # one BLAS pass over the channels

@@ -1,5 +1,4 @@
-"""Datasets over synthetic MRI: generated on the fly (pre-training's ``synthmri`` corpus) or read from a
-folder."""
+"""Datasets over synthetic MRI: generated on the fly (pre-training's ``synthmri`` corpus) or read from a folder."""
 
 from __future__ import annotations
 

@@ -75,8 +75,7 @@ def random_pose(cfg: AffineConfig, rng: np.random.Generator, sex: str) -> tuple[
 
 
 def random_velocity(cfg: NonlinearConfig, rng: np.random.Generator, lattice: Lattice) -> torch.Tensor:
-    """Smooth random velocity (3, d, h, w) in mm on ``lattice``: Gaussian at coarse control points,
-    upsampled."""
+    """Smooth random velocity (3, d, h, w) in mm on ``lattice``: Gaussian at coarse control points, upsampled."""
     extent = lattice.step * (np.asarray(lattice.size) - 1)
     coarse = tuple(int(math.ceil(e / cfg.control_spacing_mm)) + 1 for e in extent)
     sd = cfg.velocity_sd_mm * rng.uniform(0.5, 1.0)  # SynthSeg draws the field's strength per subject too
@@ -85,8 +84,7 @@ def random_velocity(cfg: NonlinearConfig, rng: np.random.Generator, lattice: Lat
 
 
 def integrate(velocity: torch.Tensor, lattice: Lattice, steps: int) -> torch.Tensor:
-    """Displacement (3, d, h, w) mm of ``exp(velocity)`` by scaling and squaring (invertible for smooth
-    fields)."""
+    """Displacement (3, d, h, w) mm of ``exp(velocity)`` by scaling and squaring (invertible for smooth fields)."""
     u = velocity / (2**steps)
     if steps == 0:
         return u

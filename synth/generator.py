@@ -8,6 +8,7 @@ nearest ``grid_sample``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,13 +59,15 @@ class Generator:
             step=np.full(3, self.anatomy.spacing),
             size=tuple(self.anatomy.source.shape[1:]),
         )
+        self._sources: dict[torch.device, torch.Tensor] = {torch.device("cpu"): self.anatomy.source}
 
-    def __call__(self, plan: SubjectPlan, with_labels: bool = False) -> SyntheticVolume:
+    def _lattice_stage(self, plan: SubjectPlan) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """Per subject, on the CPU (lattices of 4-8 mm): the (grid, log bias) fields ``(4, d, h, w)``, the
+        tissue weights ``(5,)``, the noise seed and the head scale, all drawn from the plan's volume seed."""
         rng = np.random.default_rng(plan.volume_seed)
         cfg, scanner = self.cfg, plan.scanner
-        # lattice stage: where each output point reads the template, and the bias field
         matrix, shift, head = random_pose(cfg.affine, rng, plan.sex)  # first draw: see head_scale()
-        noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise_seed = int(rng.integers(2**62))
         velocity = random_velocity(cfg.nonlinear, rng, self.velocity_lattice)  # (3, d, h, w) mm
         shape_warp = integrate(velocity, self.velocity_lattice, cfg.nonlinear.integration_steps)
         atrophy = atrophy_displacement(plan.effects, self.basis)
@@ -77,19 +80,56 @@ class Generator:
         grid = self.source_lattice.normalise(where)  # (d, h, w, 3)
         bias = log_bias_field(self.out_lattice, scanner.bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
         coarse = torch.cat([grid.permute(3, 0, 1, 2), bias[None]])  # (4, d, h, w)
+        return coarse, source_weights(np.asarray(scanner.means), plan.effects), noise_seed, head
+
+    def _scanner(self, image: torch.Tensor, plan: SubjectPlan, noise_seed: int) -> torch.Tensor:
+        """(1, 1, D, H, W) after the bias -> acquisition resolution, noise, gamma, clip -> (1, D, H, W)."""
+        scanner = plan.scanner
+        noise_gen = torch.Generator(image.device).manual_seed(noise_seed)
+        image = acquire(image, self.cfg.spacing, scanner.resolution_mm, scanner.noise_sd, scanner.rician, noise_gen)
+        return image.clamp_(0.0, 1.0).pow_(scanner.gamma)[0]
+
+    def __call__(self, plan: SubjectPlan, with_labels: bool = False) -> SyntheticVolume:
+        coarse, weights, noise_seed, head = self._lattice_stage(plan)
         fine = resize(coarse, self.shape, align_corners=True)[None]  # (1, 4, D, H, W)
         grid = fine[:, :3].permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3)
 
         # image: partial-volume mix on the template grid, one warp, then the scanner
-        weights = source_weights(np.asarray(scanner.means), plan.effects)
         source = form_image(self.anatomy.source, weights)  # (1, 1, X, Y, Z)
         image = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        image = image * fine[:, 3:].exp_()
-        image = acquire(image, cfg.spacing, scanner.resolution_mm, scanner.noise_sd, scanner.rician, noise_gen)
-        image = image.clamp_(0.0, 1.0).pow_(scanner.gamma)[0]  # (1, D, H, W)
+        image = self._scanner(image * fine[:, 3:].exp_(), plan, noise_seed)  # (1, D, H, W)
 
         labels = self._labels(grid, weights, plan) if with_labels else None
         return SyntheticVolume(image=image.contiguous(), labels=labels, affine=self.affine, plan=plan, head_scale=head)
+
+    def batch(self, plans: Sequence[SubjectPlan], device: str | torch.device = "cpu") -> torch.Tensor:
+        """Images ``(B, 1, D, H, W)`` of ``plans`` on ``device``: the same math as one volume at a time, with
+        the voxel-wise stages (upsampling, image formation, warp, bias) as batched tensor ops on ``device``.
+
+        The lattice stage stays per subject on the CPU (small, numpy-seeded). On the CPU a volume equals
+        ``self(plan).image`` to float rounding (tested); on CUDA the noise comes from the device's own
+        generator seeded alike, so it differs from the CPU's draw (same distribution), the rest does not.
+        """
+        device = torch.device(device)
+        stages = [self._lattice_stage(plan) for plan in plans]
+        coarse = torch.stack([s[0] for s in stages]).to(device)  # (B, 4, d, h, w)
+        b, c = coarse.shape[:2]
+        fine = resize(coarse.reshape(b * c, *coarse.shape[2:]), self.shape, align_corners=True)
+        fine = fine.reshape(b, c, *self.shape)  # (B, 4, D, H, W)
+        grid = fine[:, :3].permute(0, 2, 3, 4, 1)  # (B, D, H, W, 3)
+        weights = torch.stack([s[1] for s in stages]).to(device)  # (B, 5)
+        source = form_image(self._source_on(device), weights)  # (B, 1, X, Y, Z)
+        images = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        images = images * fine[:, 3:].exp_()
+        # acquisition differs per subject (block-averaging factors, noise stream): one volume at a time
+        return torch.stack(
+            [self._scanner(images[i : i + 1], plan, s[2]) for i, (plan, s) in enumerate(zip(plans, stages))]
+        )
+
+    def _source_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._sources:
+            self._sources[device] = self.anatomy.source.to(device)
+        return self._sources[device]
 
     def _labels(self, grid: torch.Tensor, weights: torch.Tensor, plan: SubjectPlan) -> torch.Tensor:
         # tissue after cortical thinning, on the template grid; regions override; one nearest-neighbour warp

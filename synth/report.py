@@ -115,8 +115,7 @@ def label_figure(path: Path, spacing: float = 1.0, seed: int = 4) -> None:
 
 
 def tissue_order(folder: Path) -> tuple[float, list[float]]:
-    """Share of subjects with WM > GM > CSF (label-wise mean intensity) and the mean (CSF, GM, WM)
-    intensities."""
+    """Share of subjects with WM > GM > CSF (label-wise mean intensity) and the mean (CSF, GM, WM) intensities."""
     ds = GeneratedDirectory(folder, with_labels=True)
     ok, means = 0, []
     for i in range(len(ds)):

@@ -34,10 +34,11 @@ def resize(x: torch.Tensor, size: tuple[int, int, int], align_corners: bool) -> 
     """``(C, d, h, w)`` -> ``(C, *size)`` trilinear; axes already at their size are left alone."""
     c, d, h, w = x.shape
     D, H, W = size
+    on = x.device  # the matrices are cached on the CPU; a few KB to copy for a CUDA input
     if w != W:
-        x = x @ interpolation_matrix(w, W, align_corners).T  # (C, d, h, W)
+        x = x @ interpolation_matrix(w, W, align_corners).to(on).T  # (C, d, h, W)
     if h != H:
-        x = interpolation_matrix(h, H, align_corners) @ x  # (C, d, H, W)
+        x = interpolation_matrix(h, H, align_corners).to(on) @ x  # (C, d, H, W)
     if d != D:
-        x = (interpolation_matrix(d, D, align_corners) @ x.reshape(c, d, -1)).reshape(c, D, H, W)
+        x = (interpolation_matrix(d, D, align_corners).to(on) @ x.reshape(c, d, -1)).reshape(c, D, H, W)
     return x

@@ -19,8 +19,11 @@ def _label_dtype(df: pd.DataFrame, column: str) -> torch.dtype:
         return torch.long
     if pd.api.types.is_float_dtype(values):
         return torch.float32
-    raise DataError(None, f"label column {column!r} holds {values.dtype} values; map class names to integers "
-                          "(e.g. df[column].map({'CN': 0, 'AD': 1})) before building the dataset")
+    raise DataError(
+        None,
+        f"label column {column!r} holds {values.dtype} values; map class names to integers "
+        "(e.g. df[column].map({'CN': 0, 'AD': 1})) before building the dataset",
+    )
 
 
 class ManifestDataset(Dataset):
@@ -47,13 +50,18 @@ class ManifestDataset(Dataset):
         ]
         if label_column is not None:
             if label_column not in df.columns:
-                raise DataError(None, f"label column {label_column!r} is not in the manifest "
-                                      f"(columns: {', '.join(map(str, df.columns))})")
+                raise DataError(
+                    None,
+                    f"label column {label_column!r} is not in the manifest "
+                    f"(columns: {', '.join(map(str, df.columns))})",
+                )
             dtype = _label_dtype(df, label_column)
             missing = df.index[df[label_column].isna()]
             if len(missing):
-                raise DataError(df["path"][missing[0]], f"has no {label_column!r} label "
-                                                        f"({len(missing)} rows of the manifest lack one)")
+                raise DataError(
+                    df["path"][missing[0]],
+                    f"has no {label_column!r} label ({len(missing)} rows of the manifest lack one)",
+                )
             for item, value in zip(items, df[label_column]):
                 item["label"] = torch.tensor(value, dtype=dtype)
         self.cfg = cfg

@@ -57,8 +57,9 @@ def read_manifest(
     required = tuple(dict.fromkeys(("path", *required)))  # an image manifest always needs its paths
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise DataError(csv, f"missing column(s) {', '.join(missing)}; the columns present are "
-                             f"{', '.join(map(str, df.columns))}")
+        raise DataError(
+            csv, f"missing column(s) {', '.join(missing)}; the columns present are {', '.join(map(str, df.columns))}"
+        )
     for col in required:
         empty = df.index[df[col].isna()]
         if len(empty):
@@ -102,8 +103,9 @@ def _check_diagnoses(df: pd.DataFrame, csv: Path, diagnoses: Iterable[str]) -> N
     unknown = df.index[~df["diagnosis"].isin(allowed)]
     if len(unknown):
         values = sorted({str(v) for v in df["diagnosis"][unknown]})
-        raise DataError(csv, f"unknown diagnosis value(s) {values} on {_lines(unknown)}; "
-                             f"expected one of {sorted(allowed)}")
+        raise DataError(
+            csv, f"unknown diagnosis value(s) {values} on {_lines(unknown)}; expected one of {sorted(allowed)}"
+        )
 
 
 def _resolve(value: str, folder: Path) -> Path:
@@ -122,6 +124,5 @@ def _check_duplicates(df: pd.DataFrame, csv: Path) -> None:
             first = df.loc[dup[0]]
             raise DataError(
                 csv,
-                f"duplicate rows: subject {first['subject_id']} session {first['session_id']} "
-                f"on {_lines(dup)}",
+                f"duplicate rows: subject {first['subject_id']} session {first['session_id']} on {_lines(dup)}",
             )

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 
 
 def spacing_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
@@ -50,9 +50,7 @@ def write_nifti(
             raise ValueError(f"{path}: affine must be 4x4, got {affine.shape}")
         voxel = np.linalg.norm(affine[:3, :3], axis=0)
         if spacing is not None and not np.allclose(voxel, spacing, rtol=1e-4):
-            raise ValueError(
-                f"{path}: spacing {tuple(spacing)} disagrees with the affine's voxel size {tuple(voxel)}"
-            )
+            raise ValueError(f"{path}: spacing {tuple(spacing)} disagrees with the affine's voxel size {tuple(voxel)}")
     image = nib.Nifti1Image(data.astype(dtype, copy=False), affine)
     image.set_qform(affine, code=1)  # scanner-aligned: readers that prefer qform see the same orientation
     image.set_sform(affine, code=1)

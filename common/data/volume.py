@@ -57,13 +57,12 @@ class PreprocessConfig:
         if len(self.shape) != 3 or min(self.shape) <= 0:
             raise ConfigError(f"preprocess.shape must be three positive sizes (D, H, W), got {self.shape}")
         if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(
-                f"preprocess.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}"
-            )
+            raise ConfigError(f"preprocess.intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         lo, hi = self.percentiles if len(self.percentiles) == 2 else (None, None)
         if lo is None or not 0 <= lo < hi <= 100:
-            raise ConfigError(f"preprocess.percentiles must be (low, high) with 0 <= low < high <= 100, "
-                              f"got {self.percentiles}")
+            raise ConfigError(
+                f"preprocess.percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles}"
+            )
 
     def describe(self) -> dict[str, Any]:
         """The settings an export's metadata records (``spacing``, ``input_size``, ``intensity`` ...)."""
@@ -89,8 +88,11 @@ def check_volume(image: torch.Tensor | np.ndarray, source: str | Path) -> None:
     if len(shape) != 4:
         raise DataError(source, f"expected a 3D volume, got {len(shape) - 1}D data of shape {shape[1:]}")
     if shape[0] != 1:
-        raise DataError(source, f"expected a 3D volume, got a 4D file with {shape[0]} volumes of shape "
-                                f"{shape[1:]}; split it or pick one volume")
+        raise DataError(
+            source,
+            f"expected a 3D volume, got a 4D file with {shape[0]} volumes of shape "
+            f"{shape[1:]}; split it or pick one volume",
+        )
     if min(shape[1:]) < 2:
         raise DataError(source, f"expected a 3D volume, got shape {shape[1:]} with a flat axis")
     data = torch.as_tensor(image)
@@ -129,8 +131,11 @@ class ScalePercentilesNonzerod(MapTransform):
             brain = image != 0
             lo, hi = np.percentile(image[brain].cpu().numpy(), [self.lower, self.upper])
             if hi <= lo:
-                raise DataError(_source(image), f"has one intensity ({lo:g}) across the brain between "
-                                                f"percentiles {self.lower}-{self.upper}; it needs contrast")
+                raise DataError(
+                    _source(image),
+                    f"has one intensity ({lo:g}) across the brain between "
+                    f"percentiles {self.lower}-{self.upper}; it needs contrast",
+                )
             d[key] = ((image - float(lo)) / float(hi - lo)).clamp(0.0, 1.0) * brain
         return d
 

@@ -29,9 +29,7 @@ class _KeepBatchNormStats:
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
     def __enter__(self) -> None:
-        self.saved = [
-            [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in self.norms
-        ]
+        self.saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in self.norms]
 
     def __exit__(self, *exc) -> None:
         for m, saved in zip(self.norms, self.saved):
@@ -45,9 +43,7 @@ class MonaiCNN(nn.Module):
     feature_dim: int
     num_layers: int = 4
 
-    def __init__(
-        self, net: nn.Module, img_size: int | Sequence[int], in_chans: int, grad_checkpointing: bool
-    ):
+    def __init__(self, net: nn.Module, img_size: int | Sequence[int], in_chans: int, grad_checkpointing: bool):
         super().__init__()
         self.net = net
         self.img_size = to_3tuple(img_size, "img_size")  # recorded for metadata; CNNs take any input size
@@ -60,9 +56,7 @@ class MonaiCNN(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"{type(self).__name__} expects input (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"{type(self).__name__} expects input (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}")
 
     def _stage(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

@@ -45,9 +45,8 @@ def sincos_3d(embed_dim: int, grid_size: Sequence[int], cls_token: bool = False)
     if len(grid_size) != 3:
         raise ConfigError(f"grid_size must have 3 entries (D, H, W), got {tuple(grid_size)}")
     gd, gh, gw = (int(g) for g in grid_size)
-    coords = torch.meshgrid(
-        torch.arange(gd), torch.arange(gh), torch.arange(gw), indexing="ij"
-    )  # 3 x (gd, gh, gw), raster order matches Conv3d output flattened over (D, H, W)
+    # 3 x (gd, gh, gw), raster order matches Conv3d output flattened over (D, H, W)
+    coords = torch.meshgrid(torch.arange(gd), torch.arange(gh), torch.arange(gw), indexing="ij")
     parts = [
         sincos_1d(dim, coord.reshape(-1)) for dim, coord in zip(axis_channels(embed_dim), coords)
     ]  # 3 x (N, dim_axis)

@@ -43,9 +43,7 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def create_backbone(
-    name: str, img_size: int | Sequence[int] = 96, in_chans: int = 1, **kwargs: Any
-) -> nn.Module:
+def create_backbone(name: str, img_size: int | Sequence[int] = 96, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """Build backbone ``name`` for ``img_size`` (int or (D, H, W)) volumes with ``in_chans`` channels.
 
     The model's ``arch`` attribute records ``{"name": name, "kwargs": {img_size, in_chans, **kwargs}}``
@@ -63,6 +61,4 @@ def check_kwargs(name: str, kwargs: dict[str, Any], accepted: frozenset[str]) ->
     """Raise a ConfigError naming the backbone when ``kwargs`` has keys its factory does not take."""
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ConfigError(
-            f"backbone {name!r} got unknown keyword argument(s) {unknown}; it accepts {sorted(accepted)}"
-        )
+        raise ConfigError(f"backbone {name!r} got unknown keyword argument(s) {unknown}; it accepts {sorted(accepted)}")

@@ -22,7 +22,7 @@ from common.errors import ConfigError
 from common.models.pos_embed import axis_channels, sincos_3d
 from common.models.registry import check_kwargs, register_backbone
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # timm's eps; ViT3D(norm_eps=...) overrides it
 
 
 def to_3tuple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -119,12 +119,13 @@ class Block(nn.Module):
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         backend: str = "auto",
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, backend)
         self.drop_path1 = DropPath(drop_path)
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.drop_path2 = DropPath(drop_path)
 
@@ -160,6 +161,7 @@ class ViT3D(nn.Module):
         proj_drop: float = 0.0,
         attn_backend: str = "auto",
         grad_checkpointing: bool = False,
+        norm_eps: float = 1e-6,
     ):
         """
         Args:
@@ -176,6 +178,8 @@ class ViT3D(nn.Module):
             attn_drop, proj_drop: dropout on attention weights / after projections, active only in training.
             attn_backend: "auto", "sdpa", "math" or "xformers" (see ``common.attention``).
             grad_checkpointing: recompute each block in backward to save activation memory.
+            norm_eps: every LayerNorm's eps (timm 1e-6; MONAI's ViT uses 1e-5, so its imports reproduce
+                MONAI's features with 1e-5).
         """
         super().__init__()
         self.img_size = to_3tuple(img_size, "img_size")
@@ -186,20 +190,15 @@ class ViT3D(nn.Module):
                 "pick an img_size that is a multiple of the patch size (crop or pad the volumes to it)"
             )
         if in_chans < 1 or depth < 1 or num_heads < 1:
-            raise ConfigError(
-                f"in_chans, depth and num_heads must be >= 1 (got {in_chans}, {depth}, {num_heads})"
-            )
+            raise ConfigError(f"in_chans, depth and num_heads must be >= 1 (got {in_chans}, {depth}, {num_heads})")
         if embed_dim % num_heads:
             raise ConfigError(
-                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
-                "choose a head count that divides it"
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; choose a head count that divides it"
             )
         if global_pool not in ("token", "avg"):
             raise ConfigError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if global_pool == "token" and not class_token:
-            raise ConfigError(
-                "global_pool='token' needs class_token=True; use global_pool='avg' without a cls token"
-            )
+            raise ConfigError("global_pool='token' needs class_token=True; use global_pool='avg' without a cls token")
         if pos_embed not in ("sincos", "learn"):
             raise ConfigError(f"pos_embed must be 'sincos' or 'learn', got {pos_embed!r}")
         if pos_embed == "sincos":
@@ -209,6 +208,8 @@ class ViT3D(nn.Module):
             raise ConfigError(f"drop rates must lie in [0, 1), got {drops}")
         if attn_backend not in BACKENDS:
             raise ConfigError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
+        if not 0.0 < norm_eps < 1.0:
+            raise ConfigError(f"norm_eps must lie in (0, 1), got {norm_eps}")
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = math.prod(self.grid_size)
         self.in_chans = in_chans
@@ -216,6 +217,7 @@ class ViT3D(nn.Module):
         self.depth = self.num_layers = depth
         self.num_heads = num_heads
         self.num_prefix_tokens = 1 if class_token else 0
+        self.norm_eps = norm_eps
         self.global_pool = global_pool
         self.pos_embed_type = pos_embed
         self.grad_checkpointing = grad_checkpointing
@@ -230,12 +232,12 @@ class ViT3D(nn.Module):
         )
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> rate
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop, rate, attn_backend)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop, rate, attn_backend, norm_eps)
             for rate in rates
         )
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
-        self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
-        self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self._attn_backend = attn_backend
         self.init_weights()
 
@@ -288,8 +290,7 @@ class ViT3D(nn.Module):
             return self.patch_embed.tokens(x) + pos
         if ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0] or ids_keep.dtype != torch.long:
             raise ValueError(
-                f"ids_keep must be a (B={x.shape[0]}, n_keep) long tensor, got {tuple(ids_keep.shape)} "
-                f"{ids_keep.dtype}"
+                f"ids_keep must be a (B={x.shape[0]}, n_keep) long tensor, got {tuple(ids_keep.shape)} {ids_keep.dtype}"
             )
         pos = torch.gather(pos.expand(x.shape[0], -1, -1), 1, ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
         return self.patch_embed.tokens(x, ids_keep) + pos  # (B, n_keep, C)

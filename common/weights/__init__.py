@@ -3,10 +3,12 @@
 Init specs:
   ``scratch``            keep the model as built (nothing loaded; the report says so)
   ``PATH.safetensors``   our own export (``common.checkpoint.export_backbone``)
+  ``FOLDER``             our export folder (``common.export``: model.safetensors, config.json, README.md)
   ``deepspeed:DIR``      a DeepSpeed checkpoint folder; ZeRO shards consolidated by DeepSpeed's zero_to_fp32
   ``timm2d:PATH``        ImageNet ViT / ResNet in timm's format, inflated to 3D (I3D)
   ``videomae:PATH``      VideoMAE, original repository or Hugging Face transformers format
   ``medicalnet:PATH``    MedicalNet 3D ResNet into MONAI's ResNet
+  ``monai:PATH``         MONAI ViT / MaskedAutoEncoderViT (BrainIAC ...), plain or Lightning-wrapped
 
 Readers (one per format, ``common.weights.sources.READERS``) rename keys; ``common.weights.fit`` adapts shapes
 with the pure functions in ``common.weights.adapt``; the load itself is one ``load_state_dict`` of
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
+from common.checkpoint import export_file
 from common.errors import CheckpointError
 from common.weights.fit import fit_state
 from common.weights.report import LoadReport
@@ -70,6 +73,8 @@ def load_backbone(model: nn.Module, init: str, axis: int = 0, strict: bool = Fal
     if axis not in (0, 1, 2):
         raise CheckpointError(f"init {init!r}: axis must be 0 (D), 1 (H) or 2 (W), got {axis}")
     reader = read_own_export if kind == "export" else READERS[kind]
+    if kind == "export":
+        path = export_file(path)  # an export folder -> its model.safetensors
     report = LoadReport(init=str(init), source=str(path))
     state, layout = reader(path, model, axis)
     tensors = fit_state(state, model, layout, report)

@@ -76,9 +76,7 @@ def fit_prefix(prefix: torch.Tensor, num_prefix: int, own_prefix: torch.Tensor) 
     return torch.cat([prefix, own_prefix[:, prefix.shape[1] : num_prefix]], dim=1)
 
 
-def resample_grid_embed(
-    tokens: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]
-) -> torch.Tensor:
+def resample_grid_embed(tokens: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> torch.Tensor:
     """(1, prod(src_grid), C) -> (1, prod(dst_grid), C), same number of grid axes (2 or 3), raster order.
 
     Bicubic in 2D (as timm), trilinear in 3D; returned unchanged when the grids are equal.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class SourceLayout:
     pos_grid: tuple[int, ...] | None = None  # the source's token grid (2D or 3D) of its pos_embed, if known
     num_prefix: int = 0  # prefix rows (cls token) at the start of the source's pos_embed
     axis: int = 0  # spatial axis (0 D, 1 H, 2 W) a 2D source is inflated along / a video's time goes to
+    notes: list[str] = field(default_factory=list)  # what the reader did or found that a user must know
 
 
 def model_prefix(model: nn.Module) -> str:
@@ -140,6 +141,7 @@ def fit_state(
             + ". Check that the init matches the backbone (architecture, width, depth)."
         )
     report.loaded = sorted(out)
+    report.notes.extend(layout.notes)
     report.missing = sorted(k for k in own if k not in out and not k.endswith("num_batches_tracked"))
     report.unexpected = sorted(report.unexpected)
     return {k: v.to(own[k].dtype) for k, v in out.items()}

@@ -18,6 +18,7 @@ class LoadReport:
     inflated: dict[str, str] = field(default_factory=dict)  # key -> "2D (..) -> 3D (..)" for 2D->3D kernels
     missing: list[str] = field(default_factory=list)  # model keys the source does not have (left as built)
     unexpected: list[str] = field(default_factory=list)  # source keys the model has no place for (ignored)
+    notes: list[str] = field(default_factory=list)  # source-specific facts (a norm eps that differs, zero biases)
 
     def summary(self) -> str:
         """One paragraph for a log: counts, then the adapted / missing / unexpected keys by name."""
@@ -35,6 +36,7 @@ class LoadReport:
             parts.append(f"missing {len(self.missing)} (kept as initialised): {_names(self.missing)}")
         if self.unexpected:
             parts.append(f"unexpected {len(self.unexpected)} (ignored): {_names(self.unexpected)}")
+        parts.extend(self.notes)
         return "; ".join(parts)
 
     def to_dict(self) -> dict:

@@ -13,60 +13,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from common.checkpoint import check_deepspeed_tag, load_torch_file
+from common import checkpoint
+from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError
+from common.io import load_torch_file
 from common.weights.adapt import qkv_bias_from_qv
+from common.weights.files import State, keys_of, read_tensor_file
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
+from common.weights.monai_vit import read_monai
 
-State = dict[str, torch.Tensor]
 Reader = Callable[[Path, nn.Module, int], tuple[State, SourceLayout]]
-
-# Containers checkpoints are commonly wrapped in ({"model": sd}, {"state_dict": sd}, {"module": sd}).
-_WRAPPERS = ("state_dict", "model", "module", "model_state", "encoder")
-
-
-# -------------------------------------------------------------------------------------------- file reading
-def read_tensor_file(path: Path) -> State:
-    """Name -> tensor from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` (weights_only), unwrapped."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a weight file (.safetensors, .pth, .pt, .bin)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weight file")
-    if path.suffix == ".safetensors":
-        try:
-            obj = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    else:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head not in (b"PK", b"\x80\x02") and not head.startswith(b"\x80"):  # torch zip, or legacy pickle
-            kind = "a gzip file (a NIfTI image?)" if head == b"\x1f\x8b" else f"a file starting with {head!r}"
-            raise CheckpointError(
-                f"{path}: {kind}, not a weight file (.safetensors, or .pt/.pth/.bin from torch.save)"
-            )
-        obj = load_torch_file(path)
-    for _ in range(3):  # nested wrappers, e.g. {"model": {"module": sd}}
-        if isinstance(obj, Mapping) and not _is_state(obj):
-            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not _is_state(obj):
-        raise CheckpointError(f"{path}: holds no state dict of tensors (top-level keys: {_keys(obj)})")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _is_state(obj: Mapping) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _keys(obj: object) -> str:
-    return ", ".join(list(map(str, obj))[:8]) if isinstance(obj, Mapping) else type(obj).__name__
 
 
 def strip_prefix(state: State, prefix: str) -> State:
@@ -81,8 +39,7 @@ def _require(path: Path, state: State, keys: tuple[str, ...], kind: str, hint: s
     absent = [k for k in keys if k not in state]
     if absent:
         raise CheckpointError(
-            f"{path}: not a {kind} checkpoint — it has no {', '.join(absent)} "
-            f"(first keys: {_keys(state)}). {hint}"
+            f"{path}: not a {kind} checkpoint — it has no {', '.join(absent)} (first keys: {keys_of(state)}). {hint}"
         )
 
 
@@ -212,13 +169,10 @@ def _export_layout(meta: Mapping) -> SourceLayout:
 
 def read_own_export(path: Path, model: nn.Module, axis: int) -> tuple[State, SourceLayout]:
     """Our safetensors export (``common.checkpoint.export_backbone``)."""
-    from common import checkpoint
-
     if path.suffix != ".safetensors":
         raise CheckpointError(
             f"{path}: an init path without a prefix must be our .safetensors export; name foreign weights "
-            "with "
-            "timm2d:, videomae:, medicalnet: or deepspeed:"
+            "with timm2d:, videomae:, medicalnet: or deepspeed:"
         )
     state, meta = checkpoint.read_export(path)
     own = getattr(model, "arch", None) or {}
@@ -283,7 +237,7 @@ def _strip_objective_prefix(path: Path, state: State, model: nn.Module) -> State
     if best == 0:
         raise CheckpointError(
             f"{path}: no parameter of the DeepSpeed checkpoint matches the model under any prefix "
-            f"(first keys: {_keys(state)}); is it a checkpoint of this backbone?"
+            f"(first keys: {keys_of(state)}); is it a checkpoint of this backbone?"
         )
     ranked = sorted(
         (p for p in candidates if score(p) == best),
@@ -298,4 +252,5 @@ READERS: dict[str, Reader] = {
     "videomae": read_videomae,
     "medicalnet": read_medicalnet,
     "deepspeed": read_deepspeed,
+    "monai": read_monai,
 }

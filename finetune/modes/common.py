@@ -1,4 +1,4 @@
-"""What both modes share: the inputs of one fold, device and bf16 selection."""
+"""What both modes share: the inputs of one fold (device and precision: ``common.precision``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-
-from common.errors import ConfigError
-from common.precision import bf16_native
 
 
 @dataclass
@@ -31,19 +28,6 @@ class FoldInputs:
     augment: bool = False  # light augmentation of training volumes (full fine-tuning)
     tb: object | None = None  # a RankZeroWriter, or None
     tb_prefix: str = ""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def bf16_enabled(setting: str, device: torch.device) -> bool:
-    """bf16 autocast: "on", "off", or "auto" = where the hardware computes bf16 natively
-    (``common.precision.bf16_native``: CUDA bf16; CPUs with AVX512-BF16 or AMX)."""
-    if setting not in ("auto", "on", "off"):
-        raise ConfigError(f"train.bf16 must be auto, on or off, got {setting!r}")
-    return bf16_native(device) if setting == "auto" else setting == "on"
+    fold: int = 0
+    out_dir: str | None = None  # the cell's run directory: modes that keep weights write there
+    on_fitted: Callable[[nn.Module], None] | None = None  # called with the trained model (best epoch restored)

@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 
 from common.distributed import seed_everything
 from common.optim import adamw
+from common.precision import autocast, resolve_device, resolve_precision
 from common.schedule import warmup_cosine
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.metrics import classification_metrics, regression_metrics
-from finetune.modes.common import FoldInputs, bf16_enabled, resolve_device
+from finetune.modes.common import FoldInputs
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_dec
             continue
         inner = name.removeprefix("backbone.")
         decay = 0.0 if p.ndim <= 1 or inner in skip else weight_decay
-        scale = (
-            layer_decay ** (top - backbone.layer_id(inner))
-            if use_ld and name.startswith("backbone.")
-            else 1.0
-        )
+        scale = layer_decay ** (top - backbone.layer_id(inner)) if use_ld and name.startswith("backbone.") else 1.0
         groups.setdefault((scale, decay), []).append(p)
     return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": d} for (s, d), ps in groups.items()]
 
@@ -74,14 +71,14 @@ def predict(
     idx: np.ndarray,
     batch_size: int,
     device: torch.device,
-    bf16: bool,
+    precision: str,
 ) -> torch.Tensor:
     """(len(idx), out_dim) float32 outputs in eval mode."""
     model.eval()
     outs = []
     for start in range(0, len(idx), batch_size):
         x = volumes[idx[start : start + batch_size]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, precision):
             outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, 1)
 
@@ -89,8 +86,8 @@ def predict(
 def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train backbone + head on the training rows, keep the best validation epoch, predict val and test."""
     seed_everything(inputs.seed)
-    device = resolve_device(cfg.device)
-    bf16 = bf16_enabled(cfg.bf16, device)
+    device = resolve_device(cfg.device, key="train.device")
+    precision = resolve_precision(cfg.precision, device, key="train.precision")
     classification = inputs.kind == "classification"
     y = inputs.y
     tr, va, te = inputs.train_idx, inputs.val_idx, inputs.test_idx
@@ -112,9 +109,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         decode = lambda out: out[:, 0].numpy() * std + mean
 
     model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
-    train_set = VolumeDataset(
-        inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed
-    )
+    train_set = VolumeDataset(inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed)
     generator = torch.Generator().manual_seed(inputs.seed)
     loader = DataLoader(
         train_set,
@@ -136,7 +131,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         running = torch.zeros((), device=device)
         for x, target in loader:
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(device, precision):
                 out = model(x)
             loss = loss_fn(out.float() if classification else out.float()[:, 0], target)
             optimizer.zero_grad(set_to_none=True)
@@ -147,7 +142,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             scheduler.step()
             running += loss.detach()  # summed on device: no host sync per step
         train_loss = float(running) / steps_per_epoch
-        score = _validate(model, inputs, va, decode, cfg, device, bf16) if len(va) else (-train_loss, 0.0)
+        score = _validate(model, inputs, va, decode, cfg, device, precision) if len(va) else (-train_loss, 0.0)
         if inputs.tb is not None:
             inputs.tb.add_scalar(f"{inputs.tb_prefix}train_loss", train_loss, epoch)
             inputs.tb.add_scalar(f"{inputs.tb_prefix}val_score", score[0], epoch)
@@ -158,8 +153,10 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         if stop:
             break
     model.load_state_dict(best_state)
-    val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
-    test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, bf16))
+    if inputs.on_fitted is not None:
+        inputs.on_fitted(model)
+    val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
+    test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, precision))
     return (
         val_out,
         test_out,
@@ -167,17 +164,17 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             "best_epoch": selector.best_epoch,
             "epochs_run": epoch + 1,
             "val_score": float(selector.best_score[0]),
-            "bf16": bf16,
+            "precision": precision,
         },
     )
 
 
-def _validate(model, inputs: FoldInputs, va, decode, cfg, device, bf16) -> tuple[float, float]:
+def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> tuple[float, float]:
     """Larger is better: (validation AUC, minus cross-entropy) — the loss breaks ties of a saturated AUC on a
     small validation set — or (minus the MAE, 0)."""
-    out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, bf16))
+    out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
     if inputs.kind == "classification":
         m = classification_metrics(inputs.y[va], out)
         ce = -float(np.mean(np.log(np.clip(out[np.arange(len(va)), inputs.y[va]], 1e-7, 1))))
-        return (m["roc_auc"] if np.isfinite(m["roc_auc"]) else m["balanced_accuracy"]), ce
+        return (m["roc_auc"] if np.isfinite(m["roc_auc"]) else m["balanced_accuracy"]), -ce
     return -regression_metrics(inputs.y[va], out)["mae"], 0.0

@@ -1,12 +1,15 @@
-"""Pre-training corpora: synthetic MRI, medical NIfTI, video, and their mixture, as resumable sharded
-streams."""
+"""Pre-training corpora: synthetic MRI, medical NIfTI, video, and their mixture, as resumable sharded streams."""
 
 from __future__ import annotations
 
 from common.errors import ConfigError
+from pretrain.config import CORPORA
+from pretrain.corpora.medical import MedicalSource
+from pretrain.corpora.mixed import MixedSource
+from pretrain.corpora.packed import PackedSource
 from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
-
-CORPORA = ("synthmri", "medical", "video", "mixed")
+from pretrain.corpora.synthmri import SynthMRISource
+from pretrain.corpora.video import VideoSource
 
 
 def build_source(cfg, corpus: str | None = None):
@@ -16,24 +19,18 @@ def build_source(cfg, corpus: str | None = None):
     if len(d.input_size) != 3 or min(d.input_size) < 1:
         raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
     if corpus == "synthmri":
-        from pretrain.corpora.synthmri import SynthMRISource
-
         return SynthMRISource(d.synthmri, d.input_size, d.spacing, seed)
     if corpus == "medical":
-        from pretrain.corpora.medical import MedicalSource
-
         return MedicalSource(d.medical, d.input_size, d.spacing, seed)
     if corpus == "video":
-        from pretrain.corpora.video import VideoSource
-
         v = d.video
         return VideoSource(v.paths, d.input_size, v.stride, v.reader, v.extensions, seed)
+    if corpus == "packed":
+        return PackedSource(d.packed, d.input_size, d.spacing, seed)
     if corpus == "mixed":
-        from pretrain.corpora.mixed import MixedSource
-
-        weights = {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}
+        weights = {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}  # MixedConfig
         return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
 
 
-__all__ = ["CORPORA", "CorpusStream", "StreamPosition", "build_source", "make_loader"]
+__all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader"]

@@ -40,21 +40,16 @@ class MedicalSource:
                 "data.medical.directory (NIfTI folder)"
             )
         if cfg.manifest is not None:
-            self.files = [
-                Path(p) for p in read_manifest(cfg.manifest, required=("path",), check_files=False)["path"]
-            ]
+            self.files = [Path(p) for p in read_manifest(cfg.manifest, required=("path",), check_files=False)["path"]]
         else:
             self.files = find_nifti(cfg.directory)
         self.manifest = cfg.manifest
         crop_from = list(cfg.crop_from) if cfg.crop_from is not None else list(input_size)
         if any(c < s for c, s in zip(crop_from, input_size)):
             raise ConfigError(
-                f"data.medical.crop_from {crop_from} must be at least data.input_size "
-                f"{list(input_size)} on every axis"
+                f"data.medical.crop_from {crop_from} must be at least data.input_size {list(input_size)} on every axis"
             )
-        self.preprocess_cfg = PreprocessConfig(
-            spacing=tuple(spacing), shape=tuple(crop_from), intensity=cfg.intensity
-        )
+        self.preprocess_cfg = PreprocessConfig(spacing=tuple(spacing), shape=tuple(crop_from), intensity=cfg.intensity)
         self.preprocess = build_preprocess(self.preprocess_cfg)
         self.augment = Compose(
             [

@@ -1,5 +1,4 @@
-"""A weighted mixture of corpora: each item's corpus is drawn from the weights with the item's own
-generator."""
+"""A weighted mixture of corpora: each item's corpus is drawn from the weights with the item's own generator."""
 
 from __future__ import annotations
 

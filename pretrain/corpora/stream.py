@@ -1,24 +1,25 @@
-"""An endless, per-rank and per-worker sharded, exactly resumable stream of samples from a corpus.
+"""An endless, per-rank sharded, exactly resumable stream of batches from a corpus.
 
-Every item is a pure function of its *position* in one global sequence: position ``k * S + s`` is item ``k``
-of stream ``s = rank * W + worker`` out of ``S = world * W`` streams, and its randomness comes from
-``numpy.random.default_rng([seed, position])``. Ranks and workers therefore never repeat each other, and a
-stream restarts exactly at the item after the last one the trainer consumed: the trainer records, per worker,
-the index after the last item it received (``StreamPosition``), and the DataLoader's round-robin over workers
-is rotated so that the worker due next comes first.
+The unit is the batch: batch ``j`` of rank ``r`` out of ``world`` holds the items at positions
+``(j * world + r) * batch_size + slot`` (``batch_positions``), and an item's randomness comes from
+``numpy.random.default_rng([seed, position])``. Ranks never repeat each other, and the batches do not depend on
+the DataLoader worker count: worker ``w`` of ``W`` builds batches ``start + w, start + w + W, ...`` and the
+DataLoader's in-order round-robin hands them over as ``start, start + 1, ...``. Resuming needs only the number of
+batches a rank consumed (``StreamPosition``), so it is exact with 0, 1 or any number of workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from common.errors import DataError
 
@@ -44,13 +45,23 @@ def file_at(position: int, n: int, seed: int) -> int:
     return int(_epoch_permutation(n, seed, epoch)[offset])
 
 
-class CorpusStream(IterableDataset):
-    """Endless samples ``{"image": (1, D, H, W)}`` (or the ``views`` of each volume) from ``source``.
+FALLBACK_STRIDE = 2**40  # attempt a of a bad item reads position + a * stride: far beyond any real position
 
-    Unreadable or too-short items are skipped and counted (``_skipped`` in the next sample); a worker that
-    meets ``max_consecutive_bad`` of them in a row raises, as the corpus is then unusable. Each sample also
-    carries ``_worker`` (logical worker id) and ``_next`` (that worker's index after this item) for
-    ``StreamPosition``.
+
+def batch_positions(rank: int, world_size: int, batch_size: int, batch: int) -> list[int]:
+    """Corpus positions of batch ``batch`` of ``rank``: a pure function, shared by every data path."""
+    first = (batch * world_size + rank) * batch_size
+    return list(range(first, first + batch_size))
+
+
+class CorpusStream(IterableDataset):
+    """Endless batches ``{"image": (B, 1, D, H, W)}`` (or the ``views`` of each volume) from ``source``, from
+    batch ``start`` on.
+
+    An unreadable or too-short item is replaced by the item at a fallback position (``position + a *
+    FALLBACK_STRIDE`` for attempt ``a``), so batches stay deterministic; skipped items are counted (``_skipped``),
+    and ``max_consecutive_bad`` failures in a row raise, as the corpus is then unusable. Each batch also
+    carries ``_batch`` (its index) for ``StreamPosition``.
     """
 
     def __init__(
@@ -60,8 +71,8 @@ class CorpusStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         views: Callable[[torch.Tensor, np.random.Generator], dict[str, torch.Tensor]] | None = None,
-        start: dict[int, int] | None = None,
-        worker_offset: int = 0,
+        batch_size: int = 1,
+        start: int = 0,
         max_consecutive_bad: int = 64,
     ):
         super().__init__()
@@ -70,113 +81,91 @@ class CorpusStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.views = views
-        self.start = dict(start or {})
-        self.worker_offset = worker_offset
+        self.batch_size = batch_size
+        self.start = start
         self.max_consecutive_bad = max_consecutive_bad
+        self._consecutive = 0  # bad items in a row, in this worker
 
     def __iter__(self):
         info = get_worker_info()
-        n_workers, physical = (info.num_workers, info.id) if info is not None else (1, 0)
-        worker = (physical + self.worker_offset) % n_workers  # the rotation that makes resume exact
-        stream, n_streams = self.rank * n_workers + worker, self.world_size * n_workers
-        k = self.start.get(worker, 0)
-        skipped = consecutive = 0
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        self._consecutive = 0
+        j = self.start + worker
         while True:
-            position = k * n_streams + stream
-            rng = np.random.default_rng([self.seed, position])
-            k += 1
+            samples = [self._sample(p) for p in batch_positions(self.rank, self.world_size, self.batch_size, j)]
+            for sample in samples:
+                sample["_batch"] = j
+            yield default_collate(samples)
+            j += n_workers
+
+    def _sample(self, position: int) -> dict[str, Any]:
+        """The item at ``position``, or at its first usable fallback position; ``_skipped`` counts the others."""
+        for attempt in itertools.count():  # ends: max_consecutive_bad failures in a row raise
+            at = position + attempt * FALLBACK_STRIDE
+            rng = np.random.default_rng([self.seed, at])
             try:
-                volume = self.source.item(position, rng)
+                volume = self.source.item(at, rng)
             except DataError as e:
-                skipped += 1
-                consecutive += 1
-                log.warning(
-                    "corpus %s: skipped item %d (rank %d, worker %d): %s",
-                    self.source.name,
-                    position,
-                    self.rank,
-                    worker,
-                    e,
-                )
-                if consecutive >= self.max_consecutive_bad:
+                self._consecutive += 1
+                log.warning("corpus %s: skipped item %d (rank %d): %s", self.source.name, at, self.rank, e)
+                if self._consecutive >= self.max_consecutive_bad:
                     raise DataError(
                         None,
-                        f"corpus {self.source.name}: {consecutive} items in a row could not be used "
-                        f"(last: {e}); "
-                        "check the corpus paths and files",
+                        f"corpus {self.source.name}: {self._consecutive} items in a row could not be used "
+                        f"(last: {e}); check the corpus paths and files",
                     ) from e
                 continue
-            consecutive = 0
+            self._consecutive = 0
             sample = self.views(volume, rng) if self.views is not None else {"image": volume}
-            sample.update(_worker=worker, _next=k, _skipped=skipped)
-            skipped = 0
-            yield sample
+            sample["_skipped"] = attempt
+            return sample
 
 
 @dataclass
 class StreamPosition:
-    """How far a rank's trainer has consumed its stream: enough to restart it exactly."""
+    """How far a rank's trainer has consumed its stream: enough to restart it exactly, with any worker count."""
 
-    num_workers: int  # DataLoader workers (0 counts as one logical worker)
-    batches: int = 0  # batches received
-    next_index: dict[int, int] = field(default_factory=dict)  # per logical worker: index of its next item
+    batches: int = 0  # batches received: the next batch is batch ``batches``
     items: int = 0  # samples received
     skipped: int = 0  # items skipped as unreadable / too short
 
-    @property
-    def logical_workers(self) -> int:
-        return max(1, self.num_workers)
-
     def update(self, batch: dict[str, Any]) -> None:
         """Record a batch received from the DataLoader (reads its bookkeeping fields)."""
-        self.batches += 1
-        self.items += int(batch["_worker"].numel())
+        self.batches = int(batch["_batch"].max()) + 1
+        self.items += int(batch["_batch"].numel())
         self.skipped += int(batch["_skipped"].sum())
-        self.next_index[int(batch["_worker"][0])] = int(batch["_next"].max())
 
     def bad_share(self) -> float:
         tried = self.items + self.skipped
         return self.skipped / tried if tried else 0.0
 
     def stream_kwargs(self) -> dict[str, Any]:
-        """``start`` and ``worker_offset`` for a ``CorpusStream`` that continues where this one stopped."""
-        return {"start": dict(self.next_index), "worker_offset": self.batches % self.logical_workers}
+        """``start`` for a ``CorpusStream`` that continues where this one stopped."""
+        return {"start": self.batches}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "batches": self.batches,
-            "items": self.items,
-            "skipped": self.skipped,
-            "next_index": {str(k): v for k, v in self.next_index.items()},
-        }
+        return {"batches": self.batches, "items": self.items, "skipped": self.skipped}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], num_workers: int) -> StreamPosition:
-        """Restore ``state``; with a different worker count the stream restarts fresh (counts are kept)."""
-        pos = cls(num_workers=num_workers, items=state["items"], skipped=state["skipped"])
-        if int(state["num_workers"]) == num_workers:
-            pos.batches = state["batches"]
-            pos.next_index = {int(k): v for k, v in state["next_index"].items()}
-        else:
+    def from_state(cls, state: dict[str, Any]) -> StreamPosition:
+        """Restore ``state`` (also a checkpoint from before batch-wise streams: it continues, but not exactly)."""
+        if "next_index" in state:
             log.warning(
-                "data.num_workers changed from %s to %s: the data stream restarts rather than resuming "
-                "exactly",
-                state["num_workers"],
-                num_workers,
+                "the checkpoint's data stream position is from an older stream layout: the stream continues at "
+                "batch %d but not with exactly the items an uninterrupted run would have seen",
+                state["batches"],
             )
-        return pos
+        return cls(batches=int(state["batches"]), items=int(state["items"]), skipped=int(state["skipped"]))
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes already; threads would only fight over the cores
 
 
-def make_loader(stream: CorpusStream, batch_size: int, num_workers: int, prefetch_factor: int) -> DataLoader:
-    """DataLoader over ``stream``; decoding and augmentation run in ``num_workers`` processes."""
+def make_loader(stream: CorpusStream, num_workers: int, prefetch_factor: int) -> DataLoader:
+    """DataLoader over ``stream``'s batches; decoding, augmentation and collation run in ``num_workers``
+    processes (``prefetch_factor`` batches ahead each), the batches are the same for any ``num_workers``."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, worker_init_fn=_worker_init, persistent_workers=False)
-    return DataLoader(
-        stream, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs
-    )
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs)

@@ -13,6 +13,12 @@ from monai.transforms import Compose, EnsureType, RandSpatialCrop, SpatialPad
 from common.config import load_config, to_object
 from common.errors import ConfigError
 from pretrain.corpora.stream import file_at
+from synth.anatomy import anatomy_at
+from synth.atrophy import atrophy_basis
+from synth.config import SynthConfig
+from synth.dataset import GeneratedDirectory
+from synth.generator import Generator
+from synth.subject import corpus_plan
 
 
 def fit_transform(input_size: Sequence[int]) -> Compose:
@@ -28,8 +34,6 @@ def fit_transform(input_size: Sequence[int]) -> Compose:
 
 def synth_config(cfg, spacing: Sequence[float]):
     """synth's ``SynthConfig`` from ``data.synthmri`` (file + overrides), at the run's (isotropic) spacing."""
-    from synth.config import SynthConfig
-
     if len(set(float(s) for s in spacing)) != 1:
         raise ConfigError(f"corpus synthmri generates isotropic volumes; data.spacing {list(spacing)} is not")
     scfg = load_config(SynthConfig, cfg.synth_config, list(cfg.overrides))
@@ -52,15 +56,9 @@ class SynthMRISource:
         self.seed = seed
         self.directory = cfg.directory
         if cfg.directory is not None:
-            from synth.dataset import GeneratedDirectory
-
             self.files = GeneratedDirectory(cfg.directory)
             self.generator = None
         else:
-            from synth.anatomy import anatomy_at
-            from synth.atrophy import atrophy_basis
-            from synth.generator import Generator
-
             self.synth_cfg = synth_config(cfg, spacing)
             self.generator = Generator(self.synth_cfg)
             # build synth's template resamples now, so forked DataLoader workers share them
@@ -70,8 +68,6 @@ class SynthMRISource:
     def _volume(self, position: int) -> torch.Tensor:
         if self.generator is None:
             return self.files[file_at(position, len(self.files), self.seed)]
-        from synth.subject import corpus_plan
-
         return self.generator(corpus_plan(self.synth_cfg, self.seed, position)).image  # (1, D, H, W)
 
     def item(self, position: int, rng: np.random.Generator) -> torch.Tensor:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError, DataError
+from pretrain.config import VIDEO_READERS
 from pretrain.corpora.stream import file_at
 
-READERS = ("auto", "decord", "pyav")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 grey
 
 
@@ -34,22 +34,19 @@ def find_videos(paths: Sequence[str | Path], extensions: Sequence[str]) -> list[
     if not found:
         raise DataError(
             None,
-            f"no video files ({', '.join(sorted(exts))}) under {', '.join(map(str, paths))}; "
-            "set data.video.paths",
+            f"no video files ({', '.join(sorted(exts))}) under {', '.join(map(str, paths))}; set data.video.paths",
         )
     return sorted(set(found))
 
 
 def _resolve_reader(reader: str) -> str:
-    if reader not in READERS:
-        raise ConfigError(f"data.video.reader must be one of {READERS}, got {reader!r}")
+    if reader not in VIDEO_READERS:
+        raise ConfigError(f"data.video.reader must be one of {VIDEO_READERS}, got {reader!r}")
     has_decord = importlib.util.find_spec("decord") is not None
     if reader == "auto":
         return "decord" if has_decord else "pyav"
     if reader == "decord" and not has_decord:
-        raise ConfigError(
-            "data.video.reader=decord but decord is not installed; use reader=pyav (pip install av)"
-        )
+        raise ConfigError("data.video.reader=decord but decord is not installed; use reader=pyav (pip install av)")
     if reader == "pyav" and importlib.util.find_spec("av") is None:
         raise ConfigError("data.video.reader=pyav but PyAV is not installed: pip install av")
     return reader
@@ -63,7 +60,7 @@ def _clip_start(path: Path, n_frames: int, need: int, rng: np.random.Generator) 
 
 def read_clip_decord(path: Path, frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, h, w, 3) uint8 of a random clip at the file's resolution, decoded by decord."""
-    import decord
+    import decord  # optional: PyAV decodes where decord is not installed
 
     try:
         # decord's own width/height scaling returns mis-sized frames for some sizes, so torch resizes instead
@@ -78,7 +75,7 @@ def read_clip_decord(path: Path, frames: int, stride: int, rng: np.random.Genera
 
 def read_clip_pyav(path: Path, frames: int, stride: int, rng: np.random.Generator) -> np.ndarray:
     """(frames, h, w, 3) uint8 of a random clip at the file's resolution, decoded by PyAV."""
-    import av
+    import av  # loaded only by the workers that decode with PyAV
 
     need = (frames - 1) * stride + 1
     try:
@@ -137,7 +134,5 @@ class VideoSource:
         path = self.files[file_at(position, len(self.files), self.seed)]
         clip = self.read(path, rng)  # (D, h, w, 3) uint8
         grey = torch.from_numpy(clip.astype(np.float32) @ _LUMA / 255.0)  # (D, h, w) in [0, 1]
-        grey = F.interpolate(
-            grey[:, None], size=self.size, mode="bilinear", antialias=True, align_corners=False
-        )
+        grey = F.interpolate(grey[:, None], size=self.size, mode="bilinear", antialias=True, align_corners=False)
         return grey[:, 0].clamp(0, 1)[None].contiguous()  # (1, D, H, W)

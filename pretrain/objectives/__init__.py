@@ -1,9 +1,9 @@
 """Self-supervised objectives: MAE (ViTs), SimCLR and MoCo v3 (ViTs and CNNs).
 
-Each is a plain ``nn.Module`` holding the backbone as ``encoder`` (what gets exported) whose
-``forward(batch)`` returns a dict with ``"loss"``. Optional hooks the trainer calls: ``after_step(step,
-total_steps)`` (MoCo's momentum update), ``images(batch, out)`` (MAE's TensorBoard slices),
-``no_weight_decay()``.
+Each is an ``Objective`` (``base.py``): an ``nn.Module`` holding the backbone as ``encoder`` (what gets exported)
+whose ``forward(batch)`` returns a dict with ``"loss"``, and that declares what it needs (``needs_views``,
+``image_tag``) and implements the hooks it uses (``after_step``, ``images``). The names are
+``pretrain.config.OBJECTIVES``.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from common.errors import ConfigError
+from pretrain.config import OBJECTIVES
+from pretrain.objectives.base import Objective
 from pretrain.objectives.mae import MaskedAutoencoder
 from pretrain.objectives.moco import MoCoV3
 from pretrain.objectives.simclr import SimCLR
 
-OBJECTIVES = ("mae", "simclr", "moco")
-# which batch keys an objective reads: MAE one volume, the contrastive objectives two augmented views
-NEEDS_VIEWS = {"mae": False, "simclr": True, "moco": True}
 
-
-def build_objective(cfg, encoder: nn.Module) -> nn.Module:
+def build_objective(cfg, encoder: nn.Module) -> Objective:
     """The objective ``cfg.name`` (an ``ObjectiveConfig``) around ``encoder``."""
     if cfg.name == "mae":
         m = cfg.mae
@@ -35,4 +33,4 @@ def build_objective(cfg, encoder: nn.Module) -> nn.Module:
     raise ConfigError(f"objective.name must be one of {OBJECTIVES}, got {cfg.name!r}")
 
 
-__all__ = ["MaskedAutoencoder", "MoCoV3", "NEEDS_VIEWS", "OBJECTIVES", "SimCLR", "build_objective"]
+__all__ = ["MaskedAutoencoder", "MoCoV3", "Objective", "SimCLR", "build_objective"]

@@ -15,15 +15,17 @@ import torch.nn as nn
 from common.errors import ConfigError
 from common.models.pos_embed import sincos_3d
 from common.models.vit import Block, LayerNorm, ViT3D
+from pretrain.config import MASKINGS
+from pretrain.objectives.base import Objective
 
-MASKINGS = ("random", "tube")
 
-
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(Objective):
     """A ``ViT3D`` encoder plus a light transformer decoder that predicts the voxels of masked patches.
 
     ``forward(batch)`` takes ``{"image": (B, 1, D, H, W)}`` and returns ``{"loss", "pred", "mask"}``.
     """
+
+    image_tag = "mae"  # input, masked input and reconstruction slices
 
     def __init__(
         self,
@@ -39,17 +41,14 @@ class MaskedAutoencoder(nn.Module):
         if not hasattr(encoder, "forward_tokens"):
             raise ConfigError(
                 f"MAE needs a ViT backbone (token path); {type(encoder).__name__} has none — use a "
-                "contrastive "
-                "objective (simclr, moco) for CNNs"
+                "contrastive objective (simclr, moco) for CNNs"
             )
         if not 0.0 < mask_ratio < 1.0:
-            raise ConfigError(f"objective.mae.mask_ratio must lie in (0, 1), got {mask_ratio}")
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
         if masking not in MASKINGS:
-            raise ConfigError(f"objective.mae.masking must be one of {MASKINGS}, got {masking!r}")
+            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
         if decoder_dim % decoder_heads:
-            raise ConfigError(
-                f"objective.mae.decoder_dim {decoder_dim} is not divisible by decoder_heads {decoder_heads}"
-            )
+            raise ValueError(f"decoder_dim {decoder_dim} is not divisible by decoder_heads {decoder_heads}")
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.masking = masking
@@ -110,9 +109,7 @@ class MaskedAutoencoder(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, gd, pd, gh, ph, gw, pw)
         return x.reshape(B, self.in_chans, gd * pd, gh * ph, gw * pw)
 
-    def random_masking(
-        self, batch: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-volume random (or tube) masks by argsort of uniform noise.
 
         Returns ``ids_keep`` (B, n_keep) long, ``mask`` (B, N) with 1 = masked, and ``ids_restore`` (B, N)
@@ -128,9 +125,7 @@ class MaskedAutoencoder(nn.Module):
             ids_keep = (offsets[None, :, None] + keep_slab[:, None, :]).reshape(batch, -1)  # (B, n_keep)
             mask = torch.ones(batch, N, device=device)
             mask.scatter_(1, ids_keep, 0.0)
-            ids_shuffle = torch.argsort(
-                mask, dim=1, stable=True
-            )  # visible first (in raster order), then masked
+            ids_shuffle = torch.argsort(mask, dim=1, stable=True)  # visible first (in raster order), then masked
         else:
             noise = torch.rand(batch, N, device=device)  # (B, N)
             ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import ConfigError
+from pretrain.objectives.base import Objective
 from pretrain.objectives.gather import gather_no_grad
 from pretrain.objectives.heads import mlp_head
 
@@ -29,9 +29,11 @@ def moco_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> to
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-class MoCoV3(nn.Module):
-    """Online backbone + projector + predictor, momentum backbone + projector (not trained by the
-    optimizer)."""
+class MoCoV3(Objective):
+    """Online backbone + projector + predictor, momentum backbone + projector (not trained by the optimizer)."""
+
+    needs_views = True
+    updates_in_place = True  # the momentum encoder's EMA
 
     def __init__(
         self,
@@ -43,9 +45,9 @@ class MoCoV3(nn.Module):
     ):
         super().__init__()
         if temperature <= 0:
-            raise ConfigError(f"objective.contrastive.temperature must be > 0, got {temperature}")
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"objective.contrastive.momentum must lie in [0, 1], got {momentum}")
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         self.encoder = encoder
         self.projector = mlp_head(encoder.feature_dim, proj_hidden, proj_dim, num_layers=3, last_bn=True)
         self.predictor = mlp_head(proj_dim, proj_hidden, proj_dim, num_layers=2, last_bn=True)
@@ -68,9 +70,7 @@ class MoCoV3(nn.Module):
         q = self.predictor(self.projector(self.encoder.forward_features(views)))  # (2B, d)
         with torch.no_grad():
             k = self.momentum_projector(self.momentum_encoder.forward_features(views))  # (2B, d)
-        loss = moco_contrastive(q[:B], k[B:], self.temperature) + moco_contrastive(
-            q[B:], k[:B], self.temperature
-        )
+        loss = moco_contrastive(q[:B], k[B:], self.temperature) + moco_contrastive(q[B:], k[:B], self.temperature)
         return {"loss": loss}
 
     def momentum_at(self, step: int, total_steps: int) -> float:

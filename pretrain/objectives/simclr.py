@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import ConfigError
+from pretrain.objectives.base import Objective
 from pretrain.objectives.gather import gather_with_grad
 from pretrain.objectives.heads import mlp_head
 
@@ -33,15 +33,15 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, positive)
 
 
-class SimCLR(nn.Module):
+class SimCLR(Objective):
     """Backbone + projection MLP; ``forward({"view1", "view2"})`` returns ``{"loss"}``."""
 
-    def __init__(
-        self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.2
-    ):
+    needs_views = True
+
+    def __init__(self, encoder: nn.Module, proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.2):
         super().__init__()
         if temperature <= 0:
-            raise ConfigError(f"objective.contrastive.temperature must be > 0, got {temperature}")
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.encoder = encoder
         self.projector = mlp_head(encoder.feature_dim, proj_hidden, proj_dim, num_layers=2, last_bn=False)
         self.temperature = temperature

@@ -8,6 +8,7 @@ volume as in Pinaya et al. 2022. Submodules: ``config`` (training settings), ``c
 """
 
 from synth.ldm.covariates import COVARIATES
-from synth.ldm.model import LatentDiffusionModel, load_model
+from synth.ldm.load import load_model
+from synth.ldm.model import LatentDiffusionModel
 
 __all__ = ["COVARIATES", "LatentDiffusionModel", "load_model"]

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import load_state_dict_strict, load_torch_file
+from common.checkpoint import load_state_dict_strict
 from common.errors import CheckpointError
+from common.io import load_torch_file
 from synth.ldm.covariates import BUNDLE_NAMES, COVARIATES, CovariateSpace
 from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.networks import downsampling
@@ -54,9 +55,7 @@ def _network_kwargs(config: Mapping[str, Any], key: str, source: Path) -> dict[s
     target = str(d.get("_target_", ""))
     wanted = _TARGETS[key]
     if target not in (wanted, *(p + wanted for p in _TARGET_PACKAGES)):
-        raise CheckpointError(
-            f"{source}: {key}._target_ is {target!r}, expected monai.networks.nets.{wanted}"
-        )
+        raise CheckpointError(f"{source}: {key}._target_ is {target!r}, expected monai.networks.nets.{wanted}")
     kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
     if "num_channels" in kwargs:  # MONAI Generative's name for `channels`
         kwargs["channels"] = kwargs.pop("num_channels")
@@ -105,8 +104,7 @@ def load_monai_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source
         ) from None
     except RuntimeError as e:  # load_state_dict's size mismatch
         raise CheckpointError(
-            f"{source}: weights do not fit the network built from the bundle's config "
-            f"({str(e).splitlines()[0]} ...)"
+            f"{source}: weights do not fit the network built from the bundle's config ({str(e).splitlines()[0]} ...)"
         ) from None
     used = len(state) - len(leftover)
     if leftover or used != len(own):
@@ -159,15 +157,12 @@ def load_bundle(folder: str | Path) -> LatentDiffusionModel:
     image_shape = tuple(s * f for s in latent[1:])
     if latent[0] != int(ae_kwargs["latent_channels"]):
         raise CheckpointError(
-            f"{source}: 'noise' has {latent[0]} channels, the autoencoder's latent "
-            f"{ae_kwargs['latent_channels']}"
+            f"{source}: 'noise' has {latent[0]} channels, the autoencoder's latent {ae_kwargs['latent_channels']}"
         )
     meta_path = folder / "configs" / "metadata.json"
     if meta_path.is_file():
         try:
-            declared = json.loads(meta_path.read_text())["network_data_format"]["outputs"]["pred"][
-                "spatial_shape"
-            ]
+            declared = json.loads(meta_path.read_text())["network_data_format"]["outputs"]["pred"]["spatial_shape"]
         except (KeyError, TypeError, json.JSONDecodeError):
             declared = None
         if declared is not None and tuple(int(s) for s in declared) != image_shape:
@@ -178,9 +173,7 @@ def load_bundle(folder: str | Path) -> LatentDiffusionModel:
 
     sched = config.get("scheduler", {})
     if not str(sched.get("_target_", "")).endswith(("DDIMScheduler", "DDPMScheduler")):
-        raise CheckpointError(
-            f"{source}: scheduler._target_ {sched.get('_target_')!r} is not a DDIM/DDPM scheduler"
-        )
+        raise CheckpointError(f"{source}: scheduler._target_ {sched.get('_target_')!r} is not a DDIM/DDPM scheduler")
     noise = {k: v for k, v in sched.items() if not k.startswith("_")}
     steps = re.search(r"num_inference_steps\s*=\s*(\d+)", str(config.get("set_timesteps", "")))
 

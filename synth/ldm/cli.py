@@ -14,9 +14,9 @@ from pathlib import Path
 
 from common.config import load_config, parse_with_overrides, to_object
 from common.errors import ConfigError, NeurotransferError
-from synth.ldm.config import PRECISIONS, LDMTrainConfig
+from common.precision import DEVICES, PRECISIONS, resolve_device, resolve_precision
+from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import sex_code
-from synth.ldm.device import resolve_device, resolve_precision
 
 
 def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -32,13 +32,10 @@ def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--config",
         type=Path,
-        help="YAML recipe, e.g. configs/synth/ldm_quickstart.yaml "
-        "(with --resume: defaults to OUT/config.yaml)",
+        help="YAML recipe, e.g. configs/synth/ldm_quickstart.yaml (with --resume: defaults to OUT/config.yaml)",
     )
     t.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
-    t.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_diffusion.steps=10"
-    )
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_diffusion.steps=10")
     t.set_defaults(func=run_ldm_train)
 
     s = subparsers.add_parser(
@@ -62,7 +59,7 @@ def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="volume i depends only on (seed, i)")
     s.add_argument("--ddim-steps", type=int, help="denoising steps (default: the model's, 50 for the bundle)")
     s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help=f"{' | '.join(DEVICES)} | cuda:N")
     s.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -89,7 +86,7 @@ def run_ldm_train(args: argparse.Namespace) -> int:
 
 
 def run_ldm_sample(args: argparse.Namespace) -> int:
-    from synth.ldm.model import load_model
+    from synth.ldm.load import load_model  # heavy imports only when the command runs
     from synth.ldm.sampling import sample_to_directory
 
     fixed = {"age": args.age, "ventricle_volume": args.ventricles, "brain_volume": args.brain}
@@ -98,7 +95,7 @@ def run_ldm_sample(args: argparse.Namespace) -> int:
             fixed["sex"] = sex_code(args.sex)
         except ValueError as e:
             raise ConfigError(f"--sex: {e}") from None
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     model = load_model(args.model)
     manifest = sample_to_directory(
         model,
@@ -109,7 +106,7 @@ def run_ldm_sample(args: argparse.Namespace) -> int:
         ddim_steps=args.ddim_steps,
         batch_size=args.batch_size,
         device=device,
-        precision=resolve_precision(args.precision, device),
+        precision=resolve_precision(args.precision, device, key="--precision"),
         show_progress=not args.no_progress,
     )
     print(f"{args.n} volumes listed in {manifest}")

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 from common.data import PreprocessConfig
 from common.errors import ConfigError
+from common.precision import DEVICES, PRECISIONS
 from synth.regions import CSF, VENTRICLES
 
 CONDITIONING_MODES = ("crossattn", "concat", "both")
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -22,9 +22,7 @@ class LDMDataConfig:
 
     manifest: str = ""  # CSV (path, subject_id, ..., age, sex, + label_path or ventricle_volume/brain_volume)
     spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm; resampled to this
-    shape: list[int] = field(
-        default_factory=lambda: [80, 96, 80]
-    )  # (D, H, W); divisible by the total downsampling
+    shape: list[int] = field(default_factory=lambda: [80, 96, 80])  # (D, H, W); divisible by the total downsampling
     intensity: str = "percentile"  # the LDM models [0, 1] intensities, as the public bundle does
     crop_foreground: bool = True  # centre the brain's bounding box (off for volumes on one template grid)
     label_column: str = "label_path"  # manifest column of label maps, when volumes are measured from them
@@ -67,9 +65,7 @@ class UNetArch:
 
     channels: list[int] = field(default_factory=lambda: [64, 128, 128])
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    num_head_channels: list[int] = field(
-        default_factory=lambda: [0, 64, 64]
-    )  # 0 where a level has no attention
+    num_head_channels: list[int] = field(default_factory=lambda: [0, 64, 64])  # 0 where a level has no attention
     num_res_blocks: int = 1
     norm_num_groups: int = 16
     norm_eps: float = 1e-6
@@ -146,9 +142,8 @@ class LDMTrainConfig:
     train_autoencoder: AutoencoderTraining = field(default_factory=AutoencoderTraining)
     train_diffusion: DiffusionTraining = field(default_factory=DiffusionTraining)
     seed: int = 0
-    # "auto": bf16 autocast where the device has native bf16 (recent GPUs, AVX512-BF16/AMX CPUs), else fp32
-    precision: str = "auto"
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1" ...
+    precision: str = "auto"  # auto (bf16 where the device computes it natively) | bf16 | fp32
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N (common.precision)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -163,6 +158,8 @@ def validate(cfg: LDMTrainConfig) -> None:
     ae, un = cfg.autoencoder, cfg.unet
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device must be one of {DEVICES} (or cuda:N), got {cfg.device!r}")
     if un.conditioning not in CONDITIONING_MODES:
         raise ConfigError(f"unet.conditioning must be one of {CONDITIONING_MODES}, got {un.conditioning!r}")
     for name, arch in (("autoencoder", ae), ("unet", un)):
@@ -199,7 +196,7 @@ def validate(cfg: LDMTrainConfig) -> None:
     if tae.adv_weight > 0 and (tae.disc_layers < 1 or min(cfg.data.shape) < 3 * 2**tae.disc_layers):
         raise ConfigError(
             f"train_autoencoder.disc_layers={tae.disc_layers} needs volumes of at least "
-            f"{3 * 2**max(tae.disc_layers, 1)} voxels per axis, data.shape is {list(cfg.data.shape)}; "
+            f"{3 * 2 ** max(tae.disc_layers, 1)} voxels per axis, data.shape is {list(cfg.data.shape)}; "
             "lower disc_layers (>= 1) or set adv_weight=0"
         )
     for name, stage in (

@@ -51,9 +51,7 @@ class LabelScheme:
     """Which label values of a segmentation count as ventricles and which are not brain at all."""
 
     ventricles: tuple[int, ...]  # summed into ventricle_volume
-    non_brain: tuple[
-        int, ...
-    ]  # background and extra-ventricular CSF; brain_volume = everything else, minus ventricles
+    non_brain: tuple[int, ...]  # background and extra-ventricular CSF; brain_volume = everything else, minus ventricles
 
 
 def label_volumes(path: str | Path, scheme: LabelScheme) -> tuple[float, float]:
@@ -89,9 +87,7 @@ def covariate_table(
     manifest = Path(manifest)
     for col in ("age", "sex"):
         if col not in df.columns:
-            raise DataError(
-                manifest, f"the LDM is conditioned on {col}, but the manifest has no {col!r} column"
-            )
+            raise DataError(manifest, f"the LDM is conditioned on {col}, but the manifest has no {col!r} column")
     out = pd.DataFrame(index=df.index, columns=list(COVARIATES), dtype="float64")
     for i, value in df["sex"].items():
         try:
@@ -106,9 +102,7 @@ def covariate_table(
             if pd.isna(rel):
                 raise DataError(manifest, f"column {label_column!r} is empty on line {i + 2}")
             p = Path(str(rel)).expanduser()
-            out.loc[i, ["ventricle_volume", "brain_volume"]] = label_volumes(
-                p if p.is_absolute() else base / p, scheme
-            )
+            out.loc[i, ["ventricle_volume", "brain_volume"]] = label_volumes(p if p.is_absolute() else base / p, scheme)
     elif pair := next((p for p in VOLUME_COLUMNS if set(p) <= set(df.columns)), None):
         for col, src in zip(("ventricle_volume", "brain_volume"), pair):
             out[col] = pd.to_numeric(df[src], errors="coerce")

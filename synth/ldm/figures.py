@@ -44,7 +44,7 @@ def age_sweep(
 
 def save_age_sweep_png(volumes: torch.Tensor, ages: Sequence[float], path: str | Path, title: str) -> Path:
     """Axial, coronal and sagittal middle slices of each volume, one column per age, as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy, and only figure commands need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

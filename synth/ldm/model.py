@@ -24,8 +24,9 @@ from monai.networks.nets import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.checkpoint import atomic_write, load_state_dict_strict
+from common.checkpoint import load_state_dict_strict
 from common.errors import CheckpointError
+from common.io import atomic_write
 from synth.ldm.covariates import COVARIATES, CovariateSpace
 from synth.ldm.networks import ConditionedUNet, build_autoencoder, build_unet, downsampling
 
@@ -142,9 +143,7 @@ def load_model_folder(folder: str | Path) -> LatentDiffusionModel:
     load_state_dict_strict(
         ae, _read_safetensors(folder / "autoencoder.safetensors"), folder / "autoencoder.safetensors"
     )
-    load_state_dict_strict(
-        unet.unet, _read_safetensors(folder / "unet.safetensors"), folder / "unet.safetensors"
-    )
+    load_state_dict_strict(unet.unet, _read_safetensors(folder / "unet.safetensors"), folder / "unet.safetensors")
     table = None
     if (folder / "covariates.csv").is_file():
         table = pd.read_csv(folder / "covariates.csv")
@@ -166,22 +165,3 @@ def load_model_folder(folder: str | Path) -> LatentDiffusionModel:
         source=str(folder.resolve()),
         extra=meta.get("extra", {}),
     ).eval()
-
-
-def load_model(path: str | Path) -> LatentDiffusionModel:
-    """An LDM from a model folder, a training run folder (its ``export/``), or a MONAI bundle folder."""
-    from synth.ldm.bundle import is_bundle, load_bundle  # bundle imports this module
-
-    path = Path(path).expanduser()
-    if (path / "ldm.json").is_file():
-        return load_model_folder(path)
-    if (path / "export" / "ldm.json").is_file():
-        return load_model_folder(path / "export")
-    if is_bundle(path):
-        return load_bundle(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such model folder")
-    raise CheckpointError(
-        f"{path}: not an LDM — expected ldm.json (a model folder), export/ldm.json (an ldm-train run) or "
-        "configs/inference.json (the MONAI bundle brain_image_synthesis_latent_diffusion_model)"
-    )

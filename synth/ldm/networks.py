@@ -75,9 +75,7 @@ def training_scheduler(noise: Mapping[str, Any]) -> DDPMScheduler:
 def sampling_scheduler(noise: Mapping[str, Any], steps: int) -> DDIMScheduler:
     """A DDIM sampler over the same noise schedule, ``steps`` denoising steps (deterministic: eta = 0)."""
     if not 1 <= steps <= int(noise.get("num_train_timesteps", 1000)):
-        raise ConfigError(
-            f"DDIM steps must lie in [1, {noise.get('num_train_timesteps', 1000)}], got {steps}"
-        )
+        raise ConfigError(f"DDIM steps must lie in [1, {noise.get('num_train_timesteps', 1000)}], got {steps}")
     scheduler = DDIMScheduler(**noise)
     scheduler.set_timesteps(num_inference_steps=steps)
     return scheduler

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import atomic_write, load_torch_file
+from common.io import atomic_write, load_torch_file
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

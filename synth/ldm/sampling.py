@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 from monai.inferers import LatentDiffusionInferer
 
-from common.checkpoint import atomic_write
 from common.data import MANIFEST_COLUMNS, write_nifti
 from common.errors import ConfigError
+from common.io import atomic_write
+from common.precision import autocast
 from common.tb import progress
 from synth.ldm.covariates import COVARIATES, draw_covariates, sex_label
-from synth.ldm.device import autocast
 from synth.ldm.model import LatentDiffusionModel
 from synth.ldm.networks import sampling_scheduler
 
@@ -50,9 +50,7 @@ def generate(
     """Volumes ``(B, 1, D, H, W)`` in [0, 1] for ``conditioning`` ``(B, 4)`` (network units)."""
     device = torch.device(device)
     if conditioning.ndim != 2 or conditioning.shape != (len(seeds), len(COVARIATES)):
-        raise ValueError(
-            f"conditioning must be ({len(seeds)}, {len(COVARIATES)}), got {tuple(conditioning.shape)}"
-        )
+        raise ValueError(f"conditioning must be ({len(seeds)}, {len(COVARIATES)}), got {tuple(conditioning.shape)}")
     scheduler = sampling_scheduler(model.noise, _steps(ddim_steps, model))
     inferer = LatentDiffusionInferer(scheduler, scale_factor=model.scale_factor)
     noise = initial_noise(model.latent_shape, seeds).to(device)  # (B, C, d, h, w)
@@ -164,9 +162,7 @@ def sample_to_directory(
     fixed = {k: float(v) for k, v in (fixed or {}).items() if v is not None}
     unknown = set(fixed) - set(COVARIATES)
     if unknown:
-        raise ConfigError(
-            f"unknown covariate(s) {sorted(unknown)}; the LDM is conditioned on {list(COVARIATES)}"
-        )
+        raise ConfigError(f"unknown covariate(s) {sorted(unknown)}; the LDM is conditioned on {list(COVARIATES)}")
     ddim_steps = _steps(ddim_steps, model)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -187,9 +183,7 @@ def sample_to_directory(
     pending = [i for i in range(n) if not (out / rows[i]["path"]).is_file()]
     device = torch.device(device)
     model.to(device).eval()
-    bar = progress(
-        total=n, initial=n - len(pending), unit="vol", desc="ldm-sample", disable=not show_progress
-    )
+    bar = progress(total=n, initial=n - len(pending), unit="vol", desc="ldm-sample", disable=not show_progress)
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
         cond = torch.tensor([[rows[i][f"cond_{c}"] for c in COVARIATES] for i in batch])  # (B, 4)

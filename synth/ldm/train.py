@@ -15,15 +15,15 @@ import torch
 from omegaconf import OmegaConf
 
 import common
-from common.checkpoint import manifest_hash
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import ConfigError
+from common.io import file_hash
+from common.precision import resolve_device, resolve_precision
 from common.tb import RankZeroWriter
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import COVARIATES, CovariateSpace, LabelScheme, covariate_table
-from synth.ldm.device import resolve_device, resolve_precision
 from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.sampling import generate
 from synth.ldm.train_autoencoder import train_autoencoder
@@ -42,9 +42,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out is a file, not a run folder; choose a folder path")
     if not resume and any((out / "checkpoints").glob("*.pt")):
-        raise ConfigError(
-            f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out"
-        )
+        raise ConfigError(f"{out}: already holds a training run; pass --resume to continue it, or choose a new --out")
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass --manifest CSV (or data.manifest=CSV)")
     device = resolve_device(cfg.device)
@@ -96,7 +94,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     model.extra = {
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
         "manifest": str(manifest.resolve()),
-        "manifest_hash": manifest_hash(manifest),
+        "manifest_hash": file_hash(manifest),
         "steps": {"autoencoder": cfg.train_autoencoder.steps, "diffusion": cfg.train_diffusion.steps},
         "package_version": common.__version__,
     }

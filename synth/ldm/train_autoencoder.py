@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
+from common.precision import autocast
 from common.tb import RankZeroWriter, progress
 from synth.ldm.config import LDMTrainConfig
-from synth.ldm.device import autocast
 from synth.ldm.figures import axial_strip
 from synth.ldm.run_state import load_state, log_metrics, save_state
 from synth.ldm.training_data import BadSampleGuard
@@ -89,9 +89,7 @@ def train_autoencoder(
             kl = kl_loss(z_mu.float(), z_sigma.float())
             loss = l1 + tc.kl_weight * kl
             if use_adv:
-                g_adv = adv(
-                    disc(recon.contiguous().float())[-1], target_is_real=True, for_discriminator=False
-                )
+                g_adv = adv(disc(recon.contiguous().float())[-1], target_is_real=True, for_discriminator=False)
                 loss = loss + tc.adv_weight * g_adv
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,9 +122,7 @@ def train_autoencoder(
             bar.set_postfix(l1=f"{record['l1']:.4f}")
         if step % tc.image_every == 0 or step == tc.steps:
             both = torch.cat([x[:4].detach(), recon[:4].detach().float()], dim=0).cpu()  # inputs, then recons
-            writer.add_image(
-                "autoencoder/input_then_reconstruction", axial_strip(both), step, dataformats="HW"
-            )
+            writer.add_image("autoencoder/input_then_reconstruction", axial_strip(both), step, dataformats="HW")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             checkpoint()
     bar.close()

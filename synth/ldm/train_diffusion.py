@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from monai.inferers import LatentDiffusionInferer
 from monai.networks.nets import AutoencoderKL
 
+from common.precision import autocast
 from common.tb import RankZeroWriter, progress
 from synth.ldm.config import LDMTrainConfig, latent_shape
-from synth.ldm.device import autocast
 from synth.ldm.figures import axial_strip
 from synth.ldm.networks import ConditionedUNet, training_scheduler
 from synth.ldm.run_state import load_state, log_metrics, save_state
@@ -116,9 +116,7 @@ def train_diffusion(
             bar.set_postfix(loss=f"{value:.4f}")
         if preview is not None and (step % tc.image_every == 0 or step == tc.steps):
             unet.eval()
-            writer.add_image(
-                "diffusion/samples_across_age", axial_strip(preview(scale).cpu()), step, dataformats="HW"
-            )
+            writer.add_image("diffusion/samples_across_age", axial_strip(preview(scale).cpu()), step, dataformats="HW")
             unet.train()
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             checkpoint()

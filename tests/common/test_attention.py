@@ -30,13 +30,13 @@ def test_sdpa_matches_math(dtype, tol):
         torch.testing.assert_close(g.float(), g_ref.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(
-    not xformers_available(), reason="xformers runs on CUDA only and needs the xformers package"
-)
+@pytest.mark.skipif(not xformers_available(), reason="xformers runs on CUDA only and needs the xformers package")
 def test_xformers_matches_math():
-    out_ref, _ = forward_backward("math", qkv(torch.float16, "cuda", requires_grad=True))
-    out, _ = forward_backward("xformers", qkv(torch.float16, "cuda", requires_grad=True))
+    out_ref, grads_ref = forward_backward("math", qkv(torch.float16, "cuda", requires_grad=True))
+    out, grads = forward_backward("xformers", qkv(torch.float16, "cuda", requires_grad=True))
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_auto_picks_sdpa_on_cpu():

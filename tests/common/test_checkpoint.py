@@ -1,6 +1,4 @@
-import hashlib
 import json
-import os
 
 import pytest
 import torch
@@ -8,26 +6,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import common
-from common.checkpoint import (
-    atomic_write,
-    export_backbone,
-    load_export,
-    load_state_dict_strict,
-    load_torch_file,
-    manifest_hash,
-    read_export_metadata,
-)
+from common.checkpoint import export_backbone, load_export, load_state_dict_strict, read_export_metadata
 from common.errors import CheckpointError
 from common.models import create_backbone, registry
 
-META = {"input_size": [32, 16, 16], "spacing": [1.5, 1.5, 1.5], "intensity": "zscore",
-        "corpus": "synth", "objective": "mae", "step": 7}
+META = {
+    "input_size": [32, 16, 16],
+    "spacing": [1.5, 1.5, 1.5],
+    "intensity": "zscore",
+    "corpus": "synth",
+    "objective": "mae",
+    "step": 7,
+}
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return create_backbone("vit_tiny_p16", img_size=(32, 16, 16), patch_size=8, embed_dim=24, depth=1,
-                           num_heads=2)
+    return create_backbone("vit_tiny_p16", img_size=(32, 16, 16), patch_size=8, embed_dim=24, depth=1, num_heads=2)
 
 
 class TiedNet(nn.Module):
@@ -130,63 +125,3 @@ def test_read_metadata_refuses_foreign_files(tmp_path):
         load_export(text)
     with pytest.raises(CheckpointError, match="no such export"):
         load_export(tmp_path / "absent.safetensors")
-
-
-def test_atomic_write_replaces_on_success_and_keeps_old_file_on_error(tmp_path):
-    target = tmp_path / "sub" / "vol.nii.gz"
-    with atomic_write(target) as tmp:
-        assert tmp.parent == target.parent and tmp.name.endswith("vol.nii.gz") and tmp != target
-        tmp.write_bytes(b"first")
-    assert target.read_bytes() == b"first"
-
-    with pytest.raises(RuntimeError, match="boom"), atomic_write(target) as tmp:
-        tmp.write_bytes(b"half-written")
-        raise RuntimeError("boom")
-    assert target.read_bytes() == b"first"
-    assert os.listdir(target.parent) == ["vol.nii.gz"]  # no temp file left behind
-
-
-def test_load_torch_file_plain_state_dict(tmp_path):
-    path = tmp_path / "w.pth"
-    torch.save({"layer.weight": torch.ones(2, 3), "step": 3}, path)
-    state = load_torch_file(path)
-    assert state["step"] == 3
-    torch.testing.assert_close(state["layer.weight"], torch.ones(2, 3))
-
-
-class _RunsCode:
-    """Unpickling this calls os.mkdir(marker): proof that a loader ran code from the file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (str(self.marker),)
-
-
-def test_load_torch_file_refuses_pickle_and_runs_nothing(tmp_path):
-    marker = tmp_path / "code_ran"
-    path = tmp_path / "evil.pt"
-    torch.save({"w": torch.zeros(1), "payload": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError) as err:
-        load_torch_file(path)
-    msg = str(err.value)
-    assert str(path) in msg and "needs full pickle" in msg and "refused" in msg
-    assert "posix.mkdir" in msg or "os.mkdir" in msg
-    assert not marker.exists()
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_text("hello")
-    with pytest.raises(CheckpointError, match="garbage.pt: not a readable torch checkpoint"):
-        load_torch_file(garbage)
-
-
-def test_manifest_hash_is_sha256_of_bytes(tmp_path):
-    csv = tmp_path / "m.csv"
-    csv.write_text("path,subject_id\na.nii.gz,1\n")
-    assert manifest_hash(csv) == hashlib.sha256(csv.read_bytes()).hexdigest()
-    before = manifest_hash(csv)
-    csv.write_text("path,subject_id\na.nii.gz,2\n")
-    assert manifest_hash(csv) != before
-    with pytest.raises(CheckpointError, match="does not exist"):
-        manifest_hash(tmp_path / "absent.csv")

@@ -55,7 +55,6 @@ def test_save_roundtrip(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]
 
 
-
 @dataclass
 class Model:
     name: str = "vit"

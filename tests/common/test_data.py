@@ -33,8 +33,9 @@ def brain(shape=(20, 24, 20), centre=None, seed=0):
 
 def raw(**kw):
     """No resampling of note, no crop, no intensity change: the pipeline's geometry alone."""
-    return PreprocessConfig(**{"spacing": (1, 1, 1), "shape": (20, 24, 20), "intensity": "none",
-                               "crop_foreground": False, **kw})
+    return PreprocessConfig(
+        **{"spacing": (1, 1, 1), "shape": (20, 24, 20), "intensity": "none", "crop_foreground": False, **kw}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ nifti
@@ -214,8 +215,7 @@ def test_read_manifest_resolves_paths_and_types(images):
     [
         (GOOD, {"required": ("path", "subject_id", "grade")}, "missing column\\(s\\) grade"),
         ([GOOD[0], "img/s1.nii.gz,,1,A,ADNI,80,M,AD,ge"], {}, "column 'subject_id' is empty on line 3 "),
-        ([GOOD[0], "img/s1.nii.gz,008,1,A,ADNI,,M,AD,ge"], {"required": ["age"]},
-         "'age' is empty on line 3 \\(1 row"),
+        ([GOOD[0], "img/s1.nii.gz,008,1,A,ADNI,,M,AD,ge"], {"required": ["age"]}, "'age' is empty on line 3 \\(1 row"),
         ([GOOD[0], GOOD[0].replace("007", "009")], {}, "the same path .*s0.nii.gz on lines 2, 3"),
         ([GOOD[1], GOOD[2].replace(",008,2,", ",008,1,")], {}, "subject 008 session 1 on lines 2, 3"),
         ([GOOD[0], GOOD[1].replace(",80,", ",eighty,")], {}, "'age' must be numeric: 'eighty' on line 3"),

@@ -78,15 +78,28 @@ def test_adapters_keep_the_response_to_constant_input():
     )
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_inflation_on_every_axis_gives_the_2d_response_to_a_volume_constant_along_it(axis):
+    """A non-square 2D kernel (3 x 5): its two axes must fill the two other spatial axes in order."""
+    torch.manual_seed(axis)
+    w2d = torch.randn(4, 2, 3, 5)
+    w3d = inflate_kernel(w2d, depth=4, axis=axis)
+    shape = [3, 5]
+    shape.insert(axis, 4)
+    assert w3d.shape == (4, 2, *shape)
+    image = torch.randn(1, 2, 7, 9)  # (B, C, a, b): a and b fill the non-inflated axes in order
+    volume = image.unsqueeze(2 + axis).expand(-1, -1, *[7, 9][:axis], 4, *[7, 9][axis:])
+    out = F.conv3d(volume, w3d)  # one output position along the inflated axis
+    torch.testing.assert_close(out.squeeze(2 + axis), F.conv2d(image, w2d), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- timm 2D
 @pytest.mark.parametrize("axis", [0, 1])
 def test_timm_vit_inflation_reproduces_2d_features_on_a_constant_volume(timm, tmp_path, axis):
     """I3D property: a volume one patch deep, constant along the inflated axis, gives timm's 2D features of
     that slice repeated to RGB."""
     torch.manual_seed(0)
-    vit2d = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0
-    ).eval()
+    vit2d = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
     nn.init.normal_(vit2d.pos_embed, std=0.5)  # timm's default is tiny; make position matter
     path = tmp_path / "vit2d.pth"
     torch.save(vit2d.state_dict(), path)
@@ -121,9 +134,7 @@ def test_timm_vit_position_embedding_is_resampled_to_the_3d_grid(timm, tmp_path)
     vit2d = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=0)
     path = tmp_path / "vit2d.safetensors"
     save_file({k: v.contiguous() for k, v in vit2d.state_dict().items()}, path)
-    model = ViT3D(
-        img_size=(32, 64, 48), patch_size=16, embed_dim=192, depth=1, num_heads=3, pos_embed="learn"
-    )
+    model = ViT3D(img_size=(32, 64, 48), patch_size=16, embed_dim=192, depth=1, num_heads=3, pos_embed="learn")
     report = load_backbone(model, f"timm2d:{path}")
     assert "pos_embed" in report.resized and model.pos_embed.shape == (1, 1 + 2 * 4 * 3, 192)
     grid = model.pos_embed[0, 1:].reshape(2, 4, 3, 192)
@@ -142,9 +153,7 @@ def test_timm_resnet_inflates_into_monai_resnet(timm, tmp_path):
     assert not report.missing
     assert len(report.inflated) == 20  # every conv: stem, 16 block convs, 3 downsample convs
     state = model.state_dict()
-    assert torch.equal(
-        state["net.layer1.0.bn1.running_var"], resnet2d.state_dict()["layer1.0.bn1.running_var"]
-    )
+    assert torch.equal(state["net.layer1.0.bn1.running_var"], resnet2d.state_dict()["layer1.0.bn1.running_var"])
     image = torch.randn(1, 1, 32, 32)
     volume = image.unsqueeze(2).expand(1, 1, 16, 32, 32)
     with torch.no_grad():
@@ -219,9 +228,7 @@ def test_videomae_original_format_and_tubelet_resampling(transformers, tmp_path)
             original[f"encoder.{key[: -len('qkv.bias')]}v_bias"] = v
         elif key != "pos_embed" and not key.startswith("fc_norm"):
             original[f"encoder.{key}"] = value
-    original["encoder.patch_embed.proj.weight"] = hf.state_dict()[
-        "embeddings.patch_embeddings.projection.weight"
-    ]
+    original["encoder.patch_embed.proj.weight"] = hf.state_dict()["embeddings.patch_embeddings.projection.weight"]
     original["decoder.head.weight"] = torch.zeros(3, 48)
     original["mask_token"] = torch.zeros(1, 1, 48)
     torch.save({"model": original}, tmp_path / "videomae_pretrain.pth")
@@ -262,9 +269,7 @@ def test_medicalnet_checkpoint_loads_into_the_monai_resnet(tmp_path):
 # ---------------------------------------------------------------------------------------------- our own
 def test_export_loads_exactly_and_resamples_position_embedding_to_a_new_size(tmp_path):
     source = create_backbone("vit_tiny_p16", img_size=32, patch_size=8, depth=1, pos_embed="learn")
-    path = export_backbone(
-        source, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"}
-    )
+    path = export_backbone(source, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"})
     same = create_backbone("vit_tiny_p16", img_size=32, patch_size=8, depth=1, pos_embed="learn")
     report = load_backbone(same, str(path))
     assert not report.missing and not report.resized and not report.unexpected
@@ -281,12 +286,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_deepspeed_checkpoints_zero0_and_zero2(tmp_path):
+def test_deepspeed_checkpoints_zero0_and_zero2(tmp_path, monkeypatch):
     deepspeed = pytest.importorskip("deepspeed")
-    if not torch.distributed.is_initialized():
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
+    # a world of one (an earlier test may have made it already; DeepSpeed reads the environment either way)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized():  # the conftest destroys it when the session ends
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for stage in (0, 2):
         wrapper = nn.Module()  # what pretrain's objectives look like: encoder + decoder

@@ -9,6 +9,7 @@ import pytest
 from common.errors import DataError
 from finetune.metrics import (
     BiasCorrection,
+    bootstrap_ci,
     classification_metrics,
     fast_binary_metrics,
     per_site,
@@ -106,3 +107,39 @@ def test_task_labels_and_their_errors():
         label_rows(get_task("classify:site"), df, "m.csv")
     with pytest.raises(DataError, match="'age' must be numeric"):
         label_rows(get_task("brain_age"), df, "m.csv")
+
+
+def test_a_site_whose_metrics_raise_keeps_its_row_with_the_reason():
+    p = np.tile([0.2, 0.8], 6)
+    pred = pd.DataFrame(
+        {
+            "subject_id": np.arange(12),
+            "site": np.repeat(["a", "b", "c"], 4),
+            "y_true": np.tile([0, 1], 6),
+            "prob_0": 1 - p,
+            "prob_1": p,
+        }
+    )
+    pred.loc[pred["site"] == "b", ["prob_0", "prob_1"]] = np.nan  # e.g. a fold whose network diverged
+    sites = per_site(pred, "classification").set_index("site")
+    assert list(sites.index) == ["a", "b", "c"] and list(sites["n"]) == [4, 4, 4]
+    assert sites.loc["a", "roc_auc"] == 1.0 and sites.loc["a", "error"] == ""
+    assert np.isnan(sites.loc["b", "roc_auc"]) and "NaN" in sites.loc["b", "error"]
+
+
+def test_bootstrap_resamples_subjects_and_covers_the_true_value():
+    """Five identical rows per subject (sessions of a scan-rescan study): the 95 % CI of a mean must cover the
+    true mean in about 95 % of cohorts. Resampling rows would treat 100 rows as independent and cover ~60 %."""
+    rng = np.random.default_rng(0)
+    subjects = np.repeat(np.arange(20), 5)
+    hits = []
+    for rep in range(150):
+        values = np.repeat(rng.normal(0.0, 1.0, 20), 5)  # true mean 0
+        mean = lambda idx, v=values: {"mean": v[idx].mean()}
+        ci = bootstrap_ci(mean, len(values), subjects, n_boot=200, seed=rep)
+        hits.append(ci["mean"][0] <= 0.0 <= ci["mean"][1])
+    assert 0.85 <= np.mean(hits) <= 1.0
+    # score_predictions resamples by subject_id too: the same table read as 100 subjects gives a narrower CI
+    table = pd.DataFrame({"subject_id": subjects, "y_true": 0.0, "y_pred": np.repeat(rng.normal(0, 1, 20), 5)})
+    width = lambda t: np.subtract(*[score_predictions(t, "regression", n_boot=200)[f"mae_{b}"] for b in ("hi", "lo")])
+    assert width(table) > 1.5 * width(table.assign(subject_id=np.arange(100)))

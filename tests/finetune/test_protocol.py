@@ -49,9 +49,7 @@ def test_kfold_is_subject_level_stratified_and_keeps_identical_images_together(s
         assert sorted(tested) == sorted(subjects["subject_id"])  # each subject tested once per repeat
     strata = subjects.set_index("subject_id")["strata"]
     for f in folds:
-        assert (
-            not set(f.train) & set(f.test) and not set(f.val) & set(f.test) and not set(f.train) & set(f.val)
-        )
+        assert not set(f.train) & set(f.test) and not set(f.val) & set(f.test) and not set(f.train) & set(f.val)
         assert set(strata[f.test]) == {0, 1}  # both classes in every test fold
         side = {s: name for name, ids in (("train", f.train), ("val", f.val), ("test", f.test)) for s in ids}
         assert side["sub-dup"] == side["sub-000"]  # byte-identical images are one group

@@ -1,13 +1,11 @@
 """Tiny data and configs shared by the pre-training tests."""
 
-import os
-
 import numpy as np
 import pytest
 import yaml
 
 from common.data import write_nifti
-from pretrain.corpora.synthetic_video import shape_frames, write_synthetic_videos, write_video
+from synth.video import shape_frames, write_synthetic_videos, write_video
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
 
@@ -62,16 +60,3 @@ def video_dir(tmp_path_factory):
     (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(300))
     write_video(folder / "still_short.mp4", shape_frames(2, 32, 32, np.random.default_rng(5)))
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _restore_distributed_env():
-    """In-process runs make a world of one through the environment; later tests must not inherit it."""
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v

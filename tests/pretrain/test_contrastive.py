@@ -32,9 +32,7 @@ def test_nt_xent_matches_a_hand_computed_value():
 def test_nt_xent_agrees_with_monai_contrastive_loss():
     torch.manual_seed(0)
     z1, z2 = torch.randn(6, 16), torch.randn(6, 16)
-    assert nt_xent(z1, z2, 0.2).item() == pytest.approx(
-        ContrastiveLoss(temperature=0.2)(z1, z2).item(), rel=1e-5
-    )
+    assert nt_xent(z1, z2, 0.2).item() == pytest.approx(ContrastiveLoss(temperature=0.2)(z1, z2).item(), rel=1e-5)
 
 
 def test_moco_loss_matches_a_hand_computed_value():

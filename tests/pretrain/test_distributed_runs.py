@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.checkpoint import load_export
@@ -72,6 +74,9 @@ def two_rank_runs(tmp_path_factory, nifti_dir, video_dir):
                 str(REPO / "configs/deepspeed" / ds_json),
             ]
         )
+    # the synthmri run again, stopped right after its step-2 checkpoint on both ranks, then resumed
+    resumed = [*runs[0][:5], str(tmp / "resumed"), *runs[0][6:]]
+    runs += [{"argv": resumed, "interrupt_at": "step00000002"}, [*resumed, "--resume", "auto"]]
     (tmp / "runs.json").write_text(json.dumps(runs))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
@@ -103,9 +108,7 @@ def test_two_rank_run_writes_checkpoints_events_and_a_strict_export(two_rank_run
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
     kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
     assert kept == ["step00000002", "step00000004"]
-    assert (out / "config.yaml").is_file() and json.loads((out / "deepspeed.json").read_text())[
-        "train_batch_size"
-    ] == 4
+    assert (out / "config.yaml").is_file() and json.loads((out / "deepspeed.json").read_text())["train_batch_size"] == 4
 
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
@@ -125,12 +128,32 @@ def test_two_rank_run_writes_checkpoints_events_and_a_strict_export(two_rank_run
 
     model, meta = load_export(out / "export" / "encoder.safetensors")  # strict: raises on any mismatch
     assert meta["corpus"] == corpus and meta["step"] == 4
-    assert (
-        meta["objective"] == {"synthmri": "mae", "medical": "simclr", "video": "mae", "mixed": "moco"}[corpus]
-    )
+    assert meta["objective"] == {"synthmri": "mae", "medical": "simclr", "video": "mae", "mixed": "moco"}[corpus]
     assert meta["input_size"] == ([8, 16, 16] if corpus == "video" else [16, 16, 16])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     if corpus == "video":
         assert lines[-1]["bad_items"] > 0  # the corrupt and the too-short file were skipped and counted
         assert "skipped item" in log
+        # ZeRO-3 partitions every parameter over the ranks: the export must hold the whole, final weights,
+        # equal to DeepSpeed's own consolidation of the last checkpoint
+        full = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000004")
+        exported = model.state_dict()
+        encoder = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
+        assert set(encoder) >= {k for k, v in model.named_parameters() if v.requires_grad}
+        for name, value in encoder.items():
+            assert torch.equal(exported[name].float(), value.float()), name
+
+
+def test_a_two_rank_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(two_rank_runs):
+    tmp, log = two_rank_runs
+    assert "resumed from" in log and "step00000002" in log
+    lines = lambda out: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps, ref = [x["step"] for x in lines(tmp / "resumed")], [x["step"] for x in lines(tmp / "synthmri")]
+    assert steps == ref == [1, 2, 3, 4]
+    losses = [x["loss"] for x in lines(tmp / "resumed")]
+    assert losses == pytest.approx([x["loss"] for x in lines(tmp / "synthmri")], abs=1e-6)  # same batches per rank
+    a, _ = load_export(tmp / "synthmri" / "export" / "encoder.safetensors")
+    b, _ = load_export(tmp / "resumed" / "export" / "encoder.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), name

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from common.errors import ConfigError
 from common.models import create_backbone
@@ -64,20 +65,67 @@ def test_norm_pix_target_is_per_patch_standardised_and_raw_target_is_voxels():
     assert torch.equal(tiny_mae(norm_pix=False).target(x), tiny_mae().patchify(x))
 
 
-def test_images_are_middle_slices_in_unit_range():
+def test_images_are_middle_slices_and_a_perfect_prediction_reconstructs_the_input():
     mae = tiny_mae()
-    batch = {"image": torch.rand(2, 1, 16, 32, 32)}
-    images = mae.images(batch, mae(batch))
+    x = 1 + torch.rand(2, 1, 16, 32, 32)  # no zero voxel: the masked image's zeros are the mask's
+    _, mask, _ = mae.forward_encoder(x)
+    images = mae.images({"image": x}, {"mask": mask, "pred": mae.target(x)})  # the normalised target, undone
     assert set(images) == {"input", "masked", "reconstruction"}
-    for img in images.values():
-        assert img.shape == (1, 32, 32) and 0 <= img.min() and img.max() <= 1
+    lo, hi = x[0].min(), x[0].max()
+    assert torch.allclose(images["input"], (x[0, :, 8] - lo) / (hi - lo), atol=1e-6)  # the middle D slice
+    torch.testing.assert_close(images["reconstruction"], images["input"], atol=1e-4, rtol=0)
+    hidden = mae.unpatchify(mask[:1, :, None].expand(-1, -1, 512))[0, :, 8].bool()  # masked voxels of the slice
+    assert hidden.any() and (images["masked"][hidden] == 0).all()
+    assert torch.equal(images["masked"][~hidden], images["input"][~hidden])
 
 
-def test_bad_settings_are_config_errors():
-    with pytest.raises(ConfigError, match="mask_ratio"):
+def test_bad_arguments_are_value_errors_naming_the_argument():
+    with pytest.raises(ValueError, match="^mask_ratio must lie in"):
         tiny_mae(1.0)
-    with pytest.raises(ConfigError, match="masking"):
+    with pytest.raises(ValueError, match="^masking must be one of"):
         tiny_mae(0.75, "block")
     cnn = create_backbone("resnet18", img_size=32)
     with pytest.raises(ConfigError, match="ViT"):
         MaskedAutoencoder(cnn)
+
+
+def _reference_masking(noise: torch.Tensor, n_keep: int):
+    """facebookresearch/mae ``random_masking`` on a given noise: the tokens with the smallest noise are kept."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones_like(noise)
+    mask[:, :n_keep] = 0
+    return ids_keep, torch.gather(mask, 1, torch.argsort(ids_shuffle, dim=1))
+
+
+@pytest.mark.parametrize("masking", ["random", "tube"])
+def test_mask_is_zero_exactly_at_the_kept_tokens(masking):
+    mae = tiny_mae(0.75, masking)
+    torch.manual_seed(0)
+    ids_keep, mask, ids_restore = mae.random_masking(3, torch.device("cpu"))
+    expected = torch.ones_like(mask).scatter_(1, ids_keep, 0.0)
+    assert torch.equal(mask, expected) and ids_keep.shape == (3, mae.num_keep)
+    # ids_restore puts [kept, masked] back in raster order: kept ids come first in the shuffled order
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    assert torch.equal(ids_shuffle[:, : mae.num_keep], ids_keep)
+    if masking == "random":  # the same draw as the reference implementation
+        torch.manual_seed(0)
+        ref_keep, ref_mask = _reference_masking(torch.rand(3, mae.encoder.num_patches), mae.num_keep)
+        assert torch.equal(ids_keep, ref_keep) and torch.equal(mask, ref_mask)
+
+
+def test_decoder_puts_each_visible_token_back_at_its_raster_position():
+    """With the decoder reduced to the un-shuffle (no blocks, identity layers, no position embedding), the
+    token at raster position n must be the encoder's output for patch n, and the mask token elsewhere."""
+    mae = tiny_mae(0.75)
+    mae.decoder_embed, mae.decoder_norm, mae.decoder_pred = nn.Identity(), nn.Identity(), nn.Identity()
+    mae.decoder_blocks = nn.ModuleList()
+    mae.decoder_pos_embed.data.zero_()
+    mae.mask_token.data.fill_(-1.0)
+    torch.manual_seed(1)
+    ids_keep, mask, ids_restore = mae.random_masking(2, torch.device("cpu"))
+    latent = ids_keep.float()[..., None].expand(-1, -1, 32)  # each visible token carries its patch id
+    latent = torch.cat([torch.full((2, 1, 32), -5.0), latent], dim=1)  # + cls token
+    out = mae.forward_decoder(latent, ids_restore)[..., 0]  # (B, N)
+    raster = torch.arange(mae.encoder.num_patches).float().expand(2, -1)
+    assert torch.equal(out, torch.where(mask.bool(), torch.tensor(-1.0), raster))

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,10 @@ from safetensors.torch import load_file
 from common.config import load_config, save_config
 from common.errors import ConfigError
 from common.models import create_backbone
+from pretrain.cli import export_metadata, main, parse_args
 from pretrain.config import PretrainConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.engine import Engine, build_ds_config, init_distributed, param_groups
-from pretrain.main import export_metadata, main, parse_args
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer, TrainingDiverged
 from tests.common.test_weights import hostile_deepspeed_folder
@@ -36,37 +35,30 @@ def losses(out: Path) -> list[tuple[int, float]]:
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
     cfg = write_yaml(
         tmp_path / "c.yaml",
-        tiny_config(
-            train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}
-        ),
+        tiny_config(train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}),
     )
     args = ["--corpus", "synthmri", "--config", cfg]
     assert main(args + ["--output", str(tmp_path / "ref")]) == 0  # uninterrupted reference
 
     killed = tmp_path / "killed"
-    # a fresh process of its own (this one may already hold a world of one: drop its rendezvous variables)
+    # a fresh process of its own (this one may already hold a world of one: drop its rendezvous variables),
+    # SIGKILLed by itself right after its step-2 checkpoint is on disk: no polling, no race with a fast machine
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "pretrain/main.py"), *args, "--output", str(killed)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps([{"argv": [*args, "--output", str(killed)], "kill_at": "step00000002"}]))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests/pretrain/ds_driver.py"), str(runs)], cwd=REPO, env=env, timeout=600
     )
+    assert proc.returncode == -signal.SIGKILL
     latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step00000002"):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stopped_at = latest.read_text().strip()
-    assert stopped_at < "step00000006"
+    assert latest.read_text().strip() == "step00000002"
 
+    # resumed with another DataLoader worker count: the stream position, not the workers, decides the batches
+    args += ["data.num_workers=2"]
     assert main(args + ["--output", str(killed), "--resume", "auto"]) == 0
     resumed, ref = losses(killed), losses(tmp_path / "ref")
     assert [step for step, _ in resumed] == [step for step, _ in ref]  # each step once, none twice
@@ -113,7 +105,7 @@ def make_trainer(tmp_path, every, streak=10, optim=None, log_every=4):
     )
     objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
     engine = Engine(objective, build_ds_config(cfg, None, 1, "fp32"))
-    loader = lambda pos: make_loader(CorpusStream(NaNSource(every), 0, **pos.stream_kwargs()), 2, 0, 2)
+    loader = lambda pos: make_loader(CorpusStream(NaNSource(every), 0, batch_size=2, **pos.stream_kwargs()), 0, 2)
     return Trainer(cfg, tmp_path / "run", engine, objective, loader, export_metadata(cfg))
 
 
@@ -230,16 +222,18 @@ def test_deepspeed_json_may_not_contradict_the_recipe(tmp_path):
 
 def test_weight_decay_is_off_for_norms_biases_and_position_embeddings():
     cfg = load_config(PretrainConfig)
-    objective = build_objective(cfg.objective, create_backbone("vit_base_p16", img_size=16, **TINY_VIT))
+    # a learnt position embedding: a 3-D tensor that only its name (no_weight_decay) keeps out of decay
+    encoder = create_backbone("vit_base_p16", img_size=16, pos_embed="learn", **TINY_VIT)
+    objective = build_objective(cfg.objective, encoder)
     decay, no_decay = param_groups(objective, 0.05)
     names = {id(p): n for n, p in objective.named_parameters()}
     off = {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
     assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= off
+    assert "encoder.pos_embed" in off and encoder.pos_embed.requires_grad and encoder.pos_embed.ndim == 3
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
-    assert "encoder.pos_embed" not in names.values() or "encoder.pos_embed" not in {
-        names[id(p)] for p in decay["params"]
-    }
+    # the fixed sin-cos decoder embedding is not trained: in neither group
+    assert "decoder_pos_embed" not in off | {names[id(p)] for p in decay["params"]}
 
 
 def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -35,7 +38,8 @@ def test_cohort_files_and_manifest(ad_cohort):
     assert set(np.unique(np.asarray(labels.dataobj)).tolist()) <= set(LABELS.values())
 
 
-def test_rerun_skips_finished_subjects_and_extends(ad_cohort, capsys):
+def test_rerun_skips_finished_subjects_and_extends(ad_cohort, tmp_path, capsys):
+    ad_cohort = Path(shutil.copytree(ad_cohort, tmp_path / "cohort"))  # the session's cohort stays as made
     before = {p.name: p.stat().st_mtime_ns for p in (ad_cohort / "images").iterdir()}
     (ad_cohort / "labels" / "sub-00002.nii.gz").unlink()  # an unfinished subject is remade
     (ad_cohort / "images" / ".tmp-0123456789ab-sub-00003.nii.gz").write_bytes(b"half")  # a killed run's temp

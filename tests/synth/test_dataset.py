@@ -49,7 +49,7 @@ def test_stream_covariates_and_epochs(cfg4):
 
 def test_generated_directory(ad_cohort):
     ds = GeneratedDirectory(ad_cohort)
-    assert len(ds) >= 4 and ds[0].shape == (1, 40, 48, 40)
+    assert len(ds) == 4 and ds[0].shape == (1, 40, 48, 40)
     item = GeneratedDirectory(ad_cohort, with_labels=True)[1]
     assert item["label"].shape == (40, 48, 40) and item["diagnosis"] in ("CN", "AD")
 

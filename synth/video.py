@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 
 
-def shape_frames(
-    n_frames: int, height: int, width: int, rng: np.random.Generator, n_shapes: int = 3
-) -> np.ndarray:
+def shape_frames(n_frames: int, height: int, width: int, rng: np.random.Generator, n_shapes: int = 3) -> np.ndarray:
     """(n_frames, height, width, 3) uint8 frames of ``n_shapes`` moving, deforming ellipses."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     t = np.arange(n_frames, dtype=np.float32)[:, None, None]  # (T, 1, 1)
@@ -32,16 +30,14 @@ def shape_frames(
         x = (xx - (cx + vx * t)) / (rx * (1 - pulse * np.sin(0.2 * t + phase)))
         angle = spin * t
         u, v = y * np.cos(angle) - x * np.sin(angle), y * np.sin(angle) + x * np.cos(angle)
-        inside = 1.0 / (
-            1.0 + np.exp(np.minimum((u**2 + v**2 - 1.0) * 8.0, 60.0))
-        )  # soft-edged ellipse, (T, H, W)
+        inside = 1.0 / (1.0 + np.exp(np.minimum((u**2 + v**2 - 1.0) * 8.0, 60.0)))  # soft-edged ellipse, (T, H, W)
         frames += inside[..., None] * colour
     return (np.clip(frames, 0, 1) * 255).astype(np.uint8)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 25) -> Path:
     """Write (T, H, W, 3) uint8 ``frames`` as lossless H.264 MP4 (H and W even), atomically."""
-    import av
+    import av  # PyAV: only writing videos needs it
 
     path = Path(path)
     with atomic_write(path) as tmp:
@@ -64,6 +60,5 @@ def write_synthetic_videos(
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     return [
-        write_video(folder / f"video_{i:03d}.mp4", shape_frames(n_frames, height, width, rng))
-        for i in range(count)
+        write_video(folder / f"video_{i:03d}.mp4", shape_frames(n_frames, height, width, rng)) for i in range(count)
     ]

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from common.checkpoint import atomic_write
+from common.checkpoint import read_export_metadata
+from common.io import atomic_write_text
+from experiment.config import ExperimentConfig
 from finetune.report import markdown, summarise
 
-if TYPE_CHECKING:
-    from finetune.experiment import Experiment
+EXPORT = Path("export") / "encoder.safetensors"  # a pre-training run's encoder, inside its run folder
 
 
 def _last_metrics(run_dir: Path) -> dict:
@@ -25,20 +25,21 @@ def _last_metrics(run_dir: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _pretrain_table(exp: Experiment) -> list[str]:
-    from common.checkpoint import read_export_metadata
-
-    lines = ["| init | corpus | objective | backbone | steps | final loss | wall time |",
-             "|---|---|---|---|---|---|---|"]
-    for spec in exp.cfg.pretrain:
-        meta = read_export_metadata(exp.export_path(spec))
-        last = _last_metrics(exp.pretrain_dir(spec))
+def _pretrain_table(cfg: ExperimentConfig, pretrain_dirs: dict[str, Path], timings: dict[str, float]) -> list[str]:
+    lines = [
+        "| init | corpus | objective | backbone | steps | final loss | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec in cfg.pretrain:
+        meta = read_export_metadata(pretrain_dirs[spec.name] / EXPORT)
+        last = _last_metrics(pretrain_dirs[spec.name])
         loss = last.get("loss")
-        wall = exp.timings.get(f"pretrain:{spec.name}")
+        wall = timings.get(f"pretrain:{spec.name}")
         lines.append(
             f"| {spec.name} | {meta.get('corpus', spec.corpus)} | {meta.get('objective', '?')} | "
             f"{meta['arch']['name']} ({spec.backbone}) | {meta.get('step', '?')} | "
-            f"{'–' if loss is None else f'{loss:.4f}'} | {'–' if wall is None else f'{wall:.0f} s'} |")
+            f"{'–' if loss is None else f'{loss:.4f}'} | {'–' if wall is None else f'{wall:.0f} s'} |"
+        )
     return lines
 
 
@@ -54,20 +55,33 @@ def gains_over_scratch(summary: pd.DataFrame) -> pd.DataFrame:
         sign = 1.0 if bool(part["higher_is_better"].iloc[0]) else -1.0
         base = float(scratch[primary].iloc[0])
         for _, row in part[part["init"] != "scratch"].iterrows():
-            rows.append({"task": task, "backbone": backbone, "fraction": fraction, "init": row["init"],
-                         "metric": primary, "scratch": base, "pretrained": float(row[primary]),
-                         "gain": sign * (float(row[primary]) - base)})
+            rows.append(
+                {
+                    "task": task,
+                    "backbone": backbone,
+                    "fraction": fraction,
+                    "init": row["init"],
+                    "metric": primary,
+                    "scratch": base,
+                    "pretrained": float(row[primary]),
+                    "gain": sign * (float(row[primary]) - base),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _gains_md(gains: pd.DataFrame) -> list[str]:
     if gains.empty:
         return ["(no pre-trained init was evaluated)"]
-    lines = ["| task | backbone | fraction | init | metric | scratch | pre-trained | gain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | backbone | fraction | init | metric | scratch | pre-trained | gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in gains.iterrows():
-        lines.append(f"| {r['task']} | {r['backbone']} | {r['fraction']:g} | {r['init']} | {r['metric']} | "
-                     f"{r['scratch']:.3f} | {r['pretrained']:.3f} | {r['gain']:+.3f} |")
+        lines.append(
+            f"| {r['task']} | {r['backbone']} | {r['fraction']:g} | {r['init']} | {r['metric']} | "
+            f"{r['scratch']:.3f} | {r['pretrained']:.3f} | {r['gain']:+.3f} |"
+        )
     return lines
 
 
@@ -80,11 +94,18 @@ def _tables(results_csv: Path) -> tuple[pd.DataFrame | None, str]:
     return summary, "\n".join("#" + line if line.startswith("## ") else line for line in lines)
 
 
-def write_experiment_report(exp: Experiment) -> Path:
-    cfg, out = exp.cfg, exp.out
+def write_experiment_report(
+    cfg: ExperimentConfig,
+    out: Path,
+    timings: dict[str, float],
+    pretrain_dirs: dict[str, Path],
+    grid_dirs: dict[str, Path],
+) -> Path:
+    """Write ``out/report.md`` from the config, stage wall times (stage -> seconds), each pre-training run's
+    folder (by pretrain entry name) and the grids' folders (``in_site``, ``out_of_site``)."""
     s = cfg.synth
     data = cfg.grid.base.data
-    total = sum(v for v in exp.timings.values())
+    total = sum(v for v in timings.values())
     lines = [
         "# neurotransfer experiment report",
         "",
@@ -94,46 +115,61 @@ def write_experiment_report(exp: Experiment) -> Path:
         "## What ran",
         "",
         f"- Synthetic pre-training corpus: {s.corpus_n} volumes ({s.contrast} contrast) at {s.spacing:g} mm.",
-        "- Labelled cohorts: " + ", ".join(f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items())
+        "- Labelled cohorts: "
+        + ", ".join(f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items())
         + f"; held-out site(s) for the out-of-site test: {', '.join(s.ood_sites)}.",
         f"- Video corpus: {cfg.video.count} synthetic clips of moving, deforming shapes "
         f"({cfg.video.frames} frames, {cfg.video.height}×{cfg.video.width})."
-        if any(p.corpus == "video" for p in cfg.pretrain) else "- No video pre-training.",
+        if any(p.corpus == "video" for p in cfg.pretrain)
+        else "- No video pre-training.",
         f"- Model input: {list(data.shape)} voxels at {list(data.spacing)} mm; fine-tuning mode "
         f"`{cfg.grid.base.train.mode}`, {cfg.grid.base.protocol.folds}-fold subject-level CV in-site; "
         f"training fractions {list(cfg.grid.fractions)}; seeds {list(cfg.grid.seeds)}.",
-        "- Backbones: " + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip()
-                                     for b in cfg.grid.backbones) + ".",
+        "- Backbones: "
+        + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip() for b in cfg.grid.backbones)
+        + ".",
         "",
         "Stage wall times (this run; stages skipped because their outputs existed are not counted):",
         "",
         "| stage | wall time |",
         "|---|---|",
-        *[f"| {k} | {v:.0f} s |" for k, v in exp.timings.items()],
+        *[f"| {k} | {v:.0f} s |" for k, v in timings.items()],
         f"| **total** | **{total:.0f} s** ({total / 60:.1f} min) |",
         "",
         "## Pre-training",
         "",
-        *_pretrain_table(exp),
+        *_pretrain_table(cfg, pretrain_dirs, timings),
         "",
     ]
-    in_summary, in_tables = _tables(exp.grid_dir(False) / "results.csv")
+    in_summary, in_tables = _tables(grid_dirs["in_site"] / "results.csv")
     lines += ["## In-site results (k-fold CV over all sites)", "", in_tables, ""]
     if in_summary is not None:
-        lines += ["### Gain of each pre-trained init over scratch (positive = better)", "",
-                  *_gains_md(gains_over_scratch(in_summary)), ""]
+        lines += [
+            "### Gain of each pre-trained init over scratch (positive = better)",
+            "",
+            *_gains_md(gains_over_scratch(in_summary)),
+            "",
+        ]
         lines += ["### Learning curves", ""]
-        for png in sorted((exp.grid_dir(False) / "plots").glob("*_vs_fraction.png")):
+        for png in sorted((grid_dirs["in_site"] / "plots").glob("*_vs_fraction.png")):
             lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
         lines.append("")
     if cfg.ood:
-        ood_summary, ood_tables = _tables(exp.grid_dir(True) / "results.csv")
-        lines += [f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})", "",
-                  ood_tables, ""]
+        ood_summary, ood_tables = _tables(grid_dirs["out_of_site"] / "results.csv")
+        lines += [
+            f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})",
+            "",
+            ood_tables,
+            "",
+        ]
         if ood_summary is not None:
-            lines += ["### Gain over scratch on the held-out site(s)", "",
-                      *_gains_md(gains_over_scratch(ood_summary)), ""]
-            for png in sorted((exp.grid_dir(True) / "plots").glob("*_per_site.png")):
+            lines += [
+                "### Gain over scratch on the held-out site(s)",
+                "",
+                *_gains_md(gains_over_scratch(ood_summary)),
+                "",
+            ]
+            for png in sorted((grid_dirs["out_of_site"] / "plots").glob("*_per_site.png")):
                 lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
             lines.append("")
     lines += [
@@ -148,8 +184,4 @@ def write_experiment_report(exp: Experiment) -> Path:
         "at full scale (`configs/experiment/full.yaml`).",
         "",
     ]
-    path = out / "report.md"
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text("\n".join(lines))
-    return path
-
+    return atomic_write_text(out / "report.md", "\n".join(lines))

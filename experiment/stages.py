@@ -1,11 +1,11 @@
-"""The whole pre-training-source comparison in one command (``python -m finetune experiment``).
+"""The whole pre-training-source comparison in one command (``python -m experiment --config …``).
 
 Stages, each resumable and skipped when its outputs exist:
 
 1. ``corpus``   unlabelled synthetic MRI for pre-training (``python -m synth generate``)
 2. ``cohorts``  labelled AD / PD / brain-age cohorts over K scanner sites (``python -m synth cohort``)
-3. ``video``    synthetic clips of moving, deforming shapes (the video corpus, no downloads)
-4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``pretrain/main.py``), each exporting an encoder
+3. ``video``    synthetic clips of moving, deforming shapes (``synth.video``; the video corpus, no downloads)
+4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``python -m pretrain``), each exporting an encoder
 5. ``finetune`` scratch vs every pre-trained init on every task and training fraction (``finetune.grid``),
    with subject-level k-fold CV; then the same grid tested on held-out sites
 6. ``report``   ``report.md``: the tables, learning curves and out-of-site results
@@ -24,71 +24,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from common.config import save_config
+from common.checkpoint import read_export_metadata
+from common.config import load_config, save_config
 from common.errors import ConfigError, NeurotransferError
+from common.io import atomic_write_text
+from experiment.config import ExperimentConfig, PretrainSpec, validate
+from experiment.report import write_experiment_report
 from finetune.config import GridConfig, InitEntry
+from finetune.grid import run_grid
+from pretrain.config import PretrainConfig
+from synth.video import write_synthetic_videos
 
 log = logging.getLogger(__name__)
 
-TASKS = ("ad", "pd", "brain_age")
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-PRETRAIN_MAIN = Path(__file__).resolve().parent.parent / "pretrain" / "main.py"
-
-
-@dataclass
-class CohortSpec:
-    n: int = 60  # subjects in the labelled cohort
-    sites: int = 3  # scanner sites; each gets both classes
-
-
-@dataclass
-class SynthStage:
-    spacing: float = 4.0  # mm, for the corpus and the cohorts (and the models' input grid)
-    corpus_n: int = 64  # unlabelled pre-training volumes
-    contrast: str = "t1"  # contrast of the pre-training corpus: t1 | random (contrast-agnostic)
-    corpus_backend: str = "anatomy"  # anatomy (MNI152 model) | ldm (sampled from a trained latent diffusion model)
-    ldm_model: str | None = None  # for backend ldm: an ldm-train run, its export, or the public bundle's folder
-    ldm_ddim_steps: int = 50  # DDIM steps per LDM sample
-    cohorts: dict[str, CohortSpec] = field(
-        default_factory=lambda: {t: CohortSpec() for t in TASKS})  # task -> cohort size and sites
-    ood_sites: list[str] = field(default_factory=lambda: ["site2"])  # held out for the out-of-site test
-    overrides: list[str] = field(default_factory=list)  # synth config key=value for corpus and cohorts
-
-
-@dataclass
-class VideoStage:
-    count: int = 16  # synthetic clips
-    frames: int = 64  # frames per clip (>= input depth x stride)
-    height: int = 64
-    width: int = 64
-
-
-@dataclass
-class PretrainSpec:
-    name: str = "synthmri_mae"  # the init's label in the tables
-    corpus: str = "synthmri"  # synthmri | video
-    config: str = "configs/pretrain/quickstart.yaml"  # the recipe; model and input size come from `backbone`
-    backbone: str = "vit"  # label of the grid backbone it pre-trains (its name, kwargs and input size are used)
-    overrides: list[str] = field(default_factory=list)  # further pretrain key=value
-
-
-@dataclass
-class ExperimentConfig:
-    out_dir: str = "runs/experiment"  # everything goes here: data/, pretrain/, finetune/, report.md
-    seed: int = 0
-    workers: int = 2  # synth generator processes
-    synth: SynthStage = field(default_factory=SynthStage)
-    video: VideoStage = field(default_factory=VideoStage)
-    pretrain: list[PretrainSpec] = field(default_factory=lambda: [PretrainSpec()])
-    grid: GridConfig = field(default_factory=GridConfig)  # tasks and inits are filled in by the experiment
-    ood: bool = True  # also test every cell on the held-out sites (trained on the other sites)
-    ood_fractions: list[float] = field(default_factory=lambda: [1.0])  # fractions of the out-of-site grid
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -124,28 +79,24 @@ class Experiment:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.data = self.out / "data"
+        validate(cfg)
         self.backbones = {b.label: b for b in cfg.grid.backbones}
-        for spec in cfg.pretrain:
-            if spec.backbone not in self.backbones:
-                raise ConfigError(f"pretrain entry {spec.name!r}: backbone {spec.backbone!r} is not a grid "
-                                  f"backbone label ({sorted(self.backbones)})")
-            if spec.corpus not in ("synthmri", "video"):
-                raise ConfigError(f"pretrain entry {spec.name!r}: corpus must be synthmri or video, not "
-                                  f"{spec.corpus!r} (the experiment makes only these corpora)")
-        if cfg.synth.corpus_backend not in ("anatomy", "ldm"):
-            raise ConfigError(f"synth.corpus_backend must be anatomy or ldm, not {cfg.synth.corpus_backend!r}")
-        if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
-            raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
-        unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
-        if unknown:
-            raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ data
     def _synth_cmd(self, *args: str) -> list[str]:
         s = self.cfg.synth
-        return [sys.executable, "-m", "synth", *args, "--spacing", str(s.spacing), "--workers",
-                str(self.cfg.workers), *s.overrides]
+        return [
+            sys.executable,
+            "-m",
+            "synth",
+            *args,
+            "--spacing",
+            str(s.spacing),
+            "--workers",
+            str(self.cfg.workers),
+            *s.overrides,
+        ]
 
     def corpus_dir(self) -> Path:
         return self.data / "synthmri"
@@ -159,20 +110,56 @@ class Experiment:
     def _corpus(self) -> None:
         s = self.cfg.synth
         if s.corpus_backend == "ldm":
-            cmd = [sys.executable, "-m", "synth", "ldm-sample", "--model", str(s.ldm_model), "--n", str(s.corpus_n),
-                   "--out", str(self.corpus_dir()), "--seed", str(self.cfg.seed), "--ddim-steps", str(s.ldm_ddim_steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "synth",
+                "ldm-sample",
+                "--model",
+                str(s.ldm_model),
+                "--n",
+                str(s.corpus_n),
+                "--out",
+                str(self.corpus_dir()),
+                "--seed",
+                str(self.cfg.seed),
+                "--ddim-steps",
+                str(s.ldm_ddim_steps),
+            ]
         else:
-            cmd = self._synth_cmd("generate", "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed",
-                                  str(self.cfg.seed), "--contrast", s.contrast)
+            cmd = self._synth_cmd(
+                "generate",
+                "--out",
+                str(self.corpus_dir()),
+                "--n",
+                str(s.corpus_n),
+                "--seed",
+                str(self.cfg.seed),
+                "--contrast",
+                s.contrast,
+            )
         _child(cmd, self.out / "logs" / "corpus.log")
 
     def _cohorts(self) -> None:
         for i, (task, spec) in enumerate(self.cfg.synth.cohorts.items()):
             # cohort seeds differ from the corpus's, so no downstream subject is a pre-training subject
             seed = 1000 * (self.cfg.seed + 1) + i
-            _child(self._synth_cmd("cohort", "--task", task, "--out", str(self.cohort_dir(task)), "--n",
-                                   str(spec.n), "--sites", str(spec.sites), "--seed", str(seed)),
-                   self.out / "logs" / f"cohort_{task}.log")
+            _child(
+                self._synth_cmd(
+                    "cohort",
+                    "--task",
+                    task,
+                    "--out",
+                    str(self.cohort_dir(task)),
+                    "--n",
+                    str(spec.n),
+                    "--sites",
+                    str(spec.sites),
+                    "--seed",
+                    str(seed),
+                ),
+                self.out / "logs" / f"cohort_{task}.log",
+            )
 
     def _cohorts_done(self) -> bool:
         return all(self._manifest_complete(self.cohort_dir(t), spec.n) for t, spec in self.cfg.synth.cohorts.items())
@@ -183,8 +170,6 @@ class Experiment:
         return manifest.is_file() and len(pd.read_csv(manifest)) >= n
 
     def _video(self) -> None:
-        from pretrain.corpora.synthetic_video import write_synthetic_videos
-
         v = self.cfg.video
         tmp = self.video_dir().with_name("video.partial")
         write_synthetic_videos(tmp, v.count, n_frames=v.frames, height=v.height, width=v.width, seed=self.cfg.seed)
@@ -207,8 +192,9 @@ class Experiment:
         recipe.model.kwargs = dict(bb.kwargs)
         recipe.corpus = spec.corpus
         recipe.train = OmegaConf.merge(recipe.get("train", {}), {"seed": self.cfg.seed})
-        recipe.data = OmegaConf.merge(recipe.get("data", {}), {
-            "input_size": list(data.shape), "spacing": list(data.spacing)})
+        recipe.data = OmegaConf.merge(
+            recipe.get("data", {}), {"input_size": list(data.shape), "spacing": list(data.spacing)}
+        )
         if spec.corpus == "synthmri":
             recipe.data.synthmri = {"directory": str(self.corpus_dir())}
         else:
@@ -219,10 +205,6 @@ class Experiment:
 
     def _pretrain_done(self, spec: PretrainSpec) -> bool:
         """Finished = the export is of the last step (exports are also written at intermediate checkpoints)."""
-        from common.checkpoint import read_export_metadata
-        from common.config import load_config
-        from pretrain.config import PretrainConfig
-
         if not self.export_path(spec).is_file():
             return False
         steps = load_config(PretrainConfig, spec.config, list(spec.overrides)).train.steps
@@ -231,8 +213,18 @@ class Experiment:
     def _pretrain(self, spec: PretrainSpec) -> None:
         if not Path(spec.config).is_file():
             raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
-        cmd = [sys.executable, str(PRETRAIN_MAIN), "--config", str(self._pretrain_recipe(spec)),
-               "--output", str(self.pretrain_dir(spec)), "--resume", "auto", *spec.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pretrain",
+            "--config",
+            str(self._pretrain_recipe(spec)),
+            "--output",
+            str(self.pretrain_dir(spec)),
+            "--resume",
+            "auto",
+            *spec.overrides,
+        ]
         _child(cmd, self.out / "logs" / f"pretrain_{spec.name}.log")
 
     # ------------------------------------------------------------------ fine-tuning
@@ -241,9 +233,11 @@ class Experiment:
         grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in self.cfg.synth.cohorts}
         grid.inits = [InitEntry(name="scratch", spec="scratch")] + [
             InitEntry(name=spec.name, spec=str(self.export_path(spec)), backbones=[spec.backbone])
-            for spec in self.cfg.pretrain]
+            for spec in self.cfg.pretrain
+        ]
         # downstream test images must not be in a pre-training corpus: checked by the protocol
         grid.base.protocol.pretrain_manifests = [str(self.corpus_dir() / "manifest.csv")]
+        grid.base.protocol.scheme = "kfold"
         if ood:
             grid.base.protocol.scheme = "ood"
             grid.base.protocol.ood_sites = list(self.cfg.synth.ood_sites)
@@ -255,27 +249,33 @@ class Experiment:
         return self.out / "finetune" / ("out_of_site" if ood else "in_site")
 
     def _finetune(self, ood: bool) -> None:
-        from finetune.grid import run_grid
-
         run_grid(self.grid_config(ood), self.grid_dir(ood))
 
     # ------------------------------------------------------------------ the run
     def stages(self) -> list[Stage]:
         stages = [
-            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n),
-                  self._corpus),
+            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n), self._corpus),
             Stage("cohorts", self._cohorts_done, self._cohorts),
         ]
         if any(spec.corpus == "video" for spec in self.cfg.pretrain):
             stages.append(Stage("video", self.video_dir().is_dir, self._video))
         for spec in self.cfg.pretrain:
-            stages.append(Stage(f"pretrain:{spec.name}", lambda spec=spec: self._pretrain_done(spec),
-                                lambda spec=spec: self._pretrain(spec)))
-        stages.append(Stage("finetune:in_site", (self.grid_dir(False) / "results.csv").is_file,
-                            lambda: self._finetune(False)))
+            stages.append(
+                Stage(
+                    f"pretrain:{spec.name}",
+                    lambda spec=spec: self._pretrain_done(spec),
+                    lambda spec=spec: self._pretrain(spec),
+                )
+            )
+        stages.append(
+            Stage("finetune:in_site", (self.grid_dir(False) / "results.csv").is_file, lambda: self._finetune(False))
+        )
         if self.cfg.ood:
-            stages.append(Stage("finetune:out_of_site", (self.grid_dir(True) / "results.csv").is_file,
-                                lambda: self._finetune(True)))
+            stages.append(
+                Stage(
+                    "finetune:out_of_site", (self.grid_dir(True) / "results.csv").is_file, lambda: self._finetune(True)
+                )
+            )
         stages.append(Stage("report", lambda: False, self._report))
         return stages
 
@@ -291,19 +291,28 @@ class Experiment:
             if stage.done():
                 log.info("[%d/%d] %s: done already, skipped", i, len(stages), stage.name)
                 continue
-            log.info("[%d/%d] %s: starting (experiment time so far %s)", i, len(stages), stage.name,
-                     _hms(time.perf_counter() - start))
+            log.info(
+                "[%d/%d] %s: starting (experiment time so far %s)",
+                i,
+                len(stages),
+                stage.name,
+                _hms(time.perf_counter() - start),
+            )
             t0 = time.perf_counter()
             stage.run()
             self.timings[stage.name] = round(time.perf_counter() - t0, 1)
-            timings_file.write_text(json.dumps(self.timings, indent=1))
+            atomic_write_text(timings_file, json.dumps(self.timings, indent=1))
             log.info("[%d/%d] %s: finished in %s", i, len(stages), stage.name, _hms(self.timings[stage.name]))
         return self.out / "report.md"
 
     def _report(self) -> None:
-        from finetune.experiment_report import write_experiment_report
-
-        write_experiment_report(self)
+        write_experiment_report(
+            self.cfg,
+            self.out,
+            dict(self.timings),
+            {spec.name: self.pretrain_dir(spec) for spec in self.cfg.pretrain},
+            {"in_site": self.grid_dir(False), "out_of_site": self.grid_dir(True)},
+        )
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,126 @@
+"""The experiment's config schema and its checks: what the YAML may set, and what the experiment decides itself.
+
+The grid's tasks, inits, output folder and evaluation scheme follow from the experiment's own stages (its
+cohorts, its pre-training runs, ``ood``); a YAML or override that sets one of them is a ``ConfigError`` naming
+the field, rather than a value silently replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.config import load_config, to_object
+from common.errors import ConfigError
+from finetune.config import GridConfig
+from synth.config import TASKS
+
+MADE_CORPORA = ("synthmri", "video")  # the pre-training corpora the experiment makes itself
+CORPUS_BACKENDS = ("anatomy", "ldm")  # how the synthetic pre-training corpus is made
+# grid fields the experiment fills in, and from what (a YAML setting one is an error that says so)
+OWNED = {
+    "grid.tasks": "the cohorts of synth.cohorts",
+    "grid.inits": "scratch plus one init per pretrain entry",
+    "grid.out_dir": "out_dir/finetune/in_site and out_dir/finetune/out_of_site",
+    "grid.base.protocol.scheme": "kfold in-site, ood out-of-site (the ood flag)",
+    "grid.base.protocol.ood_sites": "synth.ood_sites",
+    "grid.base.protocol.ood_datasets": "synth.ood_sites (held-out sites, not datasets)",
+    "grid.base.protocol.pretrain_manifests": "the synthetic pre-training corpus's manifest",
+}
+
+
+@dataclass
+class CohortSpec:
+    n: int = 60  # subjects in the labelled cohort
+    sites: int = 3  # scanner sites; each gets both classes
+
+
+@dataclass
+class SynthStage:
+    spacing: float = 4.0  # mm, for the corpus and the cohorts (and the models' input grid)
+    corpus_n: int = 64  # unlabelled pre-training volumes
+    contrast: str = "t1"  # contrast of the pre-training corpus: t1 | random (contrast-agnostic)
+    corpus_backend: str = "anatomy"  # anatomy (MNI152 model) | ldm (sampled from a trained latent diffusion model)
+    ldm_model: str | None = None  # for backend ldm: an ldm-train run, its export, or the public bundle's folder
+    ldm_ddim_steps: int = 50  # DDIM steps per LDM sample
+    cohorts: dict[str, CohortSpec] = field(default_factory=lambda: {t: CohortSpec() for t in TASKS})  # task -> size
+    ood_sites: list[str] = field(default_factory=lambda: ["site2"])  # held out for the out-of-site test
+    overrides: list[str] = field(default_factory=list)  # synth config key=value for corpus and cohorts
+
+
+@dataclass
+class VideoStage:
+    count: int = 16  # synthetic clips
+    frames: int = 64  # frames per clip (>= input depth x stride)
+    height: int = 64
+    width: int = 64
+
+
+@dataclass
+class PretrainSpec:
+    name: str = "synthmri_mae"  # the init's label in the tables
+    corpus: str = "synthmri"  # synthmri | video
+    config: str = "configs/pretrain/quickstart.yaml"  # the recipe; model and input size come from `backbone`
+    backbone: str = "vit"  # label of the grid backbone it pre-trains (its name, kwargs and input size are used)
+    overrides: list[str] = field(default_factory=list)  # further pretrain key=value
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = "runs/experiment"  # everything goes here: data/, pretrain/, finetune/, report.md
+    seed: int = 0
+    workers: int = 2  # synth generator processes
+    synth: SynthStage = field(default_factory=SynthStage)
+    video: VideoStage = field(default_factory=VideoStage)
+    pretrain: list[PretrainSpec] = field(default_factory=lambda: [PretrainSpec()])
+    grid: GridConfig = field(default_factory=GridConfig)  # backbones, fractions, seeds, base (not the OWNED fields)
+    ood: bool = True  # also test every cell on the held-out sites (trained on the other sites)
+    ood_fractions: list[float] = field(default_factory=lambda: [1.0])  # fractions of the out-of-site grid
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise ``ConfigError`` naming the first field with a value the experiment cannot run."""
+    labels = sorted(b.label for b in cfg.grid.backbones)
+    for spec in cfg.pretrain:
+        if spec.backbone not in labels:
+            raise ConfigError(
+                f"pretrain entry {spec.name!r}: backbone {spec.backbone!r} is not a grid backbone label ({labels})"
+            )
+        if spec.corpus not in MADE_CORPORA:
+            raise ConfigError(
+                f"pretrain entry {spec.name!r}: corpus must be one of {MADE_CORPORA}, not {spec.corpus!r} "
+                "(the experiment makes only these corpora)"
+            )
+    if cfg.synth.corpus_backend not in CORPUS_BACKENDS:
+        raise ConfigError(f"synth.corpus_backend must be one of {CORPUS_BACKENDS}, not {cfg.synth.corpus_backend!r}")
+    if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
+        raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
+    unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")
+
+
+def _sets(node: DictConfig, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_experiment_config(file: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Defaults ⊕ ``file`` ⊕ ``key=value`` overrides, checked: no OWNED field set, then ``validate``."""
+    overrides = list(overrides)
+    cfg = to_object(load_config(ExperimentConfig, file, overrides))  # file, YAML and keys checked here
+    given = {str(file): OmegaConf.load(file)} if file is not None else {}
+    if overrides:
+        given["the command line"] = OmegaConf.from_dotlist(overrides)
+    for source, raw in given.items():
+        for key, made_from in OWNED.items():
+            if _sets(raw, key):
+                raise ConfigError(f"{source}: {key} is set by the experiment ({made_from}); remove it")
+    validate(cfg)
+    return cfg
