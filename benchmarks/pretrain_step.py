@@ -1,4 +1,4 @@
-"""One pre-training step as ``pretrain/main.py`` runs it, against MONAI's model trained the way its users would.
+"""One pre-training step as ``python -m pretrain`` runs it, against MONAI's model trained the way its users would.
 
     python benchmarks/pretrain_step.py [--steps 3] [--batch 4] [--size 96] [--precisions fp32,bf16] [--cnn]
 
@@ -76,7 +76,7 @@ def example_batch(task: str, size: int, batch: int) -> dict[str, torch.Tensor]:
 
 
 def engine_step(cfg, objective: torch.nn.Module, precision: str):
-    """The trainer's micro-step on an engine built as ``pretrain/main.py`` builds it."""
+    """The trainer's micro-step on an engine built as ``pretrain.cli`` builds it."""
     from pretrain.engine import Engine, build_ds_config
 
     engine = Engine(objective, build_ds_config(cfg, None, 1, precision))
