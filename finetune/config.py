@@ -65,6 +65,7 @@ class RunConfig:
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
     threshold: str = "youden"  # binary tasks' decision cut: "youden" (chosen on each fold's validation) | "argmax"
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
+    classical_pool: int = 2  # classical baseline on the inputs average-pooled by this factor per axis (0 = off)
 
 
 @dataclass

@@ -123,7 +123,8 @@ def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
 
 
 def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
-    """One row per finished cell: identifiers, test metrics with CI bounds, and the trivial baseline."""
+    """One row per finished cell: identifiers, test metrics with CI bounds, the trivial baseline and the
+    classical one (``classical_*``, with the primary metric's CI)."""
     rows = []
     for cell in cells:
         path = cell_dir(out, cell) / METRICS_FILE
@@ -149,6 +150,13 @@ def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 f"baseline_{k}": (float("nan") if v is None else v)
                 for k, v in m["baseline"].items()
                 if not k.endswith(("_lo", "_hi"))
+            }
+        )
+        row.update(
+            {
+                f"classical_{k}": (float("nan") if v is None else v)
+                for k, v in m.get("classical", {}).items()
+                if not k.endswith(("_lo", "_hi")) or k.startswith(m["primary"])
             }
         )
         rows.append(row)

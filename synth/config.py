@@ -13,6 +13,7 @@ from common.errors import ConfigError
 CONTRASTS = ("t1", "random")
 TASKS = ("ad", "pd", "brain_age")
 NOISE_TYPES = ("rician", "gaussian")
+PIPELINES = ("t1-linear", "raw")
 
 
 def _tuples(obj: object, names: tuple[str, ...]) -> None:
@@ -105,6 +106,19 @@ class ScannerConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """What a standard T1 pipeline has done to the images a model sees. ``t1-linear`` (ClinicaDL's: N4 bias
+    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left.
+    ``raw``: native space and size, the scanner's full bias field (e.g. for contrast-agnostic pre-training)."""
+
+    name: str = "t1-linear"  # t1-linear | raw
+    rotation_deg: float = 1.0  # residual |rotation| per axis that affine registration leaves
+    translation_mm: float = 1.0  # residual |shift| per axis
+    scaling: float = 0.01  # residual per-axis scale 1 ± scaling (head size itself is normalised away)
+    bias_residual: float = 0.1  # share of the scanner's log bias field N4 leaves
+
+
+@dataclass
 class CohortConfig:
     """Who is in a labelled cohort and a pre-training corpus."""
 
@@ -136,6 +150,7 @@ class SynthConfig:
     intensity: ContrastConfig = field(default_factory=ContrastConfig)
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     cohort: CohortConfig = field(default_factory=CohortConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         self.shape_1mm = tuple(int(s) for s in self.shape_1mm)
@@ -156,6 +171,10 @@ def validate(cfg: SynthConfig) -> None:
     """Raise ConfigError naming the key when a value cannot work (checked before any volume is made)."""
     if not cfg.spacing > 0:
         raise ConfigError(f"synth config: spacing must be > 0 mm, got {cfg.spacing}")
+    if cfg.pipeline.name not in PIPELINES:
+        raise ConfigError(f"synth config: pipeline.name must be one of {PIPELINES}, got {cfg.pipeline.name!r}")
+    if not 0 <= cfg.pipeline.bias_residual <= 1:
+        raise ConfigError(f"synth config: pipeline.bias_residual must lie in [0, 1], got {cfg.pipeline.bias_residual}")
     if cfg.contrast not in CONTRASTS:
         raise ConfigError(f"synth config: contrast must be one of {CONTRASTS}, got {cfg.contrast!r}")
     if len(cfg.shape_1mm) != 3 or min(cfg.shape_1mm) < 8:

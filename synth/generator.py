@@ -19,7 +19,7 @@ from synth.artefacts import acquire, log_bias_field
 from synth.atrophy import atrophy_basis, atrophy_displacement, template_lattice
 from synth.config import SynthConfig
 from synth.contrast import form_image, source_weights
-from synth.deformation import Lattice, compose_grid, integrate, random_pose, random_velocity
+from synth.deformation import Lattice, compose_grid, integrate, random_pose, random_velocity, registered_pose
 from synth.regions import CSF, GM, WM
 from synth.resize import resize
 from synth.subject import SubjectPlan
@@ -65,6 +65,10 @@ class Generator:
         cfg = self.cfg
         matrix, shift, head = random_pose(cfg.affine, rng, plan.sex)  # first draw: see head_scale()
         noise_seed = int(rng.integers(2**62))
+        image_scale = head
+        if cfg.pipeline.name == "t1-linear":  # registered: from a child seed, so the shape draws stay the same
+            matrix, shift = registered_pose(cfg.pipeline, np.random.default_rng([noise_seed, 1]))
+            image_scale = 1.0
         velocity = random_velocity(cfg.nonlinear, rng, self.velocity_lattice)  # (3, d, h, w) mm
         shape_warp = integrate(velocity, self.velocity_lattice, cfg.nonlinear.integration_steps)
         atrophy = atrophy_displacement(plan.effects, self.basis)
@@ -74,7 +78,7 @@ class Generator:
             BRAIN_CENTRE_MM,
             [(shape_warp, self.velocity_lattice), (atrophy, self.atrophy_lattice)],
         )
-        return self.source_lattice.normalise(where), noise_seed, head, head
+        return self.source_lattice.normalise(where), noise_seed, head, image_scale
 
     def labels(self, plan: SubjectPlan) -> tuple[torch.Tensor, float, float]:
         """The label map alone (D, H, W) uint8, with head and image scale: what calibration measures, without
@@ -90,7 +94,8 @@ class Generator:
         # lattice stage: where each output point reads the template, and the bias field
         grid, noise_seed, head, image_scale = self._where(plan, rng)  # grid (d, h, w, 3)
         noise_gen = torch.Generator().manual_seed(noise_seed)
-        bias = log_bias_field(self.out_lattice, scanner.bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
+        bias_sd = scanner.bias_sd * (cfg.pipeline.bias_residual if cfg.pipeline.name == "t1-linear" else 1.0)
+        bias = log_bias_field(self.out_lattice, bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
         coarse = torch.cat([grid.permute(3, 0, 1, 2), bias[None]])  # (4, d, h, w)
         fine = resize(coarse, self.shape, align_corners=True)[None]  # (1, 4, D, H, W)
         grid = fine[:, :3].permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3)
