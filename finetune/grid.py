@@ -1,6 +1,6 @@
 """The benchmark grid: backbones × inits × tasks × fractions × seeds, each cell a ``run_cell``; resumable
-(a cell whose ``metrics.json`` exists is skipped), then ``results.csv``, ``results.md``, plots and
-TensorBoard.
+(a cell whose ``metrics.json`` exists is skipped), then ``results.csv``, ``gains.csv`` (paired gains against
+scratch and the classical baseline), ``results.md``, plots and TensorBoard.
 
 ``run_grid(cfg, out_dir)`` is the Python entry point (the experiment orchestration calls it too).
 """
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.config import save_config
 from common.errors import ConfigError
 from finetune.config import GridConfig, RunConfig
+from finetune.gains import compute_gains
 from finetune.report import write_report
 from finetune.run import METRICS_FILE, check_init_path, prepare, run_cell
 from finetune.tasks import get_task
@@ -118,7 +119,9 @@ def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
         log.info("grid cell %d/%d: %s", i + 1, len(todo), cell.key)
         run_cell(cell.cfg, cell_dir(out, cell))
     results = collect(out, cells)
-    write_report(results, out, metrics=cfg.metrics or None)
+    gains = compute_gains(results, out, n_boot=cfg.base.bootstrap)
+    gains.to_csv(out / "gains.csv", index=False)
+    write_report(results, out, metrics=cfg.metrics or None, gains=gains)
     return results
 
 

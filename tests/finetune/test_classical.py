@@ -7,8 +7,8 @@ import pandas as pd
 import torch
 
 from finetune.classical import fit_predict, voxel_features
-from finetune.metrics import regression_metrics
 from finetune.config import RunConfig
+from finetune.metrics import regression_metrics
 from finetune.run import CLASSICAL_FILE, run_cell
 
 
