@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from common.checkpoint import atomic_write
+from finetune.gains import markdown as gains_markdown
 from finetune.report import markdown, summarise
 
 if TYPE_CHECKING:
@@ -71,6 +72,15 @@ def _gains_md(gains: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _paired_gains(gains_csv: Path, summary: pd.DataFrame) -> list[str]:
+    """The grid's paired gains (``finetune.gains``: CI and verdict), or the unpaired differences when the grid
+    predates them."""
+    if not gains_csv.is_file() or gains_csv.stat().st_size < 2:
+        return _gains_md(gains_over_scratch(summary))
+    table = gains_markdown(pd.read_csv(gains_csv)).splitlines()
+    return table[2:] if table else ["(no paired gains)"]  # without its own heading
+
+
 def _tables(results_csv: Path) -> tuple[pd.DataFrame | None, str]:
     """The grid's summary and its markdown tables, headings moved one level down (the report has its own title)."""
     if not results_csv.is_file():
@@ -120,8 +130,8 @@ def write_experiment_report(exp: Experiment) -> Path:
     in_summary, in_tables = _tables(exp.grid_dir(False) / "results.csv")
     lines += ["## In-site results (k-fold CV over all sites)", "", in_tables, ""]
     if in_summary is not None:
-        lines += ["### Gain of each pre-trained init over scratch (positive = better)", "",
-                  *_gains_md(gains_over_scratch(in_summary)), ""]
+        lines += ["### Gain of each pre-trained init over scratch and over the classical baseline (paired)", "",
+                  *_paired_gains(exp.grid_dir(False) / "gains.csv", in_summary), ""]
         lines += ["### Learning curves", ""]
         for png in sorted((exp.grid_dir(False) / "plots").glob("*_vs_fraction.png")):
             lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
@@ -131,8 +141,8 @@ def write_experiment_report(exp: Experiment) -> Path:
         lines += [f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})", "",
                   ood_tables, ""]
         if ood_summary is not None:
-            lines += ["### Gain over scratch on the held-out site(s)", "",
-                      *_gains_md(gains_over_scratch(ood_summary)), ""]
+            lines += ["### Gain over scratch and over the classical baseline on the held-out site(s) (paired)", "",
+                      *_paired_gains(exp.grid_dir(True) / "gains.csv", ood_summary), ""]
             for png in sorted((exp.grid_dir(True) / "plots").glob("*_per_site.png")):
                 lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
             lines.append("")
