@@ -99,3 +99,23 @@ TARGETS = (
     ),
 )
 PD_REGIONS = ("midbrain", "putamen", "caudate", "hippocampus", "ventricle", "gm", "wm")
+
+# The scanner side, measured on a cohort's images as the models see them (``python -m synth.realism``).
+SCANNER_TARGETS = (
+    Target(
+        "site_balanced_accuracy",
+        "site predicted from the brain-intensity histogram, balanced accuracy (5-fold CV)",
+        0.9,
+        None,
+        "Glocker et al., arXiv 1910.04597, 2019 (scanner / site is predictable from preprocessed T1 images with "
+        "near-perfect accuracy, even after intensity harmonisation)",
+    ),
+    Target(
+        "site_variance_share",
+        "between-site share of voxel variance (eta squared, mean over brain voxels)",
+        0.01,
+        0.3,
+        "our choice, not from a publication: sites must differ (> 1 %) while anatomy and covariates carry most "
+        "of the variance between subjects, as registration and intensity normalisation leave it",
+    ),
+)
