@@ -12,6 +12,7 @@ import pandas as pd
 from common.checkpoint import read_export_metadata
 from common.io import atomic_write_text
 from experiment.config import ExperimentConfig
+from finetune.gains import markdown as gains_markdown
 from finetune.report import markdown, summarise
 
 EXPORT = Path("export") / "encoder.safetensors"  # a pre-training run's encoder, inside its run folder
@@ -85,6 +86,15 @@ def _gains_md(gains: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _paired_gains(gains_csv: Path, summary: pd.DataFrame) -> list[str]:
+    """The grid's paired gains (``finetune.gains``: CI and verdict), or the unpaired differences when the grid
+    predates them."""
+    if not gains_csv.is_file() or gains_csv.stat().st_size < 2:
+        return _gains_md(gains_over_scratch(summary))
+    table = gains_markdown(pd.read_csv(gains_csv)).splitlines()
+    return table[2:] if table else ["(no paired gains)"]  # without its own heading
+
+
 def _tables(results_csv: Path) -> tuple[pd.DataFrame | None, str]:
     """The grid's summary and its markdown tables, headings moved one level down (the report has its own title)."""
     if not results_csv.is_file():
@@ -145,9 +155,9 @@ def write_experiment_report(
     lines += ["## In-site results (k-fold CV over all sites)", "", in_tables, ""]
     if in_summary is not None:
         lines += [
-            "### Gain of each pre-trained init over scratch (positive = better)",
+            "### Gain of each pre-trained init over scratch and over the classical baseline (paired)",
             "",
-            *_gains_md(gains_over_scratch(in_summary)),
+            *_paired_gains(grid_dirs["in_site"] / "gains.csv", in_summary),
             "",
         ]
         lines += ["### Learning curves", ""]
@@ -164,9 +174,9 @@ def write_experiment_report(
         ]
         if ood_summary is not None:
             lines += [
-                "### Gain over scratch on the held-out site(s)",
+                "### Gain over scratch and over the classical baseline on the held-out site(s) (paired)",
                 "",
-                *_gains_md(gains_over_scratch(ood_summary)),
+                *_paired_gains(grid_dirs["out_of_site"] / "gains.csv", ood_summary),
                 "",
             ]
             for png in sorted((grid_dirs["out_of_site"] / "plots").glob("*_per_site.png")):

@@ -81,6 +81,7 @@ class RunConfig:
     threshold: str = "youden"  # binary tasks' decision cut: youden (chosen on each fold's validation) | argmax
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
     drop_labels: list[str] = field(default_factory=list)  # labels to leave out (e.g. [MCI]); other unknowns: error
+    classical_pool: int = 2  # classical baseline on the inputs average-pooled by this factor per axis (0 = off)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The benchmark grid: backbones × inits × tasks × fractions × seeds, each cell a ``run_cell``; resumable
-(a cell whose ``metrics.json`` exists is skipped), then ``results.csv``, ``results.md``, plots and
-TensorBoard.
+(a cell whose ``metrics.json`` exists is skipped), then ``results.csv``, ``gains.csv`` (paired gains against
+scratch and the classical baseline), ``results.md``, plots and TensorBoard.
 
 ``run_grid(cfg, out_dir)`` is the Python entry point (the experiment orchestration calls it too).
 """
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.config import save_config
 from common.errors import ConfigError
 from finetune.config import GridConfig, RunConfig
+from finetune.gains import compute_gains
 from finetune.report import write_report
 from finetune.run import (
     METRICS_FILE,
@@ -130,12 +131,15 @@ def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
         prep = prepared.pop(cell.key, None) or prepare(cell.cfg, data[task_data_key(cell.cfg)])
         run_cell(cell.cfg, cell_dir(out, cell), prep)
     results = collect(out, cells)
-    write_report(results, out, metrics=cfg.metrics or None)
+    gains = compute_gains(results, out, n_boot=cfg.base.bootstrap)
+    gains.to_csv(out / "gains.csv", index=False)
+    write_report(results, out, metrics=cfg.metrics or None, gains=gains)
     return results
 
 
 def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
-    """One row per finished cell: identifiers, test metrics with CI bounds, and the trivial baseline."""
+    """One row per finished cell: identifiers, test metrics with CI bounds, the trivial baseline and the
+    classical one (``classical_*``, with the primary metric's CI)."""
     rows = []
     for cell in cells:
         path = cell_dir(out, cell) / METRICS_FILE
@@ -161,6 +165,13 @@ def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
                 f"baseline_{k}": (float("nan") if v is None else v)
                 for k, v in m["baseline"].items()
                 if not k.endswith(("_lo", "_hi"))
+            }
+        )
+        row.update(
+            {
+                f"classical_{k}": (float("nan") if v is None else v)
+                for k, v in m.get("classical", {}).items()
+                if not k.endswith(("_lo", "_hi")) or k.startswith(m["primary"])
             }
         )
         rows.append(row)

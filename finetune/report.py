@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from common.tb import RankZeroWriter  # noqa: E402
+from finetune.gains import markdown as gains_markdown  # noqa: E402
 
 DEFAULT_METRICS = {
     "classification": ["roc_auc", "balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity"],
@@ -83,8 +84,20 @@ def markdown(summary: pd.DataFrame, metrics: list[str] | None = None) -> str:
         if base is not None and base.notna().any():
             what = "chance (training-set class priors)" if kind == "classification" else "training-mean predictor"
             lines += ["", f"Trivial baseline, {what}: {primary} = {base.mean():.3f}"]
+        lines += _classical_lines(part, primary)
         lines.append("")
     return "\n".join(lines)
+
+
+def _classical_lines(part: pd.DataFrame, primary: str) -> list[str]:
+    # one classical baseline per fraction (it depends on the splits, not on the backbone or init)
+    if f"classical_{primary}" not in part or not part[f"classical_{primary}"].notna().any():
+        return []
+    out = []
+    for fraction, rows in part.groupby("fraction"):
+        value = _fmt(*(rows[f"classical_{primary}{s}"].mean() for s in ("", "_lo", "_hi")))
+        out.append(f"Classical baseline (linear model on pooled voxels), fraction {fraction:g}: {primary} = {value}")
+    return [""] + out
 
 
 def plot_fractions(summary: pd.DataFrame, out: Path) -> list[Path]:
@@ -155,15 +168,19 @@ def plot_sites(results: pd.DataFrame, out_dir: Path, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None) -> pd.DataFrame:
-    """Write results.csv, results.md, plots/*.png and tb/ summary scalars; returns the per-cell summary."""
+def write_report(
+    results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None, gains: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Write results.csv, results.md (with the paired ``gains`` when given), plots/*.png and tb/ summary
+    scalars; returns the per-cell summary."""
     out_dir = Path(out_dir)
     results.to_csv(out_dir / "results.csv", index=False)
     if results.empty:
         (out_dir / "results.md").write_text("# Fine-tuning results\n\nNo finished cells.\n")
         return results
     summary = summarise(results)
-    (out_dir / "results.md").write_text(markdown(summary, metrics))
+    text = markdown(summary, metrics)
+    (out_dir / "results.md").write_text(text if gains is None else text + "\n" + gains_markdown(gains))
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     plot_fractions(summary, plots)

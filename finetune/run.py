@@ -2,8 +2,9 @@
 
 ``prepare`` does every check that can fail on bad input (manifest, labels, init, images, splits, leakage)
 before ``run_cell`` trains anything. A run directory holds ``config.yaml``, ``weights_report.json``,
-``splits.csv`` (subject_id, fold, split), ``predictions.csv``, ``per_site.csv``, ``metrics.json`` (written
-last: its presence marks the cell finished) and ``tb/``.
+``splits.csv`` (subject_id, fold, split), ``predictions.csv``, ``classical_predictions.csv`` (the classical
+baseline's, same folds), ``per_site.csv``, ``metrics.json`` (written last: its presence marks the cell finished)
+and ``tb/``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from common.io import atomic_write
 from common.models import create_backbone
 from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init
+from finetune import classical
 from finetune.config import RunConfig, validate
 from finetune.data import load_volumes, preprocess_config
 from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
@@ -49,6 +51,7 @@ from finetune.tasks import Task, get_task, label_rows
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
+CLASSICAL_FILE = "classical_predictions.csv"  # the classical baseline's val/test predictions, same folds
 MIN_BIAS_SLOPE = 0.25  # below this (pred - b) / a multiplies a weak model's noise by > 4: not reported
 
 
@@ -219,7 +222,8 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
     features_key = _features_key(cfg, prep)
     tb = RankZeroWriter(out / "tb")
     mode = MODES[cfg.train.mode]
-    tables, baselines, fold_info = [], [], []
+    tables, baselines, classical_tables, fold_info = [], [], [], []
+    voxels = classical.voxel_features(prep.volumes, cfg.classical_pool) if cfg.classical_pool else None
     for fold in prep.folds:
         tr, va, te = rows_of(prep.train_subsets[fold.fold]), rows_of(fold.val), rows_of(fold.test)
         inputs = FoldInputs(
@@ -255,12 +259,26 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
         for split, idx, output in (("val", va, val_out), ("test", te, test_out)):
             tables.append(_prediction_table(df, y, idx, output, kind, fold.fold, split))
         baselines.append(_baseline_table(df, y, tr, te, kind, n_classes, fold.fold))
-        if kind == "regression":
-            _correct_bias(tables[-2], tables[-1])
-        elif n_classes == 2:
-            _decision_threshold(tables[-2], tables[-1], cfg.threshold)
+        if voxels is not None:  # the classical baseline on the same fold (``finetune.classical``)
+            val_c, test_c, fold_info[-1]["classical"] = classical.fit_predict(voxels, y, kind, tr, va, te)
+            classical_tables += [
+                _prediction_table(df, y, va, val_c, kind, fold.fold, "val"),
+                _prediction_table(df, y, te, test_c, kind, fold.fold, "test"),
+            ]
+        for pair in (tables[-2:], classical_tables[-2:]) if voxels is not None else (tables[-2:],):
+            if kind == "regression":
+                _correct_bias(*pair)
+            elif n_classes == 2:
+                _decision_threshold(*pair, cfg.threshold)
     predictions = pd.concat(tables, ignore_index=True)
     predictions.to_csv(out / "predictions.csv", index=False)
+    classical_scores = {}
+    if classical_tables:
+        reference = pd.concat(classical_tables, ignore_index=True)
+        reference.to_csv(out / CLASSICAL_FILE, index=False)
+        classical_scores = score_predictions(
+            reference[reference["split"] == "test"], kind, n_boot=cfg.bootstrap, seed=cfg.seed
+        )
 
     test = predictions[predictions["split"] == "test"]
     metrics = score_predictions(test, kind, n_boot=cfg.bootstrap, seed=cfg.seed)
@@ -288,6 +306,7 @@ def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> di
         "n_test_images": len(test),
         "metrics": _clean(metrics),
         "baseline": _clean(baseline),
+        "classical": _clean(classical_scores),
         "folds": fold_info,
         "per_site": sites.to_dict(orient="records"),
         "weights": prep.report.summary(),

@@ -59,9 +59,12 @@ def sample_effects(cfg: AtrophyConfig, age: float, diagnosis: str, rng: np.rando
     noise = np.exp(rng.normal(0.0, cfg.individual_sd, 6))
     thin = cfg.cortical_thinning_age * f + cfg.cortical_thinning_ad * ad
     mm = lambda value: float(np.clip(value, 0.0, cfg.max_mm))
+    # the ventricles move from their young-adult boundary (may lie inside the template's) to the age_max one
+    ageing = cfg.ventricle_young_mm + (cfg.ventricle_age_mm - cfg.ventricle_young_mm) * f
+    ventricles = ageing + cfg.ventricle_ad_mm * ad + cfg.ventricle_pd_mm * pd
     return Effects(
         ageing=f,
-        ventricle_mm=mm((cfg.ventricle_age_mm * f + cfg.ventricle_ad_mm * ad + cfg.ventricle_pd_mm * pd) * noise[0]),
+        ventricle_mm=float(np.clip(ventricles * noise[0], -cfg.max_mm, cfg.max_mm)),
         hippocampus_mm=mm((cfg.hippocampus_age_mm * f + cfg.hippocampus_ad_mm * ad) * noise[1]),
         putamen_mm=mm(cfg.putamen_pd_mm * pd * noise[2]),
         midbrain_mm=mm(cfg.midbrain_pd_mm * pd * noise[3]),

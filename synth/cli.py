@@ -4,6 +4,7 @@
         [key=value ...]
     python -m synth cohort --task ad|pd|brain_age --out DIR --n N --sites K --seed S [--spacing MM] [...]
     python -m synth generate|cohort ... --shard K/N     # one job of an array; then: python -m synth merge --out DIR
+    python -m synth calibrate --n N --spacing MM [--seed S] [--sites K] [key=value ...]
 
 ``key=value`` overrides any ``SynthConfig`` field (e.g. ``atrophy.hippocampus_ad_mm=2``); ``--config FILE``
 reads a YAML first (``configs/synth/default.yaml`` holds the defaults). Mistakes give one line on stderr and
@@ -54,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cohort)
     merge = sub.add_parser("merge", help="join the shard manifests of a folder into manifest.csv")
     merge.add_argument("--out", required=True, help="the folder the shards wrote")
+    cal = sub.add_parser("calibrate", help="measure the defaults' effect sizes against synth.targets (exit 1 on fail)")
+    cal.add_argument("--n", type=int, default=120, help="subjects per cohort (AD, PD, brain age)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--sites", type=int, default=3)
+    cal.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2)")
+    cal.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores, at most 3)")
+    cal.add_argument("--config", default=None, help="YAML config file (SynthConfig fields)")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     add_ldm_commands(sub)  # ldm-train, ldm-sample: the latent-diffusion backend
     return parser
 
@@ -61,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> SynthConfig:
     """The config: defaults <- --config <- --spacing/--contrast <- key=value."""
     overrides = list(args.overrides)
+    if getattr(args, "contrast", None) is not None:
+        overrides.append(f"contrast={args.contrast}")
     if args.spacing is not None:
         overrides.append(f"spacing={args.spacing}")
-    if args.contrast is not None:
-        overrides.append(f"contrast={args.contrast}")
     try:
         return to_object(load_config(SynthConfig, args.config, overrides))
     except NeurotransferError:
@@ -86,6 +96,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(merge(args.out))
         return 0
     cfg = load(args)
+    if args.command == "calibrate":
+        return _calibrate(cfg, args)
     from synth.cohort import Job, default_workers, generate  # after parsing: --help stays fast
     from synth.shard import Shard
 
@@ -98,6 +110,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     manifest = generate(args.out, cfg, job, args.n, workers=workers, show_progress=not args.no_progress, shard=shard)
     print(manifest)
     return 0
+
+
+def _calibrate(cfg: SynthConfig, args: argparse.Namespace) -> int:
+    if args.n < 2 or args.sites < 1:
+        raise UsageError(f"--n must be >= 2 and --sites >= 1, got {args.n} and {args.sites}")
+    from synth.calibrate import calibrate
+    from synth.cohort import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
+    text, ok = calibrate(cfg, args.n, args.seed, args.sites, show=not args.no_progress, workers=workers)
+    print(text)
+    print("calibration: all targets pass" if ok else "calibration: FAILED (see the table)")
+    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

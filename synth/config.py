@@ -13,6 +13,7 @@ from common.errors import ConfigError
 CONTRASTS = ("t1", "random")
 TASKS = ("ad", "pd", "brain_age")
 NOISE_TYPES = ("rician", "gaussian")
+PIPELINES = ("t1-linear", "raw")
 
 
 def _tuples(obj: object, names: tuple[str, ...]) -> None:
@@ -28,8 +29,8 @@ class AffineConfig:
     rotation_deg: float = 8.0  # max absolute rotation about each axis (uniform)
     scaling: float = 0.04  # per-axis scale factor drawn from 1 ± scaling (head shape)
     mean_head_scale: float = 0.95  # native brains are ~5 % smaller (linear) than the MNI152 template
-    head_size_sd: float = 0.04  # global (isotropic) log-scale sd: head size varies between people
-    sex_head_scale: float = 0.03  # males' heads +3 % linear size, females' -3 % (intracranial volume ~ ±9 %)
+    head_size_sd: float = 0.03  # global (isotropic) log-scale sd: within-sex ICV sd ~9 % (synth/targets.py)
+    sex_head_scale: float = 0.018  # males' heads +1.8 % linear size, females' -1.8 %: male ICV ~11 % larger
     translation_mm: float = 3.0  # max absolute shift per axis; small so the brain stays inside the field of view
 
 
@@ -48,6 +49,8 @@ class NonlinearConfig:
 class AtrophyConfig:
     """Covariate-driven anatomy changes. ``*_mm`` values move region boundaries by about that many mm.
 
+    The defaults pass ``python -m synth calibrate`` (effect sizes of real T1 cohorts, ``synth/targets.py``).
+
     Ageing effects scale with ``((age - age_onset) / (age_max - age_onset)) ** age_exponent`` (0 at onset,
     1 at ``age_max``, accelerating); disease effects add on top. Each subject's effects are multiplied by a
     log-normal factor with sd ``individual_sd``, so two subjects with the same covariates differ.
@@ -56,16 +59,17 @@ class AtrophyConfig:
     age_onset: float = 20.0
     age_max: float = 90.0
     age_exponent: float = 1.5
-    ventricle_age_mm: float = 2.5  # lateral-ventricle enlargement reached at age_max
-    ventricle_ad_mm: float = 1.5  # extra enlargement in AD
+    ventricle_young_mm: float = -2.5  # lateral-ventricle boundary at age_onset (< 0: smaller than the template's)
+    ventricle_age_mm: float = 4.5  # lateral-ventricle boundary reached at age_max (from ventricle_young_mm at onset)
+    ventricle_ad_mm: float = 2.5  # extra enlargement in AD
     ventricle_pd_mm: float = 0.2  # slight enlargement in PD
     hippocampus_age_mm: float = 0.6  # hippocampal shrinkage reached at age_max
-    hippocampus_ad_mm: float = 1.1  # extra hippocampal (medial-temporal) shrinkage in AD
-    cortical_thinning_age: float = 0.5  # share of boundary grey matter turned to CSF at age_max
+    hippocampus_ad_mm: float = 0.85  # extra hippocampal (medial-temporal) shrinkage in AD
+    cortical_thinning_age: float = 0.65  # share of boundary grey matter turned to CSF at age_max
     cortical_thinning_ad: float = 0.1  # extra global thinning in AD
     temporal_thinning_ad: float = 0.35  # extra thinning of temporal-lobe cortex in AD
-    midbrain_pd_mm: float = 0.8  # midbrain / substantia-nigra shrinkage in PD
-    putamen_pd_mm: float = 0.6  # putamen shrinkage in PD
+    midbrain_pd_mm: float = 0.12  # midbrain / substantia-nigra shrinkage in PD
+    putamen_pd_mm: float = 0.09  # putamen shrinkage in PD
     individual_sd: float = 0.25  # log-normal sd of each subject's effect multiplier
     max_mm: float = 4.5  # cap on any boundary movement: keeps the (not integrated) atrophy warp fold-free
 
@@ -102,6 +106,19 @@ class ScannerConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """What a standard T1 pipeline has done to the images a model sees. ``t1-linear`` (ClinicaDL's: N4 bias
+    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left.
+    ``raw``: native space and size, the scanner's full bias field (e.g. for contrast-agnostic pre-training)."""
+
+    name: str = "t1-linear"  # t1-linear | raw
+    rotation_deg: float = 1.0  # residual |rotation| per axis that affine registration leaves
+    translation_mm: float = 1.0  # residual |shift| per axis
+    scaling: float = 0.01  # residual per-axis scale 1 ± scaling (head size itself is normalised away)
+    bias_residual: float = 0.1  # share of the scanner's log bias field N4 leaves
+
+
+@dataclass
 class CohortConfig:
     """Who is in a labelled cohort and a pre-training corpus."""
 
@@ -129,6 +146,7 @@ class SynthConfig:
     intensity: ContrastConfig = field(default_factory=ContrastConfig)
     scanner: ScannerConfig = field(default_factory=ScannerConfig)
     cohort: CohortConfig = field(default_factory=CohortConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         self.shape_1mm = tuple(int(s) for s in self.shape_1mm)
@@ -149,6 +167,10 @@ def validate(cfg: SynthConfig) -> None:
     """Raise ConfigError naming the key when a value cannot work (checked before any volume is made)."""
     if not cfg.spacing > 0:
         raise ConfigError(f"synth config: spacing must be > 0 mm, got {cfg.spacing}")
+    if cfg.pipeline.name not in PIPELINES:
+        raise ConfigError(f"synth config: pipeline.name must be one of {PIPELINES}, got {cfg.pipeline.name!r}")
+    if not 0 <= cfg.pipeline.bias_residual <= 1:
+        raise ConfigError(f"synth config: pipeline.bias_residual must lie in [0, 1], got {cfg.pipeline.bias_residual}")
     if cfg.contrast not in CONTRASTS:
         raise ConfigError(f"synth config: contrast must be one of {CONTRASTS}, got {cfg.contrast!r}")
     if len(cfg.shape_1mm) != 3 or min(cfg.shape_1mm) < 8:
@@ -160,6 +182,8 @@ def validate(cfg: SynthConfig) -> None:
         raise ConfigError(
             f"synth config: atrophy.max_mm must lie in [0, 5] (larger warps fold), got {cfg.atrophy.max_mm}"
         )
+    if not -cfg.atrophy.max_mm <= cfg.atrophy.ventricle_young_mm <= cfg.atrophy.max_mm:
+        raise ConfigError("synth config: atrophy.ventricle_young_mm must lie in [-max_mm, max_mm]")
     if cfg.nonlinear.integration_steps < 0:
         raise ConfigError("synth config: nonlinear.integration_steps must be >= 0")
     s = cfg.scanner

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synth.config import AffineConfig, NonlinearConfig
+from synth.config import AffineConfig, NonlinearConfig, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,31 @@ def sample_field(field: torch.Tensor, lattice: Lattice, points_mm: torch.Tensor)
 
 def random_pose(cfg: AffineConfig, rng: np.random.Generator, sex: str) -> tuple[np.ndarray, np.ndarray, float]:
     """(M, t, head_scale): template -> subject is ``x = c + M (q - c) + t``; males' heads larger by config."""
-    angles = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rot = (
-        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    )
+    rot = _rotation(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
     sex_scale = 1 + (cfg.sex_head_scale if sex == "M" else -cfg.sex_head_scale)
     head = float(cfg.mean_head_scale * np.exp(rng.normal(0.0, cfg.head_size_sd)) * sex_scale)
     scale = head * rng.uniform(1 - cfg.scaling, 1 + cfg.scaling, 3)
     shift = rng.uniform(-cfg.translation_mm, cfg.translation_mm, 3)
     return rot @ np.diag(scale), shift, head
+
+
+def registered_pose(cfg: PipelineConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(M, t) after affine registration to the template (as ClinicaDL t1-linear's): head size and pose are
+    gone but for a small residual rotation, per-axis scaling and shift."""
+    rot = _rotation(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
+    scale = rng.uniform(1 - cfg.scaling, 1 + cfg.scaling, 3)
+    return rot @ np.diag(scale), rng.uniform(-cfg.translation_mm, cfg.translation_mm, 3)
+
+
+def _rotation(degrees: np.ndarray) -> np.ndarray:
+    angles = np.deg2rad(degrees)
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    return (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
 
 
 def random_velocity(cfg: NonlinearConfig, rng: np.random.Generator, lattice: Lattice) -> torch.Tensor:

@@ -20,7 +20,7 @@ from synth.artefacts import acquire, log_bias_field
 from synth.atrophy import atrophy_basis, atrophy_displacement, template_lattice
 from synth.config import SynthConfig
 from synth.contrast import form_image, source_weights
-from synth.deformation import Lattice, compose_grid, integrate, random_pose, random_velocity
+from synth.deformation import Lattice, compose_grid, integrate, random_pose, random_velocity, registered_pose
 from synth.regions import CSF, GM, WM
 from synth.resize import resize
 from synth.subject import SubjectPlan
@@ -32,7 +32,8 @@ class SyntheticVolume:
     labels: torch.Tensor | None  # (D, H, W) uint8, synth.regions.LABELS
     affine: np.ndarray  # (4, 4) RAS+ voxel -> mm
     plan: SubjectPlan
-    head_scale: float
+    head_scale: float  # the subject's native head size relative to the template
+    image_scale: float  # the global scale the image shows it at (head_scale in native space)
 
 
 def head_scale(cfg: SynthConfig, plan: SubjectPlan) -> float:
@@ -61,13 +62,15 @@ class Generator:
         )
         self._sources: dict[torch.device, torch.Tensor] = {torch.device("cpu"): self.anatomy.source}
 
-    def _lattice_stage(self, plan: SubjectPlan) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-        """Per subject, on the CPU (lattices of 4-8 mm): the (grid, log bias) fields ``(4, d, h, w)``, the
-        tissue weights ``(5,)``, the noise seed and the head scale, all drawn from the plan's volume seed."""
-        rng = np.random.default_rng(plan.volume_seed)
-        cfg, scanner = self.cfg, plan.scanner
+    def _where(self, plan: SubjectPlan, rng: np.random.Generator) -> tuple[torch.Tensor, int, float, float]:
+        """Where each lattice point reads the template: grid (d, h, w, 3), noise seed, head and image scale."""
+        cfg = self.cfg
         matrix, shift, head = random_pose(cfg.affine, rng, plan.sex)  # first draw: see head_scale()
         noise_seed = int(rng.integers(2**62))
+        image_scale = head
+        if cfg.pipeline.name == "t1-linear":  # registered: from a child seed, so the shape draws stay the same
+            matrix, shift = registered_pose(cfg.pipeline, np.random.default_rng([noise_seed, 1]))
+            image_scale = 1.0
         velocity = random_velocity(cfg.nonlinear, rng, self.velocity_lattice)  # (3, d, h, w) mm
         shape_warp = integrate(velocity, self.velocity_lattice, cfg.nonlinear.integration_steps)
         atrophy = atrophy_displacement(plan.effects, self.basis)
@@ -77,10 +80,26 @@ class Generator:
             BRAIN_CENTRE_MM,
             [(shape_warp, self.velocity_lattice), (atrophy, self.atrophy_lattice)],
         )
-        grid = self.source_lattice.normalise(where)  # (d, h, w, 3)
-        bias = log_bias_field(self.out_lattice, scanner.bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
+        return self.source_lattice.normalise(where), noise_seed, head, image_scale
+
+    def _lattice_stage(self, plan: SubjectPlan) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+        """Per subject, on the CPU (lattices of 4-8 mm): the (grid, log bias) fields ``(4, d, h, w)``, the
+        tissue weights ``(5,)``, the noise seed, the head and image scale, all drawn from the plan's volume seed."""
+        rng = np.random.default_rng(plan.volume_seed)
+        cfg, scanner = self.cfg, plan.scanner
+        grid, noise_seed, head, image_scale = self._where(plan, rng)  # grid (d, h, w, 3)
+        bias_sd = scanner.bias_sd * (cfg.pipeline.bias_residual if cfg.pipeline.name == "t1-linear" else 1.0)
+        bias = log_bias_field(self.out_lattice, bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
         coarse = torch.cat([grid.permute(3, 0, 1, 2), bias[None]])  # (4, d, h, w)
-        return coarse, source_weights(np.asarray(scanner.means), plan.effects), noise_seed, head
+        return coarse, source_weights(np.asarray(scanner.means), plan.effects), noise_seed, head, image_scale
+
+    def labels(self, plan: SubjectPlan) -> tuple[torch.Tensor, float, float]:
+        """The label map alone (D, H, W) uint8, with head and image scale: what calibration measures, without
+        the cost of the image (the same draws as ``__call__``, so the same labels)."""
+        grid, _, head, image_scale = self._where(plan, np.random.default_rng(plan.volume_seed))
+        fine = resize(grid.permute(3, 0, 1, 2), self.shape, align_corners=True)[None]  # (1, 3, D, H, W)
+        weights = source_weights(np.asarray(plan.scanner.means), plan.effects)
+        return self._labels(fine.permute(0, 2, 3, 4, 1), weights, plan), head, image_scale
 
     def _scanner(self, image: torch.Tensor, plan: SubjectPlan, noise_seed: int) -> torch.Tensor:
         """(1, 1, D, H, W) after the bias -> acquisition resolution, noise, gamma, clip -> (1, D, H, W)."""
@@ -90,7 +109,7 @@ class Generator:
         return image.clamp_(0.0, 1.0).pow_(scanner.gamma)[0]
 
     def __call__(self, plan: SubjectPlan, with_labels: bool = False) -> SyntheticVolume:
-        coarse, weights, noise_seed, head = self._lattice_stage(plan)
+        coarse, weights, noise_seed, head, image_scale = self._lattice_stage(plan)
         fine = resize(coarse, self.shape, align_corners=True)[None]  # (1, 4, D, H, W)
         grid = fine[:, :3].permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3)
 
@@ -100,7 +119,14 @@ class Generator:
         image = self._scanner(image * fine[:, 3:].exp_(), plan, noise_seed)  # (1, D, H, W)
 
         labels = self._labels(grid, weights, plan) if with_labels else None
-        return SyntheticVolume(image=image.contiguous(), labels=labels, affine=self.affine, plan=plan, head_scale=head)
+        return SyntheticVolume(
+            image=image.contiguous(),
+            labels=labels,
+            affine=self.affine,
+            plan=plan,
+            head_scale=head,
+            image_scale=image_scale,
+        )
 
     def batch(self, plans: Sequence[SubjectPlan], device: str | torch.device = "cpu") -> torch.Tensor:
         """Images ``(B, 1, D, H, W)`` of ``plans`` on ``device``: the same math as one volume at a time, with
@@ -138,8 +164,13 @@ class Generator:
             plan.effects.cortical_thinning * src[3]
             + min(plan.effects.temporal_thinning, 1 - plan.effects.cortical_thinning) * src[4]
         )
-        tissue = torch.stack([src[0] + thinned, src[1] - thinned, src[2]])  # (3, X, Y, Z)
-        label = torch.tensor([CSF, GM, WM], dtype=torch.uint8)[tissue.argmax(0)]
+        csf, gm, wm = src[0] + thinned, src[1] - thinned, src[2]
+        # argmax over (csf, gm, wm), first wins ties; elementwise: argmax(0) over channels is ~10x slower on CPU
+        label = torch.where(
+            (csf >= gm) & (csf >= wm),
+            torch.tensor(CSF, dtype=torch.uint8),
+            torch.where(gm >= wm, torch.tensor(GM, dtype=torch.uint8), torch.tensor(WM, dtype=torch.uint8)),
+        )
         label[self.anatomy.brain < 0.5] = 0
         regions = self.anatomy.regions
         label = torch.where(regions > 0, regions, label)

@@ -9,7 +9,7 @@ making the volume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -94,6 +94,14 @@ def _plan(
         scanner=jitter_for_subject(site[1], cfg, scan_rng),
         volume_seed=vol,
     )
+
+
+def twin(cfg: SynthConfig, plan: SubjectPlan, diagnosis: str) -> SubjectPlan:
+    """The same subject (pose, shape, scanner, noise, individual effect factors) with another diagnosis: a
+    counterfactual that isolates a disease's effect from between-subject variation."""
+    eff = np.random.SeedSequence(plan.seed, spawn_key=(SUBJECT_KEY, plan.index)).spawn(4)[1]  # as in _plan
+    effects = sample_effects(cfg.atrophy, plan.age, diagnosis, np.random.default_rng(eff))
+    return replace(plan, diagnosis=diagnosis, effects=effects)
 
 
 def corpus_plan(cfg: SynthConfig, seed: int, index: int, key: tuple[int, ...] | None = None) -> SubjectPlan:
