@@ -78,9 +78,12 @@ def test_report_shows_finite_numbers_and_its_images(finished):
     text = report.read_text()
     for heading in ("## In-site results", "### Gain of each pre-trained init over scratch", "## Out-of-site"):
         assert heading in text
-    primary = _column(text, "(95 % CI)")  # "0.812 [0.601, 0.950] ★" per cell, in- and out-of-site
+    gains = _column(text, "gain (95 % CI)")  # "+0.041 [-0.020, +0.100]" per paired comparison
+    primary = [c for c in _column(text, "(95 % CI)") if c not in gains]  # "0.812 [0.601, 0.950] ★" per cell
     assert len(primary) == 3 * 5 * 2 + 3 * 5  # tasks x (backbone, init) x fractions, + out-of-site
     assert all(math.isfinite(float(cell.split()[0])) for cell in primary), primary
+    assert gains and all(math.isfinite(float(g.split()[0])) for g in gains), gains
+    assert set(_column(text, "verdict")) <= {"helps", "hurts", "inconclusive"}
     images = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert images, "the report shows no plot"
     for image in images:
