@@ -156,4 +156,7 @@ def test_a_two_rank_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(
     a, _ = load_export(tmp / "synthmri" / "export" / "encoder.safetensors")
     b, _ = load_export(tmp / "resumed" / "export" / "encoder.safetensors")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        if name.endswith("attn.qkv.bias"):  # the key bias shifts every logit of a query alike: softmax ignores it,
+            c = len(x) // 3  # so its true gradient is 0 and Adam scales the rounding noise up to lr-sized steps
+            x, y = torch.cat([x[:c], x[2 * c :]]), torch.cat([y[:c], y[2 * c :]])
         assert torch.allclose(x, y, atol=1e-6), name
