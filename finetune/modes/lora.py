@@ -23,6 +23,7 @@ from torch import nn
 
 from common.errors import CheckpointError, ConfigError
 from common.io import atomic_write
+from common.torchvision_ops import import_torchvision_without_ops
 from finetune.heads import FineTuneModel
 from finetune.modes.common import FoldInputs
 from finetune.modes.full import fit_predict_full
@@ -36,26 +37,9 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # batch an
 
 
 def import_peft():
-    """``peft`` (imported on use: it pulls in ``transformers``, which no other mode needs).
-
-    transformers imports torchvision when it is installed. With a CPU-only torch, the PyPI torchvision wheel
-    cannot load its C++ ops and torchvision 0.28 then fails at import on two fake-op registrations (nms,
-    qnms); declaring those two schemas lets its Python parts import. LoRA never calls them.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for op in ("nms", "qnms"):
-            try:
-                torch.library.define(
-                    f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-                )
-            except RuntimeError:
-                pass  # declared already
+    """``peft`` (imported on use: it pulls in ``transformers``, which no other mode needs, and through it
+    torchvision: see ``common.torchvision_ops``)."""
+    import_torchvision_without_ops()
     import peft
 
     return peft

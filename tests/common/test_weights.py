@@ -16,34 +16,11 @@ from common.checkpoint import export_backbone
 from common.errors import CheckpointError
 from common.models import create_backbone
 from common.models.vit import ViT3D
+from common.torchvision_ops import import_torchvision_without_ops
 from common.weights import load_backbone
 from common.weights.adapt import fold_input_channels, inflate_kernel, resample_kernel
 
-
-def _declare_missing_torchvision_ops() -> None:
-    """timm and transformers import torchvision. On a CPU-only torch the PyPI torchvision wheel (built against
-    CUDA torch) cannot load its C++ ops, and torchvision 0.28 then fails at import on two unguarded fake-op
-    registrations (nms, qnms). Declaring those two op schemas lets its pure-Python parts import; the ops are
-    never called here."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for op in ("nms", "qnms"):
-            try:
-                torch.library.define(
-                    f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-                )
-            except RuntimeError:
-                pass  # declared already
-
-
-_declare_missing_torchvision_ops()
+import_torchvision_without_ops()  # timm and transformers import torchvision (common.torchvision_ops says why)
 
 
 @pytest.fixture(scope="module")
