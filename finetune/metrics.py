@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from scipy.stats import pearsonr, rankdata
+from scipy.stats import pearsonr
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import (
     accuracy_score,
@@ -89,7 +89,9 @@ def fast_binary_metrics(y: np.ndarray, p1: np.ndarray, threshold=0.5) -> dict[st
     f1 = 2 * tp / (pos + n_pred) if pos + n_pred else 0.0
     auc = np.nan
     if pos and neg:
-        ranks = rankdata(p1)
+        # mid-ranks of p1 (ties share their mean rank), as scipy's rankdata gives, without its input checks
+        _, inverse, counts = np.unique(p1, return_inverse=True, return_counts=True)
+        ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
         auc = (ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg)
     bal = (sens + spec) / 2 if pos and neg else (sens if pos else spec)
     return {

@@ -63,6 +63,10 @@ def init_distributed() -> tuple[int, int]:
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     backend = get_accelerator().communication_backend_name()  # nccl on CUDA; gloo (or ccl) on CPU
+    if os.environ["WORLD_SIZE"] == "1":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about 3 min on 2 cores, again in
+        # every new environment) that a world of one never calls: marked unavailable, the backend skips it
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()

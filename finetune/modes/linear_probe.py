@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from common.io import atomic_write, load_torch_file
 from common.precision import autocast, resolve_device, resolve_precision
-from finetune.metrics import classification_metrics, regression_metrics
+from finetune.linear import fit_select
 from finetune.modes.common import FoldInputs
 
 log = logging.getLogger(__name__)
@@ -58,35 +55,8 @@ def cached_features(inputs: FoldInputs, batch_size: int, device_name: str, preci
 def fit_predict_linear(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit the probe on the training rows, choose C / alpha on validation, predict validation and test."""
     feats = cached_features(inputs, cfg.batch_size, cfg.device, cfg.precision).numpy().astype(np.float64)
-    X = lambda idx: feats[idx]
-    y = inputs.y
-    tr, va, te = inputs.train_idx, inputs.val_idx, inputs.test_idx
-    best, best_score, best_param = None, -np.inf, None
-    if inputs.kind == "classification":
-        grid = [
-            make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=3000))
-            for c in cfg.probe_c
-        ]
-        params = cfg.probe_c
-    else:
-        grid = [make_pipeline(StandardScaler(), Ridge(alpha=a)) for a in cfg.probe_alpha]
-        params = cfg.probe_alpha
-    for model, param in zip(grid, params):
-        model.fit(X(tr), y[tr])
-        score = _val_score(model, X(va), y[va], inputs) if len(va) else 0.0
-        if score > best_score:
-            best, best_score, best_param = model, score, param
-    out = (
-        (lambda idx: best.predict_proba(X(idx)))
-        if inputs.kind == "classification"
-        else (lambda idx: best.predict(X(idx)))
+    strengths = cfg.probe_c if inputs.kind == "classification" else cfg.probe_alpha
+    val_out, test_out, chosen = fit_select(
+        feats, inputs.y, inputs.kind, inputs.train_idx, inputs.val_idx, inputs.test_idx, strengths
     )
-    return out(va), out(te), {"probe_param": best_param, "val_score": float(best_score)}
-
-
-def _val_score(model, Xv: np.ndarray, yv: np.ndarray, inputs: FoldInputs) -> float:
-    """Larger is better: validation AUC (accuracy if one class), or minus the validation MAE."""
-    if inputs.kind == "classification":
-        m = classification_metrics(yv, model.predict_proba(Xv))
-        return m["roc_auc"] if np.isfinite(m["roc_auc"]) else m["accuracy"]
-    return -regression_metrics(yv, model.predict(Xv))["mae"]
+    return val_out, test_out, {"probe_param": chosen.get("C", chosen.get("alpha")), "val_score": chosen["val_score"]}
