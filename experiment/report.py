@@ -26,20 +26,19 @@ def _last_metrics(run_dir: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def _pretrain_table(cfg: ExperimentConfig, pretrain_dirs: dict[str, Path], timings: dict[str, float]) -> list[str]:
+def _pretrain_table(cfg: ExperimentConfig, pretrain_dirs: dict[str, Path]) -> list[str]:
+    """What each pre-training run made (wall times are in the stage table: this table is the same on a rerun)."""
     lines = [
-        "| init | corpus | objective | backbone | steps | final loss | wall time |",
-        "|---|---|---|---|---|---|---|",
+        "| init | corpus | objective | backbone | steps | final loss |",
+        "|---|---|---|---|---|---|",
     ]
     for spec in cfg.pretrain:
         meta = read_export_metadata(pretrain_dirs[spec.name] / EXPORT)
-        last = _last_metrics(pretrain_dirs[spec.name])
-        loss = last.get("loss")
-        wall = timings.get(f"pretrain:{spec.name}")
+        loss = _last_metrics(pretrain_dirs[spec.name]).get("loss")
         lines.append(
             f"| {spec.name} | {meta.get('corpus', spec.corpus)} | {meta.get('objective', '?')} | "
             f"{meta['arch']['name']} ({spec.backbone}) | {meta.get('step', '?')} | "
-            f"{'–' if loss is None else f'{loss:.4f}'} | {'–' if wall is None else f'{wall:.0f} s'} |"
+            f"{'–' if loss is None else f'{loss:.4f}'} |"
         )
     return lines
 
@@ -148,7 +147,7 @@ def write_experiment_report(
         "",
         "## Pre-training",
         "",
-        *_pretrain_table(cfg, pretrain_dirs, timings),
+        *_pretrain_table(cfg, pretrain_dirs),
         "",
     ]
     in_summary, in_tables = _tables(grid_dirs["in_site"] / "results.csv")
