@@ -81,7 +81,7 @@ class ContrastConfig:
     t1_csf: float = 0.18
     t1_gm: float = 0.48
     t1_wm: float = 0.78
-    t1_site_sd: float = 0.04  # sd of a site's shift of each tissue mean (scanner/sequence differences)
+    t1_site_sd: float = 0.06  # sd of a site's shift of each tissue mean (sequence / vendor: GM/WM contrast differs)
     t1_subject_sd: float = 0.01  # sd of each subject's further shift (one protocol: small, ~2 %)
     min_gap: float = 0.08  # t1 ordering is enforced with at least this gap between neighbouring tissues
     random_low: float = 0.03  # range of a tissue mean under ``random``
@@ -109,8 +109,9 @@ class ScannerConfig:
 @dataclass
 class PipelineConfig:
     """What a standard T1 pipeline has done to the images a model sees. ``t1-linear`` (ClinicaDL's: N4 bias
-    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left.
-    ``raw``: native space and size, the scanner's full bias field (e.g. for contrast-agnostic pre-training)."""
+    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left, the
+    background outside the brain zero (skull-stripping's brain mask). ``raw``: native space and size, the scanner's
+    full bias field and its noise floor in the background (e.g. for contrast-agnostic pre-training)."""
 
     name: str = "t1-linear"  # t1-linear | raw
     rotation_deg: float = 1.0  # residual |rotation| per axis that affine registration leaves
