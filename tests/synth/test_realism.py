@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from monai.transforms import NormalizeIntensity
+from scipy.ndimage import binary_dilation
 
 from common.config import load_config, to_object
 from synth.config import SynthConfig
@@ -43,3 +44,18 @@ def test_site_is_predictable_because_sites_differ():
     assert same <= 0.6, same
     # sites hold a share of the voxel variance, more than scanners that differ only by chance
     assert site_variance_share(same_volumes, same_sites) < site_variance_share(volumes, sites)
+
+
+def test_t1_linear_background_is_zero_raw_keeps_the_noise_floor():
+    # the z-scoring over non-zero voxels must see only the brain under t1-linear (skull-stripping's brain mask)
+    fractions = {}
+    for name in ("t1-linear", "raw"):
+        cfg = to_object(
+            load_config(SynthConfig, None, ["spacing=4.0", f"pipeline.name={name}", "scanner.rician_probability=1"])
+        )
+        vol = Generator(cfg)(cohort_plan(cfg, "brain_age", 5, 0, 3), with_labels=True)
+        # two voxels (8 mm) away from the labelled brain: clear of the partial-volume edge
+        far = ~binary_dilation(vol.labels.numpy() > 0, iterations=2)
+        background = vol.image[0][torch.from_numpy(far)]  # image (1, D, H, W), labels (D, H, W)
+        fractions[name] = float((background == 0).float().mean())
+    assert fractions["t1-linear"] > 0.9 and fractions["raw"] < 0.1, fractions
