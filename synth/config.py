@@ -81,8 +81,8 @@ class ContrastConfig:
     t1_csf: float = 0.18
     t1_gm: float = 0.48
     t1_wm: float = 0.78
-    t1_site_sd: float = 0.04  # sd of a site's shift of each tissue mean (scanner/sequence differences)
-    t1_subject_sd: float = 0.015  # sd of each subject's further shift
+    t1_site_sd: float = 0.06  # sd of a site's shift of each tissue mean (sequence / vendor: GM/WM contrast differs)
+    t1_subject_sd: float = 0.01  # sd of each subject's further shift (one protocol: small, ~2 %)
     min_gap: float = 0.08  # t1 ordering is enforced with at least this gap between neighbouring tissues
     random_low: float = 0.03  # range of a tissue mean under ``random``
     random_high: float = 0.9
@@ -95,11 +95,12 @@ class ScannerConfig:
 
     bias_sd: tuple[float, float] = (0.05, 0.25)  # sd of the log bias field (multiplicative intensity shading)
     bias_control_spacing_mm: float = 48.0  # smoothness of the bias field
-    noise_sd: tuple[float, float] = (0.008, 0.035)  # noise sd on the [0, 1] intensity scale
+    # noise sd on the [0, 1] intensity scale: WM SNR ~100 down to ~13 (3 T vs 1.5 T, coils, acceleration)
+    noise_sd: tuple[float, float] = (0.008, 0.06)
     rician_probability: float = 0.7  # share of sites with Rician (magnitude) noise, the rest Gaussian
     inplane_mm: tuple[float, float] = (0.9, 1.4)  # acquired in-plane resolution (not finer than output)
     slice_mm: tuple[float, float] = (1.0, 3.5)  # acquired slice thickness along one axis
-    subject_noise_log_sd: float = 0.15  # each subject's noise sd varies around the site's by this log-sd
+    subject_noise_log_sd: float = 0.08  # each subject's noise sd varies around the site's by this log-sd
 
     def __post_init__(self) -> None:
         _tuples(self, ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"))
@@ -108,8 +109,9 @@ class ScannerConfig:
 @dataclass
 class PipelineConfig:
     """What a standard T1 pipeline has done to the images a model sees. ``t1-linear`` (ClinicaDL's: N4 bias
-    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left.
-    ``raw``: native space and size, the scanner's full bias field (e.g. for contrast-agnostic pre-training)."""
+    correction, affine registration to MNI): head size and pose gone but for a residual, a little bias left, the
+    background outside the brain zero (skull-stripping's brain mask). ``raw``: native space and size, the scanner's
+    full bias field and its noise floor in the background (e.g. for contrast-agnostic pre-training)."""
 
     name: str = "t1-linear"  # t1-linear | raw
     rotation_deg: float = 1.0  # residual |rotation| per axis that affine registration leaves

@@ -102,11 +102,15 @@ class Generator:
         return self._labels(fine.permute(0, 2, 3, 4, 1), weights, plan), head, image_scale
 
     def _scanner(self, image: torch.Tensor, plan: SubjectPlan, noise_seed: int) -> torch.Tensor:
-        """(1, 1, D, H, W) after the bias -> acquisition resolution, noise, gamma, clip -> (1, D, H, W)."""
+        """(1, 1, D, H, W) after the bias -> acquisition resolution, noise, gamma, clip -> (1, D, H, W); under
+        ``t1-linear`` the background (outside the brain) is zero, as a skull-stripping pipeline's brain mask leaves
+        it (otherwise the noise floor enters every z-scoring and shifts each site's brain intensities)."""
         scanner = plan.scanner
+        brain = image > 1e-3 if self.cfg.pipeline.name == "t1-linear" else None
         noise_gen = torch.Generator(image.device).manual_seed(noise_seed)
         image = acquire(image, self.cfg.spacing, scanner.resolution_mm, scanner.noise_sd, scanner.rician, noise_gen)
-        return image.clamp_(0.0, 1.0).pow_(scanner.gamma)[0]
+        image = image.clamp_(0.0, 1.0).pow_(scanner.gamma)
+        return (image if brain is None else image * brain)[0]
 
     def __call__(self, plan: SubjectPlan, with_labels: bool = False) -> SyntheticVolume:
         coarse, weights, noise_seed, head, image_scale = self._lattice_stage(plan)
