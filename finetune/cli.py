@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--init", required=True, help="any init spec `run --init` takes (scratch, an export, ...)")
     probe.add_argument("--manifest", required=True, help="a manifest CSV with the covariates as columns")
     probe.add_argument("--backbone", help="a registry name (as `run`; an export's own architecture is checked)")
-    probe.add_argument("--covariates", nargs="+", help=f"columns to probe (default: those of {COVARIATES} present)")
+    probe.add_argument(
+        "--covariates", help=f"columns to probe, comma-separated (default: those of {COVARIATES} present)"
+    )
     probe.add_argument("--folds", type=int, default=5, help="outer subject-level folds (default 5)")
     probe.add_argument("--config", help="YAML with RunConfig keys (data.shape, data.spacing, backbone.kwargs ...)")
     probe.add_argument("--out", help="folder for probe.csv (default: print only)")
@@ -87,7 +89,7 @@ def _probe(args: argparse.Namespace) -> None:
     flags = {"init": args.init, "manifest": args.manifest, "backbone.name": args.backbone}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = load_config(RunConfig, args.config, overrides)
-    covariates = tuple(args.covariates) if args.covariates else None
+    covariates = tuple(c.strip() for c in args.covariates.split(",")) if args.covariates else None
     table = run_probe(cfg, covariates, folds=args.folds, out=args.out)
     print(format_table(table, cfg.init))
 
