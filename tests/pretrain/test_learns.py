@@ -3,9 +3,10 @@
 Chance levels (all embeddings alike, or nothing learnt): NT-Xent and y-aware InfoNCE ln(2B − 1 + K) for batch B
 and K queued negatives; MoCo v3 2 · 2T · ln(B + K) (two symmetric terms, each scaled by 2T); MAE with
 per-patch normalised pixels: the loss of predicting every masked patch's mean, i.e. the mean squared normalised
-target over the run's patches (1 for patches with any variance, 0 for constant ones, so below 1 with background). The runs are the objectives on a stream of procedural "subjects" (a head-like ellipsoid with random
-blobs, a fresh subject at every position, 16³), made through the contrastive views of ``pretrain/views.py``
-with the default settings, at batch 4, trained by AdamW; the DeepSpeed loop itself is tested elsewhere.
+target over the run's patches (1 for patches with any variance, 0 for constant ones, so below 1 with background).
+The runs are the objectives on a stream of procedural "subjects" (a head-like ellipsoid with random blobs, a
+fresh subject at every position, 16³), made through the contrastive views of ``pretrain/views.py`` with the
+default settings, at batch 4, trained by AdamW; the DeepSpeed loop itself is tested elsewhere.
 Tiny ViTs (2 blocks, 64 wide, 4³ patches) on 16³: the CNN path of the contrastive objectives is the same code
 (``test_contrastive.py``, ``test_yaware.py`` train a ResNet), and a ResNet at this size learns slower than the
 test budget allows.

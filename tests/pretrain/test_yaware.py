@@ -1,5 +1,6 @@
 """y-aware contrastive learning: the kernel, the loss, covariates through the corpora, and the config check."""
 
+import json
 import math
 
 import numpy as np
@@ -10,12 +11,14 @@ import torch
 from common.config import load_config
 from common.errors import ConfigError, DataError
 from common.models import create_backbone
+from pretrain.cli import main
 from pretrain.config import PretrainConfig, validate
 from pretrain.corpora import CorpusStream, build_source, require_covariates
 from pretrain.objectives import YAwareContrastive
 from pretrain.objectives.simclr import nt_xent
 from pretrain.objectives.yaware import kernel_weights, yaware_nce
 from synth.subject import corpus_plan
+from tests.pretrain.conftest import tiny_config, write_yaml
 
 
 def test_kernel_weights_match_a_hand_computed_case():
@@ -103,3 +106,26 @@ def test_medical_batches_carry_the_manifests_age_and_skip_rows_without(nifti_dir
     pd.DataFrame({"path": [str(f) for f in files], "subject_id": ["a", "b", "c"]}).to_csv(manifest, index=False)
     with pytest.raises(DataError, match="no age column"):
         require_covariates(build_source(cfg), ("age",))
+
+
+def test_a_yaware_run_and_a_queued_simclr_run_train_through_the_cli(nifti_dir, tmp_path, capsys):
+    files = [nifti_dir / "s1.nii.gz", nifti_dir / "s2.nii.gz", nifti_dir / "site2" / "s3.nii.gz"]
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": [str(f) for f in files], "subject_id": ["a", "b", "c"], "age": [30, 50, 70]}).to_csv(
+        manifest, index=False
+    )
+    medical = {"medical": {"manifest": str(manifest), "crop_from": [20, 20, 20]}, "num_workers": 0}
+    runs = {
+        "yaware": {"name": "yaware", "contrastive": {"proj_hidden": 32, "proj_dim": 16, "sigma": 10.0}},
+        "simclr": {"name": "simclr", "contrastive": {"proj_hidden": 32, "proj_dim": 16, "queue_size": 8}},
+    }
+    for name, objective in runs.items():
+        cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_config(data=medical, objective=objective))
+        out = tmp_path / name
+        assert main(["--corpus", "medical", "--config", cfg, "--output", str(out)]) == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["step"] == 4 and math.isfinite(result["loss"]) and result["bad_items"] == 0
+        assert (out / "export" / "model.safetensors").is_file()
+    queue = torch.load(next((tmp_path / "simclr" / "checkpoints").glob("step*/mp_rank_00_model_states.pt")))
+    queue = {k: v for k, v in queue["module"].items() if k.startswith("queue.")}
+    assert int(queue["queue.filled"]) == 8 and queue["queue.keys"].norm(dim=1).allclose(torch.ones(8))
