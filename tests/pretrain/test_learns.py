@@ -91,7 +91,7 @@ IDENTICAL_VIEWS.update(noise_prob=0.0, blur_prob=0.0, bias_field_prob=0.0)
         ("simclr", "vit", 40, {}, 0.2),  # measured 2.35 -> 1.62
         ("yaware", "vit", 40, {"sigma": 5.0}, 0.08),  # measured 2.55 -> 1.83
         ("mae", "vit", 100, {}, 0.15),  # measured 1.15 -> 0.38, chance 0.64
-        # MoCo v3 with the default views stays above its chance level at batch 4 in 40-80 steps (docs/pretrain.md);
+        # MoCo v3 with the default views stays at or above chance at batch 4 in 40-150 steps (docs/pretrain.md);
         # with views that share everything it must learn the positive pairs
         ("moco", "vit", 40, {"momentum": 0.9, **IDENTICAL_VIEWS}, 0.5),  # measured 1.26 -> 0.25
     ],
