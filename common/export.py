@@ -26,7 +26,12 @@ CONFIG = "config.json"
 CARD = "README.md"
 ORIENTATION = "RAS"  # every volume is reoriented to RAS+ before a model sees it (docs/ARCHITECTURE.md)
 # How the card names what pretrain's config calls them (pretrain/objectives, pretrain/corpora); others verbatim.
-OBJECTIVES = {"mae": "masked autoencoding (MAE)", "simclr": "SimCLR", "moco": "MoCo v3"}
+OBJECTIVES = {
+    "mae": "masked autoencoding (MAE)",
+    "simclr": "SimCLR",
+    "moco": "MoCo v3",
+    "yaware": "y-aware contrastive learning (age kernel)",
+}
 CORPORA = {
     "synthmri": "synthetic brain MRI (synth/, generated on the fly)",
     "medical": "medical NIfTI volumes",

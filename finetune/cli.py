@@ -1,4 +1,5 @@
-"""``python -m finetune run|benchmark``: one cell or the grid, from YAML (the whole chain: ``python -m experiment``).
+"""``python -m finetune run|benchmark|probe``: one cell, the grid, or the representation probe of an init (the whole
+chain: ``python -m experiment``).
 
 Configs merge defaults ⊕ ``--config`` YAML ⊕ ``key=value`` overrides (``common.config``); the resolved config
 is written into the output directory. Bad input ends with one ``error:`` line naming the file or key.
@@ -16,6 +17,7 @@ from common.config import load_config, parse_with_overrides
 from common.errors import NeurotransferError
 from finetune.config import TRAIN_MODES, GridConfig, RunConfig
 from finetune.grid import run_grid
+from finetune.probe import COVARIATES, format_table, run_probe
 from finetune.run import run_cell
 
 
@@ -40,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", required=True, help="YAML with GridConfig keys (configs/finetune/*.yaml)")
     bench.add_argument("--out", help="output directory (default: the config's out_dir)")
     bench.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] base.train.epochs=3")
+    probe = sub.add_parser("probe", help="frozen features of an init -> cross-validated linear fits of covariates")
+    probe.add_argument("--init", required=True, help="any init spec `run --init` takes (scratch, an export, ...)")
+    probe.add_argument("--manifest", required=True, help="a manifest CSV with the covariates as columns")
+    probe.add_argument("--backbone", help="a registry name (as `run`; an export's own architecture is checked)")
+    probe.add_argument(
+        "--covariates", help=f"columns to probe, comma-separated (default: those of {COVARIATES} present)"
+    )
+    probe.add_argument("--folds", type=int, default=5, help="outer subject-level folds (default 5)")
+    probe.add_argument("--config", help="YAML with RunConfig keys (data.shape, data.spacing, backbone.kwargs ...)")
+    probe.add_argument("--out", help="folder for probe.csv (default: print only)")
+    probe.add_argument("overrides", nargs="*", help="key=value, e.g. data.shape=[32,32,32] seed=1")
     return parser
 
 
@@ -72,11 +85,20 @@ def _benchmark(args: argparse.Namespace) -> None:
     print((out / "results.md").read_text())
 
 
+def _probe(args: argparse.Namespace) -> None:
+    flags = {"init": args.init, "manifest": args.manifest, "backbone.name": args.backbone}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config(RunConfig, args.config, overrides)
+    covariates = tuple(c.strip() for c in args.covariates.split(",")) if args.covariates else None
+    table = run_probe(cfg, covariates, folds=args.folds, out=args.out)
+    print(format_table(table, cfg.init))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_overrides(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        {"run": _run, "benchmark": _benchmark}[args.command](args)
+        {"run": _run, "benchmark": _benchmark, "probe": _probe}[args.command](args)
     except NeurotransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

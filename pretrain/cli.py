@@ -31,7 +31,7 @@ from common.errors import CheckpointError, ConfigError, NeurotransferError
 from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
-from pretrain.corpora import CorpusStream, build_source, make_loader, synthmri_device
+from pretrain.corpora import CorpusStream, build_source, make_loader, require_covariates, synthmri_device
 from pretrain.engine import Engine, auto_precision, build_ds_config, init_distributed, resolve_run_precision
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer
@@ -182,11 +182,13 @@ def run(args: argparse.Namespace) -> dict:
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     objective = build_objective(cfg.objective, encoder)
     source = build_source(cfg)
+    require_covariates(source, objective.needs_covariates)
     views = TwoViews(cfg.objective.contrastive, cfg.data.input_size) if objective.needs_views else None
 
     if cfg.train.precision == "auto":  # bf16 only where native and not slower for this model
         keys = ("view1", "view2") if objective.needs_views else ("image",)
         example = {k: torch.rand(cfg.data.batch_size, 1, *cfg.data.input_size) for k in keys}
+        example.update({c: 20 + 60 * torch.rand(cfg.data.batch_size) for c in objective.needs_covariates})
         precision, why = auto_precision(objective, example)
         log.info("train.precision auto -> %s: %s", precision, why)
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
@@ -214,7 +216,14 @@ def run(args: argparse.Namespace) -> dict:
                 source, cfg.train.seed, rank, world, cfg.data.batch_size, on_device, position.batches
             )
         stream = CorpusStream(
-            source, cfg.train.seed, rank, world, views, cfg.data.batch_size, **position.stream_kwargs()
+            source,
+            cfg.train.seed,
+            rank,
+            world,
+            views,
+            cfg.data.batch_size,
+            covariates=objective.needs_covariates,
+            **position.stream_kwargs(),
         )
         return make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
 

@@ -39,7 +39,7 @@ def build_view_transform(cfg, input_size: Sequence[int]) -> Compose:
         [
             RandScaleCrop(roi_scale=lo, max_roi_scale=hi, random_center=True, random_size=True),
             Resize(spatial_size=size, mode="trilinear"),  # the "resized" of random resized crop
-            *[RandFlip(prob=0.5, spatial_axis=axis) for axis in range(3)],
+            *[RandFlip(prob=0.5, spatial_axis=int(axis)) for axis in cfg.flip_axes],
             RandAffine(
                 prob=cfg.affine_prob,
                 rotate_range=(0.26, 0.26, 0.26),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from pretrain.config import CORPORA
 from pretrain.corpora.medical import MedicalSource
 from pretrain.corpora.mixed import MixedSource
@@ -33,4 +33,13 @@ def build_source(cfg, corpus: str | None = None):
     raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
 
 
-__all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader"]
+def require_covariates(source, needs: tuple[str, ...]) -> None:
+    """A ``DataError`` naming the manifest when ``source`` cannot give every covariate in ``needs`` (the config
+    check has passed: the corpus kind has them, but this manifest lacks the column)."""
+    missing = [c for c in needs if c not in getattr(source, "covariates", ())]
+    if missing:
+        where = getattr(source, "manifest", None) or source.name
+        raise DataError(where, f"no {', '.join(missing)} column: the objective needs it for every item")
+
+
+__all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader", "require_covariates"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from monai.transforms import Compose, EnsureType, RandFlip, RandSpatialCrop
 
@@ -39,10 +40,14 @@ class MedicalSource:
                 "corpus medical needs exactly one of data.medical.manifest (CSV) or "
                 "data.medical.directory (NIfTI folder)"
             )
+        self.table = None  # the manifest's rows: covariates by column
         if cfg.manifest is not None:
-            self.files = [Path(p) for p in read_manifest(cfg.manifest, required=("path",), check_files=False)["path"]]
+            self.table = read_manifest(cfg.manifest, required=("path",), check_files=False)
+            self.files = [Path(p) for p in self.table["path"]]
         else:
             self.files = find_nifti(cfg.directory)
+        # what covariate() can give: the manifest's covariate columns (pretrain.config.CORPUS_COVARIATES)
+        self.covariates = tuple(c for c in ("age",) if self.table is not None and c in self.table.columns)
         self.manifest = cfg.manifest
         crop_from = list(cfg.crop_from) if cfg.crop_from is not None else list(input_size)
         if any(c < s for c, s in zip(crop_from, input_size)):
@@ -59,6 +64,17 @@ class MedicalSource:
             ]
         )
         self.seed = seed
+
+    def covariate(self, position: int, name: str) -> float:
+        """The item's ``name`` (``age``) from the manifest's column; an item without one is a ``DataError``
+        (the stream skips it, counted as a bad item)."""
+        if self.table is None or name not in self.table.columns:
+            raise DataError(self.manifest or self.files[0].parent, f"no {name!r} column: the items carry no {name}")
+        row = file_at(position, len(self.files), self.seed)
+        value = pd.to_numeric(self.table[name].iloc[row], errors="coerce")
+        if not np.isfinite(value):
+            raise DataError(self.files[row], f"{self.manifest}: {name} {self.table[name].iloc[row]!r} is not a number")
+        return float(value)
 
     def item(self, position: int, rng: np.random.Generator) -> torch.Tensor:
         path = self.files[file_at(position, len(self.files), self.seed)]

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
-    """A corpus: ``item(position, rng)`` returns a ``(1, D, H, W)`` float32 tensor or raises ``DataError``."""
+    """A corpus: ``item(position, rng)`` returns a ``(1, D, H, W)`` float32 tensor or raises ``DataError``;
+    corpora with covariates (``pretrain.config.CORPUS_COVARIATES``) also have ``covariate(position, name)``."""
 
     name: str
 
@@ -56,7 +57,7 @@ def batch_positions(rank: int, world_size: int, batch_size: int, batch: int) -> 
 
 class CorpusStream(IterableDataset):
     """Endless batches ``{"image": (B, 1, D, H, W)}`` (or the ``views`` of each volume) from ``source``, from
-    batch ``start`` on.
+    batch ``start`` on, with each of ``covariates`` as a (B,) float32 tensor (an objective's ``needs_covariates``).
 
     An unreadable or too-short item is replaced by the item at a fallback position (``position + a *
     FALLBACK_STRIDE`` for attempt ``a``), so batches stay deterministic; skipped items are counted (``_skipped``),
@@ -74,6 +75,7 @@ class CorpusStream(IterableDataset):
         batch_size: int = 1,
         start: int = 0,
         max_consecutive_bad: int = 64,
+        covariates: tuple[str, ...] = (),
     ):
         super().__init__()
         self.source = source
@@ -84,6 +86,7 @@ class CorpusStream(IterableDataset):
         self.batch_size = batch_size
         self.start = start
         self.max_consecutive_bad = max_consecutive_bad
+        self.covariates = tuple(covariates)
         self._consecutive = 0  # bad items in a row, in this worker
 
     def __iter__(self):
@@ -105,6 +108,7 @@ class CorpusStream(IterableDataset):
             rng = np.random.default_rng([self.seed, at])
             try:
                 volume = self.source.item(at, rng)
+                values = {name: self.source.covariate(at, name) for name in self.covariates}
             except DataError as e:
                 self._consecutive += 1
                 log.warning("corpus %s: skipped item %d (rank %d): %s", self.source.name, at, self.rank, e)
@@ -117,6 +121,7 @@ class CorpusStream(IterableDataset):
                 continue
             self._consecutive = 0
             sample = self.views(volume, rng) if self.views is not None else {"image": volume}
+            sample.update({name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()})
             sample["_skipped"] = attempt
             return sample
 

@@ -50,6 +50,7 @@ class SynthMRISource:
     """``(1, *input_size)`` synthetic T1w volumes in [0, 1]."""
 
     name = "synthmri"
+    covariates = ("age",)  # what covariate() can give (pretrain.config.CORPUS_COVARIATES)
 
     def __init__(self, cfg, input_size: Sequence[int], spacing: Sequence[float], seed: int = 0):
         self.fit = fit_transform(input_size)
@@ -69,6 +70,12 @@ class SynthMRISource:
         if self.generator is None:
             return self.files[file_at(position, len(self.files), self.seed)]
         return self.generator(corpus_plan(self.synth_cfg, self.seed, position)).image  # (1, D, H, W)
+
+    def covariate(self, position: int, name: str) -> float:
+        """The item's ``name`` (``age``): from synth's subject plan, or the directory's manifest."""
+        if self.generator is None:
+            return float(self.files.table[name].iloc[file_at(position, len(self.files), self.seed)])
+        return float(getattr(corpus_plan(self.synth_cfg, self.seed, position), name))
 
     def item(self, position: int, rng: np.random.Generator) -> torch.Tensor:
         volume = self._volume(position)

@@ -18,6 +18,7 @@ class Objective(nn.Module):
     needs_views: ClassVar[bool] = False  # batches hold two augmented views ("view1", "view2"), not "image"
     image_tag: ClassVar[str | None] = None  # TensorBoard prefix of ``images()``; None: it logs no images
     updates_in_place: ClassVar[bool] = False  # after_step changes weights outside the optimizer (not under ZeRO-3)
+    needs_covariates: ClassVar[tuple[str, ...]] = ()  # per-item covariates the batch must carry, e.g. ("age",)
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after optimizer step ``step`` (MoCo's momentum update)."""

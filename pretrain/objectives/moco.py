@@ -3,7 +3,8 @@
 Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV 2021: backbone +
 3-layer projector + 2-layer predictor; the momentum encoder (backbone + projector) is an EMA of the online
 one; symmetric InfoNCE ``ctr(q1, k2) + ctr(q2, k1)`` with keys gathered from all ranks, scaled by 2T; the
-momentum rises from ``m`` to 1 over training by a half cosine.
+momentum rises from ``m`` to 1 over training by a half cosine. At small batches the keys may be extended by a
+queue of past momentum keys (``queue_size``, MoCo v1/v2's queue; ``queue.py``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import torch.nn.functional as F
 from pretrain.objectives.base import Objective
 from pretrain.objectives.gather import gather_no_grad
 from pretrain.objectives.heads import mlp_head
+from pretrain.objectives.queue import NegativeQueue
 
 
-def moco_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of queries q (B, d) against all ranks' keys k; the positive of query i is this rank's key i."""
+def moco_contrastive(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, negatives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """InfoNCE of queries q (B, d) against all ranks' keys k (then the queued ``negatives`` (K, d)); the positive
+    of query i is this rank's key i. Chance level (all similarities equal): 2T·ln(WB + K)."""
     q = F.normalize(q.float(), dim=1)
     k_all, rank = gather_no_grad(F.normalize(k.float(), dim=1))  # (W*B, d)
-    logits = q @ k_all.T / temperature  # (B, W*B)
+    if negatives is not None and len(negatives):
+        k_all = torch.cat([k_all, negatives.to(k_all.dtype)])  # (W*B + K, d)
+    logits = q @ k_all.T / temperature  # (B, W*B + K)
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
@@ -42,6 +49,7 @@ class MoCoV3(Objective):
         proj_dim: int = 256,
         temperature: float = 0.2,
         momentum: float = 0.99,
+        queue_size: int = 0,
     ):
         super().__init__()
         if temperature <= 0:
@@ -57,6 +65,7 @@ class MoCoV3(Objective):
             p.requires_grad = False
         self.temperature = temperature
         self.base_momentum = momentum
+        self.queue = NegativeQueue(queue_size, proj_dim)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -70,7 +79,12 @@ class MoCoV3(Objective):
         q = self.predictor(self.projector(self.encoder.forward_features(views)))  # (2B, d)
         with torch.no_grad():
             k = self.momentum_projector(self.momentum_encoder.forward_features(views))  # (2B, d)
-        loss = moco_contrastive(q[:B], k[B:], self.temperature) + moco_contrastive(q[B:], k[:B], self.temperature)
+        negatives = self.queue.negatives().clone()
+        loss = moco_contrastive(q[:B], k[B:], self.temperature, negatives) + moco_contrastive(
+            q[B:], k[:B], self.temperature, negatives
+        )
+        if self.training:
+            self.queue.push(k)
         return {"loss": loss}
 
     def momentum_at(self, step: int, total_steps: int) -> float:

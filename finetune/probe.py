@@ -1,0 +1,151 @@
+"""What a checkpoint's frozen features know: cross-validated linear fits of a manifest's covariates.
+
+``python -m finetune probe --init SPEC --manifest M`` reads the manifest's images through fine-tuning's own
+pipeline (``finetune.run.load_task_data``'s reader and preprocessing), extracts the frozen pooled features of the
+init (``finetune.modes.linear_probe.extract_features``), of the same architecture from random weights, and the
+classical baseline's pooled voxels (``finetune.classical.voxel_features``), and fits each covariate on each:
+ridge for a numeric column (age), class-balanced logistic regression for a text one (sex, diagnosis, site).
+Outer folds are subject-level and seeded (``GroupKFold`` with shuffling); the regularisation is chosen by an
+inner subject-level CV on the outer training rows only. Metrics are of the pooled out-of-fold predictions:
+Pearson r and MAE for continuous covariates, balanced accuracy and ROC-AUC for categorical ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from common.data import read_manifest
+from common.distributed import seed_everything
+from common.errors import DataError
+from common.io import atomic_write_text
+from common.precision import resolve_device, resolve_precision
+from common.weights import load_backbone
+from finetune import classical
+from finetune.config import RunConfig, validate
+from finetune.data import load_volumes
+from finetune.metrics import classification_metrics, regression_metrics
+from finetune.modes.linear_probe import extract_features
+from finetune.run import build_backbone, check_init_path
+
+log = logging.getLogger(__name__)
+COVARIATES = ("age", "sex", "diagnosis", "site")  # probed by default, where the manifest has them
+ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths of the inner CV
+CS = np.logspace(-4, 0, 5)  # inverse logistic strengths of the inner CV
+METRICS = {"continuous": ("pearson_r", "mae"), "categorical": ("balanced_accuracy", "roc_auc")}
+
+
+def covariate_targets(df: pd.DataFrame, names: tuple[str, ...], manifest: str | Path) -> dict[str, np.ndarray]:
+    """Each covariate of ``names``: a numeric column (continuous) as float, a text one (categorical) as class
+    indices. A column that is absent, has empty cells or one value is a ``DataError`` naming it."""
+    out = {}
+    for name in names:
+        if name not in df.columns:
+            raise DataError(manifest, f"no column {name!r} to probe; the columns are {', '.join(df.columns)}")
+        values = df[name]
+        if values.isna().any():
+            rows = ", ".join(str(i + 2) for i in np.flatnonzero(values.isna())[:5])
+            raise DataError(manifest, f"column {name!r} has empty cells (CSV lines {rows}); fill or drop those rows")
+        if pd.api.types.is_numeric_dtype(values):
+            out[name] = pd.to_numeric(values).to_numpy(np.float64)
+        else:
+            classes = sorted(values.astype(str).unique())
+            if len(classes) < 2:
+                raise DataError(manifest, f"column {name!r} has one value ({classes[0]}): nothing to probe")
+            out[name] = values.astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    return out
+
+
+def cross_validated(x: np.ndarray, y: np.ndarray, groups: np.ndarray, continuous: bool, folds: int, seed: int):
+    """Out-of-fold predictions (n,) or probabilities (n, C): outer ``GroupKFold`` (shuffled by ``seed``) over
+    subjects, regularisation by a 3-fold inner subject-level CV on each outer training set."""
+    outer = GroupKFold(n_splits=min(folds, len(np.unique(groups))), shuffle=True, random_state=seed)
+    n_classes = 0 if continuous else int(y.max()) + 1
+    out = np.zeros(len(y)) if continuous else np.zeros((len(y), n_classes))
+    for train, test in outer.split(x, y, groups):
+        if continuous:
+            model, grid, scoring = Ridge(), {"ridge__alpha": ALPHAS}, "neg_mean_absolute_error"
+        else:
+            model = LogisticRegression(class_weight="balanced", max_iter=3000)
+            grid, scoring = {"logisticregression__C": CS}, "balanced_accuracy"
+        inner = GroupKFold(n_splits=min(3, len(np.unique(groups[train]))), shuffle=True, random_state=seed)
+        search = GridSearchCV(make_pipeline(StandardScaler(), model), grid, scoring=scoring, cv=inner)
+        search.fit(x[train], y[train], groups=groups[train])
+        if continuous:
+            out[test] = search.predict(x[test])
+        else:  # a class absent from an outer training set gets probability 0
+            out[np.ix_(test, search.classes_)] = search.predict_proba(x[test])
+    return out
+
+
+def score(y: np.ndarray, out: np.ndarray, continuous: bool) -> dict[str, float]:
+    """The probe's metrics for one covariate: r and MAE, or balanced accuracy and ROC-AUC."""
+    m = regression_metrics(y, out) if continuous else classification_metrics(y, out)
+    return {k: m[k] for k in METRICS["continuous" if continuous else "categorical"]}
+
+
+def features(cfg: RunConfig, init: str, volumes: torch.Tensor) -> np.ndarray:
+    """(N, feature_dim) frozen pooled features of ``cfg.backbone`` loaded with ``init`` (``scratch``: random
+    weights from ``cfg.seed``)."""
+    seed_everything(cfg.seed)
+    backbone = build_backbone(cfg)
+    if init != "scratch":
+        log.info("%s: %s", init, load_backbone(backbone, init, axis=cfg.init_axis).summary())
+    device = resolve_device(cfg.train.device, key="train.device")
+    precision = resolve_precision(cfg.train.precision, device, key="train.precision")
+    return extract_features(backbone, volumes, cfg.train.batch_size, device, precision).numpy().astype(np.float64)
+
+
+def run_probe(
+    cfg: RunConfig, covariates: tuple[str, ...] | None = None, folds: int = 5, out: str | Path | None = None
+) -> pd.DataFrame:
+    """The probe table: one row per covariate × feature set (``init``, ``random``, ``classical``), written to
+    ``out/probe.csv`` when ``out`` is given."""
+    validate(cfg)
+    check_init_path(cfg.init)
+    df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
+    asked = covariates is not None
+    names = tuple(covariates) if asked else tuple(c for c in COVARIATES if c in df.columns)
+    if not names:
+        raise DataError(cfg.manifest, f"none of the covariates {', '.join(COVARIATES)} is a column; nothing to probe")
+    targets = covariate_targets(df, names, cfg.manifest)
+    groups = df["subject_id"].astype(str).to_numpy()
+    if len(np.unique(groups)) < 4:
+        raise DataError(cfg.manifest, f"{len(np.unique(groups))} subjects: the probe's folds need at least 4")
+    volumes = load_volumes(df, cfg.data)  # (N, 1, D, H, W), fine-tuning's preprocessing
+    sets = {"init": features(cfg, cfg.init, volumes), "random": features(cfg, "scratch", volumes)}
+    if cfg.classical_pool:
+        sets["classical"] = classical.voxel_features(volumes, cfg.classical_pool)
+    rows = []
+    for name, y in targets.items():
+        continuous = y.dtype == np.float64
+        for label, x in sets.items():
+            pred = cross_validated(x, y, groups, continuous, folds, cfg.seed)
+            rows.append({"covariate": name, "features": label, "n": len(y), **score(y, pred, continuous)})
+    table = pd.DataFrame(rows)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "probe.csv", table.to_csv(index=False))
+    return table
+
+
+def format_table(table: pd.DataFrame, init: str) -> str:
+    """The probe table as text: one line per covariate, the three feature sets side by side."""
+    lines = [f"probe of {init} (features: init | random init, same architecture | classical voxels)"]
+    for name, part in table.groupby("covariate", sort=False):
+        metrics = [
+            m for m in ("pearson_r", "mae", "balanced_accuracy", "roc_auc") if m in part and part[m].notna().any()
+        ]
+        cells = [
+            f"{row.features} " + " ".join(f"{m}={getattr(row, m):.3f}" for m in metrics) for row in part.itertuples()
+        ]
+        lines.append(f"{name:>10}: " + " | ".join(cells))
+    return "\n".join(lines)
