@@ -33,6 +33,12 @@ def row_space(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     return x @ vt[keep].T
 
 
+def standardised_row_space(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """``x`` standardised on its ``train`` rows, in coordinates of their span: what an L2 model fitted on any of
+    those rows sees exactly as it would see all features."""
+    return row_space(StandardScaler().fit(x[train]).transform(x), train)
+
+
 def validation_score(kind: str, y: np.ndarray, output: np.ndarray) -> float:
     """Larger is better: ROC-AUC (accuracy where one class is present), or minus the MAE."""
     if kind == "regression":
@@ -66,7 +72,7 @@ def fit_select(
 def _fit_select(x, y, kind, train, val, test, strengths) -> tuple[np.ndarray, np.ndarray, dict]:
     if strengths is None:
         strengths = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
-    xs = row_space(StandardScaler().fit(x[train]).transform(x), train)
+    xs = standardised_row_space(x, train)
     best = None
     for strength in strengths:
         if kind == "regression":

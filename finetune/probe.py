@@ -5,9 +5,10 @@ pipeline (``finetune.run.load_task_data``'s reader and preprocessing), extracts 
 init (``finetune.modes.linear_probe.extract_features``), of the same architecture from random weights, and the
 classical baseline's pooled voxels (``finetune.classical.voxel_features``), and fits each covariate on each:
 ridge for a numeric column (age), class-balanced logistic regression for a text one (sex, diagnosis, site).
-Outer folds are subject-level and seeded (``GroupKFold`` with shuffling); the regularisation is chosen by an
-inner subject-level CV on the outer training rows only. Metrics are of the pooled out-of-fold predictions:
-Pearson r and MAE for continuous covariates, balanced accuracy and ROC-AUC for categorical ones.
+Outer folds are subject-level and seeded (``GroupKFold`` with shuffling); the features are standardised on the
+outer training rows and the regularisation is chosen by an inner subject-level CV on those rows only. Metrics
+are of the pooled out-of-fold predictions: Pearson r and MAE for continuous covariates, balanced accuracy and
+ROC-AUC for categorical ones.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV, GroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from common.data import read_manifest
 from common.distributed import seed_everything
@@ -32,6 +32,7 @@ from common.weights import load_backbone
 from finetune import classical
 from finetune.config import RunConfig, validate
 from finetune.data import load_volumes
+from finetune.linear import standardised_row_space
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.linear_probe import extract_features
 from finetune.run import build_backbone, check_init_path
@@ -72,17 +73,21 @@ def cross_validated(x: np.ndarray, y: np.ndarray, groups: np.ndarray, continuous
     out = np.zeros(len(y)) if continuous else np.zeros((len(y), n_classes))
     for train, test in outer.split(x, y, groups):
         if continuous:
-            model, grid, scoring = Ridge(), {"ridge__alpha": ALPHAS}, "neg_mean_absolute_error"
+            model, grid, scoring = Ridge(), {"alpha": ALPHAS}, "neg_mean_absolute_error"
         else:
             model = LogisticRegression(class_weight="balanced", max_iter=3000)
-            grid, scoring = {"logisticregression__C": CS}, "balanced_accuracy"
+            grid, scoring = {"C": CS}, "balanced_accuracy"
+        # standardised on the outer training rows and fitted in their span (``finetune.linear``): thousands of
+        # voxels become n columns, and every inner fit's rows lie in that span, so the fits are unchanged
+        xs = standardised_row_space(x, train)
         inner = GroupKFold(n_splits=min(3, len(np.unique(groups[train]))), shuffle=True, random_state=seed)
-        search = GridSearchCV(make_pipeline(StandardScaler(), model), grid, scoring=scoring, cv=inner)
-        search.fit(x[train], y[train], groups=groups[train])
-        if continuous:
-            out[test] = search.predict(x[test])
-        else:  # a class absent from an outer training set gets probability 0
-            out[np.ix_(test, search.classes_)] = search.predict_proba(x[test])
+        search = GridSearchCV(model, grid, scoring=scoring, cv=inner)
+        with threadpool_limits(limits=1, user_api="blas"):
+            search.fit(xs[train], y[train], groups=groups[train])
+            if continuous:
+                out[test] = search.predict(xs[test])
+            else:  # a class absent from an outer training set gets probability 0
+                out[np.ix_(test, search.classes_)] = search.predict_proba(xs[test])
     return out
 
 
