@@ -37,6 +37,7 @@ from finetune.config import RunConfig, validate
 from finetune.data import load_volumes, preprocess_config
 from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
 from finetune.modes import MODES, FoldInputs
+from finetune.parity import check_parity
 from finetune.protocol import (
     Fold,
     check_pretrain_overlap,
@@ -133,6 +134,7 @@ def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
     seed_everything(cfg.seed)  # a scratch backbone's random weights follow the seed
     backbone = build_backbone(cfg)
     report = load_backbone(backbone, cfg.init, axis=cfg.init_axis)
+    report.notes += check_parity(cfg.init, cfg.data)  # logged, and kept in weights_report.json and metrics.json
     data = data or load_task_data(cfg)
     subjects = data.subjects
     if cfg.protocol.splits_file:
