@@ -18,6 +18,7 @@ from common.errors import ConfigError
 from finetune.config import GridConfig
 from synth.config import TASKS
 
+IN_SITE_SCHEMES = ("kfold", "holdout")  # in-site evaluation: every subject tested once, or one test split per seed
 MADE_CORPORA = ("synthmri", "video")  # the pre-training corpora the experiment makes itself
 CORPUS_BACKENDS = ("anatomy", "ldm")  # how the synthetic pre-training corpus is made
 # grid fields the experiment fills in, and from what (a YAML setting one is an error that says so)
@@ -25,7 +26,7 @@ OWNED = {
     "grid.tasks": "the cohorts of synth.cohorts",
     "grid.inits": "scratch plus one init per pretrain entry",
     "grid.out_dir": "out_dir/finetune/in_site and out_dir/finetune/out_of_site",
-    "grid.base.protocol.scheme": "kfold in-site, ood out-of-site (the ood flag)",
+    "grid.base.protocol.scheme": "in_site_scheme in-site (kfold | holdout), ood out-of-site (the ood flag)",
     "grid.base.protocol.ood_sites": "synth.ood_sites",
     "grid.base.protocol.ood_datasets": "synth.ood_sites (held-out sites, not datasets)",
     "grid.base.protocol.pretrain_manifests": "the synthetic pre-training corpus's manifest",
@@ -46,7 +47,9 @@ class SynthStage:
     corpus_backend: str = "anatomy"  # anatomy (MNI152 model) | ldm (sampled from a trained latent diffusion model)
     ldm_model: str | None = None  # for backend ldm: an ldm-train run, its export, or the public bundle's folder
     ldm_ddim_steps: int = 50  # DDIM steps per LDM sample
-    cohorts: dict[str, CohortSpec] = field(default_factory=lambda: {t: CohortSpec() for t in TASKS})  # task -> size
+    # task -> size; the tasks of the experiment are exactly the ones listed (a default could not be removed by a
+    # YAML, whose mappings merge into the defaults)
+    cohorts: dict[str, CohortSpec] = field(default_factory=dict)
     ood_sites: list[str] = field(default_factory=lambda: ["site2"])  # held out for the out-of-site test
     overrides: list[str] = field(default_factory=list)  # synth config key=value for corpus and cohorts
 
@@ -77,6 +80,7 @@ class ExperimentConfig:
     video: VideoStage = field(default_factory=VideoStage)
     pretrain: list[PretrainSpec] = field(default_factory=lambda: [PretrainSpec()])
     grid: GridConfig = field(default_factory=GridConfig)  # backbones, fractions, seeds, base (not the OWNED fields)
+    in_site_scheme: str = "kfold"  # IN_SITE_SCHEMES; holdout trains one model per cell instead of protocol.folds
     ood: bool = True  # also test every cell on the held-out sites (trained on the other sites)
     ood_fractions: list[float] = field(default_factory=lambda: [1.0])  # fractions of the out-of-site grid
 
@@ -94,10 +98,14 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"pretrain entry {spec.name!r}: corpus must be one of {MADE_CORPORA}, not {spec.corpus!r} "
                 "(the experiment makes only these corpora)"
             )
+    if cfg.in_site_scheme not in IN_SITE_SCHEMES:
+        raise ConfigError(f"in_site_scheme must be one of {IN_SITE_SCHEMES}, not {cfg.in_site_scheme!r}")
     if cfg.synth.corpus_backend not in CORPUS_BACKENDS:
         raise ConfigError(f"synth.corpus_backend must be one of {CORPUS_BACKENDS}, not {cfg.synth.corpus_backend!r}")
     if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
         raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
+    if not cfg.synth.cohorts:
+        raise ConfigError(f"synth.cohorts is empty: list the tasks to run, e.g. ad: {{n: 120, sites: 3}} ({list(TASKS)})")
     unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
     if unknown:
         raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")

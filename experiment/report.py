@@ -103,6 +103,13 @@ def _tables(results_csv: Path) -> tuple[pd.DataFrame | None, str]:
     return summary, "\n".join("#" + line if line.startswith("## ") else line for line in lines)
 
 
+def _in_site_words(cfg: ExperimentConfig) -> str:
+    p = cfg.grid.base.protocol
+    if cfg.in_site_scheme == "holdout":
+        return f"one subject-level hold-out per seed ({p.test_fraction:.0%} test)"
+    return f"{p.folds}-fold subject-level CV"
+
+
 def write_experiment_report(
     cfg: ExperimentConfig,
     out: Path,
@@ -132,7 +139,7 @@ def write_experiment_report(
         if any(p.corpus == "video" for p in cfg.pretrain)
         else "- No video pre-training.",
         f"- Model input: {list(data.shape)} voxels at {list(data.spacing)} mm; fine-tuning mode "
-        f"`{cfg.grid.base.train.mode}`, {cfg.grid.base.protocol.folds}-fold subject-level CV in-site; "
+        f"`{cfg.grid.base.train.mode}`, {_in_site_words(cfg)} in-site; "
         f"training fractions {list(cfg.grid.fractions)}; seeds {list(cfg.grid.seeds)}.",
         "- Backbones: "
         + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip() for b in cfg.grid.backbones)
@@ -151,7 +158,7 @@ def write_experiment_report(
         "",
     ]
     in_summary, in_tables = _tables(grid_dirs["in_site"] / "results.csv")
-    lines += ["## In-site results (k-fold CV over all sites)", "", in_tables, ""]
+    lines += [f"## In-site results ({_in_site_words(cfg)} over all sites)", "", in_tables, ""]
     if in_summary is not None:
         lines += [
             "### Gain of each pre-trained init over scratch and over the classical baseline (paired)",
@@ -190,7 +197,7 @@ def write_experiment_report(
         "- Confidence intervals are bootstrap intervals over test subjects; with few subjects, seeds and folds "
         "they are wide, and differences inside them are not evidence of an effect.",
         "- At quickstart size the models, corpora and pre-training runs are tiny; the ranking of inits can change "
-        "at full scale (`configs/experiment/full.yaml`).",
+        "with longer pre-training and other label budgets (`configs/experiment/transfer.yaml`).",
         "",
     ]
     return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -237,7 +237,7 @@ class Experiment:
         ]
         # downstream test images must not be in a pre-training corpus: checked by the protocol
         grid.base.protocol.pretrain_manifests = [str(self.corpus_dir() / "manifest.csv")]
-        grid.base.protocol.scheme = "kfold"
+        grid.base.protocol.scheme = self.cfg.in_site_scheme
         if ood:
             grid.base.protocol.scheme = "ood"
             grid.base.protocol.ood_sites = list(self.cfg.synth.ood_sites)

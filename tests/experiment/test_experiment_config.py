@@ -8,6 +8,7 @@ import pytest
 
 from common.errors import ConfigError
 from experiment.config import OWNED, load_experiment_config, validate
+from experiment.stages import Experiment
 from finetune.cli import main as finetune_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,20 @@ def test_wrong_values_name_the_problem():
         load_experiment_config(SMOKE, ["synth.corpus_backend=gan"])
     with pytest.raises(ConfigError, match="synth.cohorts"):
         load_experiment_config(SMOKE, ["synth.cohorts.ms.n=3"])
+    cfg = load_experiment_config(SMOKE)
+    cfg.synth.cohorts = {}
+    with pytest.raises(ConfigError, match="synth.cohorts is empty"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="in_site_scheme must be one of"):
+        load_experiment_config(SMOKE, ["in_site_scheme=loso"])
+
+
+def test_the_in_site_scheme_reaches_the_grid_and_the_out_of_site_one_stays_ood():
+    cfg = load_experiment_config(SMOKE, ["in_site_scheme=holdout"])
+    experiment = Experiment(cfg)
+    assert experiment.grid_config(ood=False).base.protocol.scheme == "holdout"
+    assert experiment.grid_config(ood=True).base.protocol.scheme == "ood"
+    assert Experiment(load_experiment_config(SMOKE)).grid_config(ood=False).base.protocol.scheme == "kfold"
 
 
 @pytest.mark.parametrize("key", sorted(OWNED))
