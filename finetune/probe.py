@@ -35,6 +35,7 @@ from finetune.data import load_volumes
 from finetune.linear import standardised_row_space
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.linear_probe import extract_features
+from finetune.parity import check_parity
 from finetune.run import build_backbone, check_init_path
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def features(cfg: RunConfig, init: str, volumes: torch.Tensor) -> np.ndarray:
     backbone = build_backbone(cfg)
     if init != "scratch":
         log.info("%s: %s", init, load_backbone(backbone, init, axis=cfg.init_axis).summary())
+        check_parity(init, cfg.data)  # a warning per preprocessing mismatch with the export's pre-training
     device = resolve_device(cfg.train.device, key="train.device")
     precision = resolve_precision(cfg.train.precision, device, key="train.precision")
     return extract_features(backbone, volumes, cfg.train.batch_size, device, precision).numpy().astype(np.float64)
