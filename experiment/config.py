@@ -105,7 +105,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
         raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
     if not cfg.synth.cohorts:
-        raise ConfigError(f"synth.cohorts is empty: list the tasks to run, e.g. ad: {{n: 120, sites: 3}} ({list(TASKS)})")
+        raise ConfigError(
+            f"synth.cohorts is empty: list the tasks to run, e.g. ad: {{n: 120, sites: 3}} (tasks: {list(TASKS)})"
+        )
     unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
     if unknown:
         raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")

@@ -11,6 +11,7 @@ from finetune.protocol import SCHEMES, ProtocolConfig
 
 TRAIN_MODES = ("linear", "full", "lora")  # finetune.modes.MODES implements each
 HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
+HEAD_INITS = ("random", "probe")  # full / LoRA fine-tuning: a small random head, or the linear probe's (LP-FT)
 THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 
 
@@ -54,6 +55,10 @@ class TrainConfig:
     class_weights: bool = True  # weight the loss by inverse class frequency of the training subjects
     head_norm: str = "batch"  # HEAD_NORMS: features standardised over the batch before the head, or not
     head_dropout: float = 0.0
+    # HEAD_INITS: probe = the head starts as a linear probe of the frozen initial features, its strength chosen on
+    # the validation subjects (LP-FT, Kumar et al. 2022: a random head's first gradients distort pre-trained
+    # features, and few labels give it few steps to catch up)
+    head_init: str = "random"
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -119,6 +124,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {
         "train.mode": (cfg.train.mode, TRAIN_MODES),
         "train.head_norm": (cfg.train.head_norm, HEAD_NORMS),
+        "train.head_init": (cfg.train.head_init, HEAD_INITS),
         "train.precision": (cfg.train.precision, PRECISIONS),
         "threshold": (cfg.threshold, THRESHOLDS),
         "protocol.scheme": (cfg.protocol.scheme, SCHEMES),

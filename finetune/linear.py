@@ -87,3 +87,41 @@ def _fit_select(x, y, kind, train, val, test, strengths) -> tuple[np.ndarray, np
             best = (score, out_val, out_test, float(strength))
     name = "alpha" if kind == "regression" else "C"
     return best[1], best[2], {name: best[3], "val_score": float(best[0]), "n_features": int(x.shape[1])}
+
+
+def fit_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    kind: str,
+    train: np.ndarray,
+    val: np.ndarray,
+    strengths: tuple[float, ...] | list[float] | None = None,
+) -> dict:
+    """The probe as a head's starting point (LP-FT): the model of ``fit_select`` fitted on ``x`` standardised on
+    its ``train`` rows, strength chosen on ``val``, returned in feature space as ``mean``, ``scale`` (the
+    standardisation, (d,)), ``weight`` (k, d) and ``bias`` (k,) such that ``((x - mean) / scale) @ weight.T +
+    bias`` are its decision values (k = 1 for ridge and binary logistic regression) and ``strength``."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        if strengths is None:
+            strengths = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
+        scaler = StandardScaler().fit(x[train])
+        xs = scaler.transform(x)
+        best = None
+        for strength in strengths:
+            if kind == "regression":
+                model = Ridge(alpha=strength).fit(xs[train], y[train])
+                out_val = model.predict(xs[val])
+            else:
+                model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
+                out_val = model.fit(xs[train], y[train]).predict_proba(xs[val])
+            score = validation_score(kind, y[val], out_val) if len(val) else 0.0
+            if best is None or score > best[0]:
+                best = (score, model, float(strength))
+    model = best[1]
+    return {
+        "mean": scaler.mean_,
+        "scale": scaler.scale_,
+        "weight": np.atleast_2d(model.coef_),
+        "bias": np.atleast_1d(model.intercept_),
+        "strength": best[2],
+    }

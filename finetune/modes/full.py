@@ -18,6 +18,7 @@ from common.precision import autocast, resolve_device, resolve_precision
 from common.schedule import warmup_cosine
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
+from finetune.linear import fit_head
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.common import FoldInputs
 
@@ -109,6 +110,9 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         decode = lambda out: out[:, 0].numpy() * std + mean
 
     model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
+    head_probe = None
+    if cfg.head_init == "probe":
+        head_probe = init_head_from_probe(model, inputs, targets.numpy(), cfg.batch_size, device, precision)
     train_set = VolumeDataset(inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed)
     generator = torch.Generator().manual_seed(inputs.seed)
     loader = DataLoader(
@@ -165,8 +169,45 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             "epochs_run": epoch + 1,
             "val_score": float(selector.best_score[0]),
             "precision": precision,
+            **({"head_probe_strength": head_probe} if head_probe is not None else {}),
         },
     )
+
+
+@torch.no_grad()
+def init_head_from_probe(
+    model: FineTuneModel, inputs: FoldInputs, targets: np.ndarray, batch_size: int, device, precision: str
+) -> float:
+    """LP-FT: set ``model.head`` to the linear probe of the backbone's frozen features on the training rows
+    (``finetune.linear.fit_head``, strength chosen on the validation rows) and return the strength. The probe's
+    standardisation becomes the head's BatchNorm statistics (``head_norm=batch``) or is folded into its weights."""
+    rows = np.concatenate([inputs.train_idx, inputs.val_idx])
+    model.eval()
+    feats = []
+    for start in range(0, len(rows), batch_size):
+        x = inputs.volumes[rows[start : start + batch_size]].to(device)
+        with autocast(device, precision):
+            feats.append(model.backbone.forward_features(x).float().cpu())
+    x = torch.cat(feats).double().numpy()
+    n_train = len(inputs.train_idx)
+    kind = "classification" if inputs.kind == "classification" else "regression"
+    fit = fit_head(x, targets[rows], kind, np.arange(n_train), np.arange(n_train, len(rows)))
+    weight, bias = fit["weight"], fit["bias"]
+    if kind == "classification" and weight.shape[0] == 1:  # binary: logit w·x + b as the two classes' logits
+        weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
+    head = model.head
+    if isinstance(head.norm, nn.BatchNorm1d):
+        head.norm.running_mean.copy_(torch.as_tensor(fit["mean"]))
+        head.norm.running_var.copy_(torch.as_tensor(fit["scale"] ** 2))
+        # the norm divides by sqrt(var + eps): with features as tightly spread as registered brains give, eps is
+        # not negligible, so the weights undo it
+        weight = weight * np.sqrt(fit["scale"] ** 2 + head.norm.eps) / fit["scale"]
+    else:  # no normalisation layer: standardise inside the weights
+        bias = bias - weight @ (fit["mean"] / fit["scale"])
+        weight = weight / fit["scale"]
+    head.fc.weight.copy_(torch.as_tensor(weight, dtype=head.fc.weight.dtype))
+    head.fc.bias.copy_(torch.as_tensor(bias, dtype=head.fc.bias.dtype))
+    return fit["strength"]
 
 
 def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> tuple[float, float]:

@@ -13,6 +13,7 @@ from finetune.modes import MODES
     [
         ("train.mode=adapter", "train.mode must be one of"),
         ("train.head_norm=layer", "train.head_norm must be one of"),
+        ("train.head_init=zero", "train.head_init must be one of"),
         ("train.precision=on", "train.precision must be one of"),
         ("train.device=tpu", "train.device must be one of"),
         ("threshold=median", "threshold must be one of"),
