@@ -81,8 +81,9 @@ def tiny_run(name: str, kind: str, steps: int, lr: float = 1e-3, **contrastive) 
     return float(np.mean(losses[:5])), float(np.mean(losses[-10:])), chance
 
 
-IDENTICAL_VIEWS = {"crop_scale": [1.0, 1.0], "flip_axes": [], "affine_prob": 0.0, "intensity_prob": 0.0}
-IDENTICAL_VIEWS.update(noise_prob=0.0, blur_prob=0.0, bias_field_prob=0.0)
+# left-right flips only: the views a ViT learns from (docs/pretrain.md; the transfer experiment's y-aware ViT)
+FLIP_VIEWS = {"crop_scale": [1.0, 1.0], "affine_prob": 0.0, "intensity_prob": 0.0}
+FLIP_VIEWS.update(noise_prob=0.0, blur_prob=0.0, bias_field_prob=0.0)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +93,8 @@ IDENTICAL_VIEWS.update(noise_prob=0.0, blur_prob=0.0, bias_field_prob=0.0)
         ("yaware", "vit", 40, {"sigma": 5.0}, 0.08),  # measured 2.55 -> 1.83
         ("mae", "vit", 100, {}, 0.15),  # measured 1.15 -> 0.38, chance 0.64
         # MoCo v3 with the default views stays at or above chance at batch 4 in 40-150 steps (docs/pretrain.md);
-        # with views that share everything it must learn the positive pairs
-        ("moco", "vit", 40, {"momentum": 0.9, **IDENTICAL_VIEWS}, 0.5),  # measured 1.26 -> 0.25
+        # with left-right flips as its only augmentation it learns
+        ("moco", "vit", 60, {"momentum": 0.9, **FLIP_VIEWS}, 0.5),  # measured 1.22 -> 0.34
     ],
 )
 def test_loss_falls_below_chance(name, kind, steps, settings, margin):
