@@ -70,23 +70,29 @@ def fit_select(
 
 
 def _fit_select(x, y, kind, train, val, test, strengths) -> tuple[np.ndarray, np.ndarray, dict]:
+    xs = standardised_row_space(x, train)
+    score, model, strength, out_val = _select(xs, y, kind, train, val, strengths)
+    out_test = model.predict(xs[test]) if kind == "regression" else model.predict_proba(xs[test])
+    name = "alpha" if kind == "regression" else "C"
+    return out_val, out_test, {name: strength, "val_score": float(score), "n_features": int(x.shape[1])}
+
+
+def _select(xs, y, kind, train, val, strengths):
+    """Fit on ``train`` for every strength, keep the best on ``val``: (score, model, strength, its val output)."""
     if strengths is None:
         strengths = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
-    xs = standardised_row_space(x, train)
     best = None
     for strength in strengths:
         if kind == "regression":
             model = Ridge(alpha=strength).fit(xs[train], y[train])
-            out_val, out_test = model.predict(xs[val]), model.predict(xs[test])
+            out_val = model.predict(xs[val])
         else:
             model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
-            model.fit(xs[train], y[train])
-            out_val, out_test = model.predict_proba(xs[val]), model.predict_proba(xs[test])
+            out_val = model.fit(xs[train], y[train]).predict_proba(xs[val])
         score = validation_score(kind, y[val], out_val) if len(val) else 0.0
         if best is None or score > best[0]:
-            best = (score, out_val, out_test, float(strength))
-    name = "alpha" if kind == "regression" else "C"
-    return best[1], best[2], {name: best[3], "val_score": float(best[0]), "n_features": int(x.shape[1])}
+            best = (score, model, float(strength), out_val)
+    return best
 
 
 def fit_head(
@@ -102,26 +108,12 @@ def fit_head(
     standardisation, (d,)), ``weight`` (k, d) and ``bias`` (k,) such that ``((x - mean) / scale) @ weight.T +
     bias`` are its decision values (k = 1 for ridge and binary logistic regression) and ``strength``."""
     with threadpool_limits(limits=1, user_api="blas"):
-        if strengths is None:
-            strengths = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
         scaler = StandardScaler().fit(x[train])
-        xs = scaler.transform(x)
-        best = None
-        for strength in strengths:
-            if kind == "regression":
-                model = Ridge(alpha=strength).fit(xs[train], y[train])
-                out_val = model.predict(xs[val])
-            else:
-                model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
-                out_val = model.fit(xs[train], y[train]).predict_proba(xs[val])
-            score = validation_score(kind, y[val], out_val) if len(val) else 0.0
-            if best is None or score > best[0]:
-                best = (score, model, float(strength))
-    model = best[1]
+        _, model, strength, _ = _select(scaler.transform(x), y, kind, train, val, strengths)
     return {
         "mean": scaler.mean_,
         "scale": scaler.scale_,
         "weight": np.atleast_2d(model.coef_),
         "bias": np.atleast_1d(model.intercept_),
-        "strength": best[2],
+        "strength": strength,
     }

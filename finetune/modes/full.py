@@ -21,6 +21,7 @@ from finetune.heads import FineTuneModel
 from finetune.linear import fit_head
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.common import FoldInputs
+from finetune.modes.linear_probe import extract_features
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +183,7 @@ def init_head_from_probe(
     (``finetune.linear.fit_head``, strength chosen on the validation rows) and return the strength. The probe's
     standardisation becomes the head's BatchNorm statistics (``head_norm=batch``) or is folded into its weights."""
     rows = np.concatenate([inputs.train_idx, inputs.val_idx])
-    model.eval()
-    feats = []
-    for start in range(0, len(rows), batch_size):
-        x = inputs.volumes[rows[start : start + batch_size]].to(device)
-        with autocast(device, precision):
-            feats.append(model.backbone.forward_features(x).float().cpu())
-    x = torch.cat(feats).double().numpy()
+    x = extract_features(model.backbone, inputs.volumes[rows], batch_size, device, precision).double().numpy()
     n_train = len(inputs.train_idx)
     kind = "classification" if inputs.kind == "classification" else "regression"
     fit = fit_head(x, targets[rows], kind, np.arange(n_train), np.arange(n_train, len(rows)))
