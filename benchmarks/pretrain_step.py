@@ -16,9 +16,14 @@ baseline the same objective (a copy with the same initial weights) in a plain Py
 
 Printed per precision: volumes/s of each, timed in this process, alternating the two round by round (load from
 other processes hits both alike), and the ratio; peak memory, each (model, precision) in a fresh child process
-(``VmHWM`` minus the RSS after imports: weights, gradients, optimizer state and activations); our FLOPs per step
-(``torch.utils.flop_counter``) as a share of this machine's measured peak of that precision (2048² GEMM). Then
-what ``precision: auto`` picks here (``pretrain.engine.auto_precision``, which times a step where bf16 is native)
+(``VmHWM`` minus the RSS after imports: weights, gradients, optimizer state and activations); each step's FLOPs
+(``torch.utils.flop_counter``) as a share of this machine's matmul peak of that precision (the better of a 2048²
+and a 3072² GEMM, measured in every timed round and averaged like the steps: these machines change speed over
+minutes, so a peak from another moment would skew the share either way); the ratio a step doing our FLOPs would
+reach at 100 % of that peak; and, from one profiled step of each, the share of the step spent in matrix products,
+attention and convolutions, and the ratio our step would reach if nothing else in it took time (its products at
+the speed they ran): the ceiling for anything but faster kernels.
+Then what ``precision: auto`` picks here (``pretrain.engine.auto_precision``, which times a step where bf16 is native)
 and our throughput at it over MONAI's at its faster precision. The last line is one JSON object with all of it.
 """
 
@@ -29,6 +34,7 @@ import copy
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -193,31 +199,68 @@ def peak_memory_gb(task: str, which: str, size: int, batch: int, precision: str)
     return value
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
+def matmul_peak_gflops(dtype: torch.dtype, sizes=(2048, 3072), reps: int = 3) -> float:
+    """The best GEMM rate of a few square sizes now: the machine's attainable matmul rate for ``dtype``."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
 
 
-def forward_backward_flops(task: str, size: int, batch: int) -> int:
-    """Matmul/conv FLOPs of our objective's forward + backward (fp32) on one batch."""
+def forward_backward_flops(task: str, size: int, batch: int, which: str = "ours") -> int:
+    """Matmul/conv FLOPs of one forward + backward (fp32) on one batch: our objective, or MONAI's MAE with the
+    baseline's loss (the SimCLR baseline is our objective: the same count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    objective = build_objective(recipe(task, size, batch))
+    x = example_batch(task, size, batch)
     with FlopCounterMode(display=False) as counter:
-        objective(example_batch(task, size, batch))["loss"].backward()
+        if which == "base" and task == "mae":
+            pred, mask = monai_mae(size)(x["image"])
+            loss = (((pred - patchify(x["image"])) ** 2).mean(-1) * mask).sum() / mask.sum()
+        else:
+            loss = build_objective(recipe(task, size, batch))(x)["loss"]
+        loss.backward()
     return counter.get_total_flops()
 
 
-def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict) -> dict:
-    """Throughput, memory and FLOP share of ours vs the baseline, per precision, plus ``auto``."""
+# the kernels that do a step's counted FLOPs: matrix products, attention and convolutions
+PRODUCT_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+}
+
+
+def product_seconds(step, x: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(seconds in ``PRODUCT_OPS``, seconds in all ops) of one profiled step: what the step would take if
+    everything but its matrix products, attention and convolutions took no time, and what it took."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCT_OPS)
+    return products / 1e6, total / 1e6
+
+
+def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict[str, list[float]]) -> dict:
+    """Throughput, memory and FLOP share of ours vs the baseline, per precision, plus ``auto``. ``peak`` (GFLOP/s
+    per precision) gets one sample per timed round, kept across calls."""
     from pretrain.engine import auto_precision
 
-    flops = forward_backward_flops(task, size, batch)
+    flops = {w: forward_backward_flops(task, size, batch, w) for w in ("ours", "base")}
     x = example_batch(task, size, batch)
     results = {}
     base_name, key = ("MONAI", "monai") if task == "mae" else ("plain loop", "plain")
@@ -226,15 +269,24 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
         for w in pair:  # warm-up: allocator, optimizer state, oneDNN kernels
             pair[w](x)
         elapsed = {"ours": 0.0, "base": 0.0}
-        for _ in range(steps):  # alternate, so load from other processes hits both alike
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        for _ in range(steps):  # alternate, so load from other processes hits both alike (the peak too)
+            peak.setdefault(precision, []).append(matmul_peak_gflops(dtype))
             for w in ("ours", "base"):
                 start = time.perf_counter()
                 pair[w](x)
                 elapsed[w] += time.perf_counter() - start
+        products = {w: product_seconds(pair[w], x) for w in pair}
         del pair
         vps = {w: batch * steps / t for w, t in elapsed.items()}
         mem = {w: peak_memory_gb(task, w, size, batch, precision) for w in ("ours", "base")}
-        share = flops / (elapsed["ours"] / steps) / 1e9 / peak[precision]
+        rate = statistics.mean(peak[precision])  # GFLOP/s, over this and earlier rounds
+        share = {w: flops[w] / (elapsed[w] / steps) / 1e9 / rate for w in elapsed}
+        # the most any step doing our FLOPs could reach here: all of them at the measured matmul peak
+        ceiling = rate * 1e9 * (elapsed["base"] / steps) / flops["ours"]
+        # ... and if only its products took time, at the speed they ran in it (the ratio of profiled times)
+        product_ceiling = products["base"][1] / products["ours"][0]
+        product_share = {w: products[w][0] / products[w][1] for w in products}
         results[precision] = {
             "ours_vol_s": round(vps["ours"], 3),
             f"{key}_vol_s": round(vps["base"], 3),
@@ -242,14 +294,25 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
             "ours_peak_gib": round(mem["ours"], 3),
             f"{key}_peak_gib": round(mem["base"], 3),
             "memory_ratio": round(mem["ours"] / mem["base"], 3),
-            "gflop_per_step": round(flops / 1e9, 1),
-            "share_of_peak": round(share, 3),
+            "gflop_per_step": round(flops["ours"] / 1e9, 1),
+            f"{key}_gflop_per_step": round(flops["base"] / 1e9, 1),
+            "share_of_peak": round(share["ours"], 3),
+            f"{key}_share_of_peak": round(share["base"], 3),
+            "ratio_ceiling_at_peak": round(ceiling, 3),
+            "products_share_of_step": round(product_share["ours"], 3),
+            f"{key}_products_share_of_step": round(product_share["base"], 3),
+            "ratio_ceiling_products_only": round(product_ceiling, 3),
         }
         print(
             f"{task} {precision}: ours {vps['ours']:.2f} vol/s, {base_name} {vps['base']:.2f} vol/s -> "
             f"throughput ratio {vps['ours'] / vps['base']:.2f}x | peak memory ours {mem['ours']:.2f} GiB, "
             f"{base_name} {mem['base']:.2f} GiB -> ratio {mem['ours'] / mem['base']:.2f} | our step: "
-            f"{flops / 1e9:.0f} GFLOP, {share:.0%} of the {precision} matmul peak ({peak[precision]:.0f} GFLOP/s)",
+            f"{flops['ours'] / 1e9:.0f} GFLOP, {share['ours']:.0%} of the {precision} matmul peak "
+            f"({rate:.0f} GFLOP/s); {base_name}'s: {flops['base'] / 1e9:.0f} GFLOP, "
+            f"{share['base']:.0%} | ceiling: our FLOPs at 100% of the peak would be {ceiling:.2f}x {base_name}\n"
+            f"  profiled step: matrix products, attention and convolutions are {product_share['ours']:.0%} of ours, "
+            f"{product_share['base']:.0%} of {base_name}'s; ours with nothing else would be "
+            f"{product_ceiling:.2f}x {base_name}",
             flush=True,
         )
     torch.manual_seed(0)
@@ -285,15 +348,14 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}; MAE batch {args.batch} × {args.size}³, mask {MASK_RATIO}",
         flush=True,
     )
-    peak = {p: matmul_peak_gflops(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
-    print("matmul peak (2048² GEMM): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peak.items()), flush=True)
-
+    peak: dict[str, list[float]] = {}  # per precision, the GEMM rate of every timed round
     mae = compare("mae", args.size, args.batch, args.steps, precisions, peak)
     out = {
         "auto_precision": mae["auto_precision"],
         "ratio_auto_vs_monai_best": mae.get("ratio_auto_vs_monai_best"),
         **{p: mae[p] for p in precisions},
-        "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "peak_gflops": {k: round(statistics.mean(v), 1) for k, v in peak.items()},
+        "peak_gflops_range": {k: [round(min(v), 1), round(max(v), 1)] for k, v in peak.items()},
         "load_average": round(os.getloadavg()[0], 2),
     }
     if args.cnn:
