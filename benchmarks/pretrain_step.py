@@ -125,6 +125,11 @@ def patchify(x: torch.Tensor, p: int = 16) -> torch.Tensor:
     return x.reshape(B, -1, p**3)
 
 
+def monai_loss(pred: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE over the masked patches: MONAI's ``(pred, mask)`` against the patches of ``x``."""
+    return (((pred.float() - patchify(x)) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
 def plain_step(task: str, model: torch.nn.Module, precision: str):
     """A user's loop: ``torch.optim.AdamW`` defaults; MAE in bf16 with bf16 weights (autocast fails on MONAI's
     model); SimCLR in bf16 under autocast (fp32 weights)."""
@@ -139,7 +144,7 @@ def plain_step(task: str, model: torch.nn.Module, precision: str):
             if task == "mae":
                 x = batch["image"]
                 pred, mask = model(x.to(torch.bfloat16) if bf16_weights else x)  # (B, N, p³), (B, N) 1 = masked
-                loss = (((pred.float() - patchify(x)) ** 2).mean(-1) * mask).sum() / mask.sum()
+                loss = monai_loss(pred, mask, x)
             else:
                 loss = model(batch)["loss"]
         loss.backward()
@@ -213,16 +218,15 @@ def matmul_peak_gflops(dtype: torch.dtype, sizes=(2048, 3072), reps: int = 3) ->
 
 
 def forward_backward_flops(task: str, size: int, batch: int, which: str = "ours") -> int:
-    """Matmul/conv FLOPs of one forward + backward (fp32) on one batch: our objective, or MONAI's MAE with the
-    baseline's loss (the SimCLR baseline is our objective: the same count)."""
+    """Matmul/conv FLOPs of one forward + backward (fp32) on one batch: our objective, or (``which="base"``, MAE)
+    MONAI's with the baseline's loss."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     x = example_batch(task, size, batch)
     with FlopCounterMode(display=False) as counter:
-        if which == "base" and task == "mae":
-            pred, mask = monai_mae(size)(x["image"])
-            loss = (((pred - patchify(x["image"])) ** 2).mean(-1) * mask).sum() / mask.sum()
+        if which == "base":
+            loss = monai_loss(*monai_mae(size)(x["image"]), x["image"])
         else:
             loss = build_objective(recipe(task, size, batch))(x)["loss"]
         loss.backward()
@@ -260,7 +264,8 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
     per precision) gets one sample per timed round, kept across calls."""
     from pretrain.engine import auto_precision
 
-    flops = {w: forward_backward_flops(task, size, batch, w) for w in ("ours", "base")}
+    flops = {"ours": forward_backward_flops(task, size, batch)}
+    flops["base"] = forward_backward_flops(task, size, batch, "base") if task == "mae" else flops["ours"]
     x = example_batch(task, size, batch)
     results = {}
     base_name, key = ("MONAI", "monai") if task == "mae" else ("plain loop", "plain")
