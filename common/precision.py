@@ -24,8 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")  # auto: cuda when available, else cpu; cuda:N
 def bf16_native(device: str | torch.device) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."""
     device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # by default torch also says yes where bf16 is only emulated (pre-Ampere)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     probe = getattr(getattr(torch, device_type, None), "is_bf16_supported", None)  # e.g. torch.xpu
@@ -58,8 +58,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """bf16 autocast on ``device`` when the resolved ``precision`` is ``bf16``, else a no-op context."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    return False
-
 
 def step_seconds(
     step: Callable[[str], object], device: str | torch.device, precisions=("fp32", "bf16"), rounds: int = 2
@@ -82,23 +80,32 @@ def step_seconds(
 
 
 def choose_precision(
-    device: str | torch.device, timings: Callable[[], dict[str, float]] | None = None
+    device: str | torch.device,
+    timings: Callable[[], dict[str, float]] | None = None,
+    check: Callable[[], tuple[bool, str]] | None = None,
 ) -> tuple[str, str]:
     """What ``precision: auto`` trains in on ``device``, and why (a sentence for the log).
 
-    fp32 where bf16 is not native (emulated bf16 is several times slower). Where it is native, bf16 unless
-    ``timings()`` (seconds per step of this model, e.g. from ``step_seconds``; called only then) says bf16 is
+    fp32 where bf16 is not native (emulated bf16 is several times slower). Where it is native, bf16 only if
+    ``check()`` (the model's own bf16 step against fp32, ``common.bf16_check.self_check``; called only then)
+    passes, and unless ``timings()`` (seconds per step of this model, e.g. from ``step_seconds``) says bf16 is
     slower: small models, odd shapes or attention kernels without a bf16 path can lose to fp32 even there.
     """
     name = str(device)
     if not bf16_native(device):
         return "fp32", f"{name} has no native bf16 (emulated bf16 is slower than fp32)"
+    checked = ""
+    if check is not None:
+        passed, detail = check()
+        if not passed:
+            return "fp32", f"{name} has native bf16, but this model's bf16 step fails the check against fp32: {detail}"
+        checked = f"; its bf16 step passes the check against fp32 ({detail})"
     if timings is None:
-        return "bf16", f"{name} computes bf16 natively (not timed)"
+        return "bf16", f"{name} computes bf16 natively (not timed){checked}"
     t = timings()
     verdict = "bf16" if t["bf16"] <= t["fp32"] else "fp32"
     why = "not slower" if verdict == "bf16" else "slower for this model"
     return verdict, (
         f"{name} has native bf16 and a step of this model takes {t['bf16']:.3g} s in bf16 vs {t['fp32']:.3g} s "
-        f"in fp32: bf16 is {why}"
+        f"in fp32: bf16 is {why}{checked}"
     )

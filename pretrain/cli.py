@@ -32,7 +32,7 @@ from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
 from pretrain.corpora import CorpusStream, build_source, make_loader, require_covariates, synthmri_device
-from pretrain.engine import Engine, auto_precision, build_ds_config, init_distributed, resolve_run_precision
+from pretrain.engine import Engine, build_ds_config, init_distributed, resolve_run_precision, train_precision
 from pretrain.objectives import build_objective
 from pretrain.trainer import Trainer
 from pretrain.views import TwoViews
@@ -185,12 +185,12 @@ def run(args: argparse.Namespace) -> dict:
     require_covariates(source, objective.needs_covariates)
     views = TwoViews(cfg.objective.contrastive, cfg.data.input_size) if objective.needs_views else None
 
-    if cfg.train.precision == "auto":  # bf16 only where native and not slower for this model
+    if precision == "bf16":  # checked before it trains; auto: kept only where it passes and is not slower
         keys = ("view1", "view2") if objective.needs_views else ("image",)
         example = {k: torch.rand(cfg.data.batch_size, 1, *cfg.data.input_size) for k in keys}
         example.update({c: 20 + 60 * torch.rand(cfg.data.batch_size) for c in objective.needs_covariates})
-        precision, why = auto_precision(objective, example)
-        log.info("train.precision auto -> %s: %s", precision, why)
+        precision, why = train_precision(objective, example, cfg.train.precision)
+        log.info("train.precision %s -> %s: %s", cfg.train.precision, precision, why)
     ds_config = build_ds_config(cfg, args.deepspeed_config, world, precision)
     engine = Engine(objective, ds_config)
     log.info(

@@ -22,10 +22,12 @@ import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
+from common import bf16_check
+from common.bf16_check import preserved
 from common.checkpoint import check_deepspeed_tag
 from common.errors import CheckpointError, ConfigError
 from common.optim import adamw_kernel
-from common.precision import choose_precision, resolve_precision, step_seconds
+from common.precision import resolve_precision, step_seconds
 from common.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -167,11 +169,12 @@ def current_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def auto_precision(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """What ``train.precision: auto`` trains ``model`` in, and why (``common.precision.choose_precision``):
-    where bf16 is native, a few forward + backward passes on ``batch`` in each precision are timed on every
-    rank and averaged over ranks, so all ranks agree. The model's buffers (BatchNorm statistics), gradients and
-    the RNG are left as they were."""
+def train_precision(model: nn.Module, batch: dict[str, torch.Tensor], requested: str) -> tuple[str, str]:
+    """What ``model`` (an objective) trains in for ``train.precision: requested``, and why
+    (``common.bf16_check.train_precision``): where it would compute in bf16, convolutions whose bf16 kernel
+    fails its check move to fp32 and the model's bf16 step on ``batch`` is checked against fp32; for ``auto``, a
+    few forward + backward passes in each precision are also timed. Every rank checks and times, and all decide
+    alike. The model's buffers (BatchNorm statistics), gradients and the RNG are left as they were."""
     device = current_device()
     model.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -183,22 +186,23 @@ def auto_precision(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[st
         model.zero_grad(set_to_none=True)
 
     def timings() -> dict[str, float]:
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        seconds = step_seconds(step, device)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
+        with preserved(model):
+            seconds = step_seconds(step, device)
         mean = torch.tensor([seconds["fp32"], seconds["bf16"]], device=device, dtype=torch.float64)
         if dist.get_world_size() > 1:
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
         return {"fp32": float(mean[0]), "bf16": float(mean[1])}
 
-    return choose_precision(device, timings)
+    def gather(value: object) -> list:
+        if dist.get_world_size() == 1:
+            return [value]
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+
+    loss = lambda m: m(batch)["loss"]
+    return bf16_check.train_precision(requested, model, loss, device, "train.precision", timings, gather)
 
 
 class Engine:

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.bf16_check import train_precision
 from common.distributed import seed_everything
 from common.optim import adamw
-from common.precision import autocast, resolve_device, resolve_precision
+from common.precision import autocast, resolve_device
 from common.schedule import warmup_cosine
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
@@ -89,7 +90,6 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
     """Train backbone + head on the training rows, keep the best validation epoch, predict val and test."""
     seed_everything(inputs.seed)
     device = resolve_device(cfg.device, key="train.device")
-    precision = resolve_precision(cfg.precision, device, key="train.precision")
     classification = inputs.kind == "classification"
     y = inputs.y
     tr, va, te = inputs.train_idx, inputs.val_idx, inputs.test_idx
@@ -111,6 +111,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         decode = lambda out: out[:, 0].numpy() * std + mean
 
     model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
+    precision = _train_precision(model, loss_fn, inputs, targets, cfg, device, classification)
     head_probe = None
     if cfg.head_init == "probe":
         head_probe = init_head_from_probe(model, inputs, targets.numpy(), cfg.batch_size, device, precision)
@@ -173,6 +174,24 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             **({"head_probe_strength": head_probe} if head_probe is not None else {}),
         },
     )
+
+
+def _train_precision(model, loss_fn, inputs: FoldInputs, targets, cfg, device, classification: bool) -> str:
+    """``train.precision`` for this fold's model (``common.bf16_check.train_precision``): where it would
+    compute in bf16, checked on a batch of its training volumes first."""
+    rows = inputs.train_idx[: max(2, cfg.batch_size)]  # BatchNorm needs two
+    x, target = inputs.volumes[rows].to(device), targets[rows].to(device)
+    if not classification:
+        target = target.float()
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        model.train()
+        out = model(x).float()
+        return loss_fn(out if classification else out[:, 0], target)
+
+    precision, why = train_precision(cfg.precision, model, loss, device)
+    log.info("fold %d: train.precision %s -> %s: %s", inputs.fold, cfg.precision, precision, why)
+    return precision
 
 
 @torch.no_grad()

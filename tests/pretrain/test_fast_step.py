@@ -65,10 +65,11 @@ def test_fast_step_matches_the_reference_step(tmp_path):
             assert not torch.equal(a, start), f"{name} did not train"
 
 
-def test_auto_precision_times_the_model_where_bf16_is_native_and_leaves_it_as_it_was(monkeypatch):
-    """On this CPU bf16 is emulated; pretend it is native so the probe runs (a ResNet: BatchNorm statistics)."""
+def test_auto_precision_checks_and_times_the_model_where_bf16_is_native_and_leaves_it_as_it_was(monkeypatch):
+    """On a CPU without native bf16, pretend it is native so the check and timing run (a ResNet: BatchNorm
+    statistics)."""
     from common import precision as precision_module
-    from pretrain.engine import auto_precision
+    from pretrain.engine import train_precision
 
     init_distributed()
     monkeypatch.setattr(precision_module, "bf16_native", lambda device: True)
@@ -78,8 +79,9 @@ def test_auto_precision_times_the_model_where_bf16_is_native_and_leaves_it_as_it
     before = copy.deepcopy(objective.state_dict())
     batch = {k: torch.rand(2, 1, 8, 8, 8) for k in ("view1", "view2")}
     rng = torch.get_rng_state()
-    chosen, why = auto_precision(objective, batch)
+    chosen, why = train_precision(objective, batch, "auto")
     assert chosen in ("fp32", "bf16") and "s in bf16 vs" in why and f"bf16 is {'not ' * (chosen == 'bf16')}" in why
+    assert "the check against fp32" in why
     assert all(torch.equal(before[k], v) for k, v in objective.state_dict().items())  # BN statistics too
     assert all(p.grad is None for p in objective.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
