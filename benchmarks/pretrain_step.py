@@ -23,8 +23,9 @@ minutes, so a peak from another moment would skew the share either way); the rat
 reach at 100 % of that peak; and, from one profiled step of each, the share of the step spent in matrix products,
 attention and convolutions, and the ratio our step would reach if nothing else in it took time (its products at
 the speed they ran): the ceiling for anything but faster kernels.
-Then what ``precision: auto`` picks here (``pretrain.engine.auto_precision``, which times a step where bf16 is native)
-and our throughput at it over MONAI's at its faster precision. The last line is one JSON object with all of it.
+Then what ``precision: auto`` picks here (``pretrain.engine.train_precision``, which checks and times a step where
+bf16 is native) and our throughput at it over MONAI's at its faster precision. The last line is one JSON object
+with all of it.
 """
 
 from __future__ import annotations
@@ -81,10 +82,13 @@ def example_batch(task: str, size: int, batch: int) -> dict[str, torch.Tensor]:
     return {k: torch.rand(batch, 1, size, size, size) for k in keys}
 
 
-def engine_step(cfg, objective: torch.nn.Module, precision: str):
-    """The trainer's micro-step on an engine built as ``pretrain.cli`` builds it."""
-    from pretrain.engine import Engine, build_ds_config
+def engine_step(cfg, objective: torch.nn.Module, precision: str, example: dict[str, torch.Tensor]):
+    """The trainer's micro-step on an engine built as ``pretrain.cli`` builds it (in bf16: after
+    ``pretrain.engine.train_precision``'s checks on ``example``, which move faulty convolutions to fp32)."""
+    from pretrain.engine import Engine, build_ds_config, train_precision
 
+    if precision == "bf16":
+        train_precision(objective, example, "bf16")
     engine = Engine(objective, build_ds_config(cfg, None, 1, precision))
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -165,7 +169,7 @@ def build_steps(task: str, size: int, batch: int, precision: str, which=("ours",
     if "base" in which:
         steps["base"] = plain_step(task, monai_mae(size) if task == "mae" else copy.deepcopy(ours), precision)
     if "ours" in which:
-        steps["ours"] = engine_step(cfg, ours, precision)
+        steps["ours"] = engine_step(cfg, ours, precision, example_batch(task, size, batch))
     return steps
 
 
@@ -262,7 +266,7 @@ def product_seconds(step, x: dict[str, torch.Tensor]) -> tuple[float, float]:
 def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict[str, list[float]]) -> dict:
     """Throughput, memory and FLOP share of ours vs the baseline, per precision, plus ``auto``. ``peak`` (GFLOP/s
     per precision) gets one sample per timed round, kept across calls."""
-    from pretrain.engine import auto_precision
+    from pretrain.engine import train_precision
 
     flops = {"ours": forward_backward_flops(task, size, batch)}
     flops["base"] = forward_backward_flops(task, size, batch, "base") if task == "mae" else flops["ours"]
@@ -321,7 +325,7 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
             flush=True,
         )
     torch.manual_seed(0)
-    auto, why = auto_precision(build_objective(recipe(task, size, batch)), x)
+    auto, why = train_precision(build_objective(recipe(task, size, batch)), x, "auto")
     print(f"{task}: precision auto -> {auto} ({why})", flush=True)
     summary = {"auto_precision": auto, "reason": why, **results}
     if auto in results:

@@ -12,9 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import common
+from common.bf16_check import train_precision
 from common.config import save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
@@ -22,11 +24,11 @@ from common.errors import ConfigError
 from common.io import file_hash
 from common.precision import resolve_device, resolve_precision
 from common.tb import RankZeroWriter
-from synth.ldm.config import LDMTrainConfig
+from synth.ldm.config import LDMTrainConfig, latent_shape
 from synth.ldm.covariates import COVARIATES, CovariateSpace, LabelScheme, covariate_table
 from synth.ldm.model import LatentDiffusionModel, assemble
 from synth.ldm.sampling import generate
-from synth.ldm.train_autoencoder import train_autoencoder
+from synth.ldm.train_autoencoder import kl_loss, train_autoencoder
 from synth.ldm.train_diffusion import ages_preview_conditioning, train_diffusion
 from synth.ldm.training_data import BadSampleGuard, ConditionedVolumes, endless_batches
 
@@ -46,7 +48,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is not set: pass --manifest CSV (or data.manifest=CSV)")
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    resolve_precision(cfg.precision, device, key="precision")  # a wrong word fails before anything is written
     seed_everything(cfg.seed)
     save_config(cfg, out / "config.yaml")
 
@@ -75,6 +77,7 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
         covariate_table=table,
     )
 
+    precision = checked_precision(cfg, ae, unet, device)
     preview_cond = torch.from_numpy(ages_preview_conditioning(cond))  # (5, 4): age swept, rest median
 
     def preview(scale: float) -> torch.Tensor:
@@ -101,3 +104,30 @@ def train_ldm(cfg: LDMTrainConfig, out: str | Path, resume: bool = False) -> Pat
     export = model.save(out / "export")
     log.info("LDM exported to %s", export)
     return export
+
+
+def checked_precision(cfg: LDMTrainConfig, ae, unet, device: torch.device) -> str:
+    """``cfg.precision`` for both networks (``common.bf16_check.train_precision``), checked on random data
+    shaped like the run's: where they would compute in bf16, convolutions whose bf16 kernel fails move to fp32,
+    and ``auto`` keeps bf16 only if both networks' bf16 steps match fp32."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = 2  # BatchNorm-free networks: two samples show the kernels' shapes
+    x = torch.rand(n, 1, *cfg.data.shape, generator=g).to(device)  # (n, 1, D, H, W)
+    z = torch.randn(n, *latent_shape(cfg), generator=g).to(device)  # (n, C, d, h, w)
+    t = torch.randint(0, cfg.noise.num_train_timesteps, (n,), generator=g).to(device)
+    context = torch.rand(n, 1, len(COVARIATES), generator=g).to(device)
+
+    def ae_loss(m) -> torch.Tensor:
+        recon, mu, sigma = m(x)
+        return F.l1_loss(recon.float(), x) + cfg.train_autoencoder.kl_weight * kl_loss(mu.float(), sigma.float())
+
+    precision = cfg.precision
+    for name, net, loss in (
+        ("autoencoder", ae.to(device), ae_loss),
+        ("diffusion UNet", unet.to(device), lambda m: F.mse_loss(m(z, timesteps=t, context=context).float(), z)),
+    ):
+        chosen, why = train_precision(cfg.precision, net, loss, device, key="precision")
+        log.info("precision %s, %s -> %s: %s", cfg.precision, name, chosen, why)
+        if chosen == "fp32":
+            precision = "fp32"
+    return "fp32" if precision == "fp32" else "bf16"

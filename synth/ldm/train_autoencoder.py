@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
+from common.bf16_check import faulty_convolutions, run_in_fp32
 from common.precision import autocast
 from common.tb import RankZeroWriter, progress
 from synth.ldm.config import LDMTrainConfig
@@ -56,6 +57,9 @@ def train_autoencoder(
             in_channels=1,
             out_channels=1,
         ).to(device)
+        if precision == "bf16":  # its convolutions' bf16 kernels are checked as the autoencoder's were
+            example = torch.rand(2, 1, *cfg.data.shape, device=device, generator=torch.Generator(device).manual_seed(0))
+            run_in_fp32(disc, faulty_convolutions(disc, lambda d: d(example)))
         disc_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr)
 
     step = 0

@@ -57,3 +57,17 @@ def test_patchgan_term_trains_and_a_too_deep_discriminator_is_refused(corpus, tm
     assert "disc" in load_state(out / "checkpoints" / "autoencoder.pt")  # resumable with its discriminator
     with pytest.raises(ConfigError, match="disc_layers"):  # 16^3 is too small for 3 strided layers
         LDMTrainConfig(data=LDMDataConfig(shape=[16, 16, 16]), train_autoencoder=AutoencoderTraining(adv_weight=0.1))
+
+
+def test_bf16_training_is_checked_first_and_stays_finite(corpus, tmp_path, caplog):
+    """Both networks (and the PatchGAN) are checked before they train in bf16 (common.bf16_check): the log says
+    so for each, and the losses stay finite."""
+    caplog.set_level("INFO")
+    steps = ["train_autoencoder.steps=2", "train_diffusion.steps=2", "train_autoencoder.adv_weight=0.1"]
+    out = tmp_path / "bf16"
+    args = ["ldm-train", "--manifest", str(corpus), "--out", str(out), *TINY, *steps, "train_autoencoder.disc_layers=2"]
+    assert main([*args, "precision=bf16"]) == 0
+    for name in ("autoencoder", "diffusion UNet"):
+        assert f"precision bf16, {name} -> bf16: bf16 as asked" in caplog.text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(v == v and abs(v) < 1e6 for r in records for k, v in r.items() if k in ("loss", "d_loss"))
