@@ -17,10 +17,17 @@ from finetune.config import DataConfig
 log = logging.getLogger(__name__)
 
 
+def _per_axis(value) -> list:
+    """A recorded value as (D, H, W): exports may record one number for all three axes (``export_backbone`` and
+    ``load_backbone`` accept both)."""
+    return [value] * 3 if isinstance(value, (int, float)) else list(value)
+
+
 def preprocessing_mismatches(meta: dict, data: DataConfig) -> list[str]:
     """What differs between the export's recorded preprocessing ``meta`` and the run's ``data``, in words."""
     found = []
     spacing = meta.get("spacing")
+    spacing = None if spacing is None else _per_axis(spacing)
     if spacing is not None and [round(float(s), 3) for s in spacing] != [round(float(s), 3) for s in data.spacing]:
         found.append(f"spacing: pre-trained at {list(spacing)} mm, fine-tuned at {list(data.spacing)} mm")
     intensity = meta.get("intensity")
@@ -29,6 +36,7 @@ def preprocessing_mismatches(meta: dict, data: DataConfig) -> list[str]:
             f"intensity: pre-trained on {intensity!r} inputs, fine-tuned on {data.intensity!r} (data.intensity)"
         )
     size = meta.get("input_size")
+    size = None if size is None else _per_axis(size)
     if size is not None and list(map(int, size)) != list(map(int, data.shape)):
         found.append(
             f"input size: pre-trained on {list(size)}, fine-tuned on {list(data.shape)} "

@@ -38,3 +38,16 @@ def test_each_mismatch_is_named_and_logged(tmp_path, caplog):
     assert "'percentile'" in intensity and "'zscore'" in intensity
     assert "[32, 32, 32]" in size and "[16, 16, 16]" in size
     assert len(caplog.records) == 3 and str(path) in caplog.records[0].getMessage()
+
+
+def test_an_export_that_records_one_number_for_all_axes_is_compared_per_axis(tmp_path, caplog):
+    """``export_backbone`` accepts a scalar spacing and an int input size: parity reads them as (D, H, W) rather
+    than failing every fine-tune with the export ("'float' object is not iterable")."""
+    path = export_backbone(
+        create_backbone("resnet18", img_size=16, widen_factor=0.25),
+        tmp_path / "scalar.safetensors",
+        {"input_size": 16, "spacing": 4.0, "intensity": "percentile"},
+    )
+    assert check_parity(str(path), data()) == []
+    found = check_parity(str(path), data(spacing=(2.0, 2.0, 2.0), shape=(32, 32, 32)))
+    assert len(found) == 2 and "[4.0, 4.0, 4.0] mm" in found[0] and "[16, 16, 16]" in found[1], found
