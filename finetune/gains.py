@@ -107,6 +107,8 @@ def _test_outputs(path: Path, metric: str) -> pd.DataFrame:
 
 
 def _pairs(out_dir: Path, model: pd.DataFrame, reference: pd.DataFrame, file: str, ref_file: str, metric: str):
+    if list(model["seed"]) != list(reference["seed"]):
+        raise ValueError(f"paired cells must share their seeds: {list(model['seed'])} vs {list(reference['seed'])}")
     frames = []
     for (_, m), (_, r) in zip(model.iterrows(), reference.iterrows()):
         a = _test_outputs(out_dir / m["run_dir"] / file, metric).assign(seed=m["seed"])
@@ -135,16 +137,16 @@ def compute_gains(results: pd.DataFrame, out_dir: str | Path, n_boot: int = 1000
         scratch = part[part["init"] == "scratch"].sort_values("seed")
         for init, cells in part.groupby("init", sort=False):
             cells = cells.sort_values("seed")
-            comparisons = [("classical", cells, CLASSICAL_FILE)]
-            if init != "scratch" and len(scratch):
+            comparisons = []  # (reference, the init's cells, the reference's cells, its prediction file)
+            if init != "scratch" and len(scratch):  # on the seeds both have
                 common = sorted(set(cells["seed"]) & set(scratch["seed"]))
-                ref = scratch[scratch["seed"].isin(common)]
-                comparisons.insert(0, ("scratch", ref, "predictions.csv"))
-                cells = cells[cells["seed"].isin(common)]
-            for reference, ref_cells, ref_file in comparisons:
+                shared = cells[cells["seed"].isin(common)]
+                comparisons.append(("scratch", shared, scratch[scratch["seed"].isin(common)], "predictions.csv"))
+            comparisons.append(("classical", cells, cells, CLASSICAL_FILE))  # every seed: it ran in the same cells
+            for reference, model_cells, ref_cells, ref_file in comparisons:
                 if not all((out_dir / d / ref_file).is_file() for d in ref_cells["run_dir"]):
                     continue  # e.g. a grid run with classical_pool=0
-                pairs = _pairs(out_dir, cells, ref_cells, "predictions.csv", ref_file, metric)
+                pairs = _pairs(out_dir, model_cells, ref_cells, "predictions.csv", ref_file, metric)
                 gain = paired_gain(pairs, metric, higher, n_boot=n_boot, seed=seed)
                 rows.append(
                     {

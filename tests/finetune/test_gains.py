@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from finetune.gains import paired_gain, seed_metric, verdict
+from finetune.gains import compute_gains, paired_gain, seed_metric, verdict
 
 
 def _pairs(seeds, y, model, reference, subjects):
@@ -48,7 +48,99 @@ def test_weighted_auc_equals_scikit_learn():
 
 
 @pytest.mark.parametrize(
-    ("low", "high", "word"), [(0.01, 0.2, "helps"), (-0.3, -0.1, "hurts"), (-0.1, 0.1, "inconclusive")]
+    ("low", "high", "word"),
+    [
+        (0.01, 0.2, "helps"),
+        (-0.3, -0.1, "hurts"),
+        (-0.1, 0.1, "inconclusive"),
+        (0.0, 0.2, "inconclusive"),  # a CI that touches 0 does not exclude it
+        (-0.2, 0.0, "inconclusive"),
+    ],
 )
 def test_verdict_from_the_ci(low, high, word):
     assert verdict(low, high) == word
+
+
+def _write_cell(root, run_dir, subjects, y, prob, classical_prob):
+    folder = root / run_dir
+    folder.mkdir(parents=True)
+    base = pd.DataFrame({"subject_id": subjects, "path": [f"{s}.nii.gz" for s in subjects], "fold": 0})
+    test = base.assign(split="test", y_true=y)
+    val = base.assign(split="val", y_true=y[::-1], prob_1=0.5)  # validation rows: never part of a gain
+    pd.concat([val, test.assign(prob_1=prob)]).to_csv(folder / "predictions.csv", index=False)
+    pd.concat([val, test.assign(prob_1=classical_prob)]).to_csv(folder / "classical_predictions.csv", index=False)
+
+
+def test_gains_pair_the_seeds_both_inits_have_and_the_classical_baseline_every_seed(tmp_path):
+    """scratch ran seeds 0-1, the init 0-2 (a grid extended later): against scratch the init is paired on seeds 0
+    and 1 only, against the classical baseline of its own cells on all three; each seed's subjects in their own
+    order. The gain against scratch is the init's AUC minus scratch's, seed by seed."""
+    rng = np.random.default_rng(0)
+    subjects = [f"s{i:02d}" for i in range(40)]
+    y = np.array([i % 2 for i in range(40)])
+    rows = []
+    for init, seeds, skill in (("scratch", [0, 1], 0.0), ("pre", [0, 1, 2], 2.0)):
+        for seed in seeds:
+            order = rng.permutation(40)
+            prob = 1 / (1 + np.exp(-(skill * (y[order] - 0.5) + rng.normal(0, 1, 40))))
+            run_dir = f"cells/{init}/seed{seed}"
+            _write_cell(tmp_path, run_dir, [subjects[i] for i in order], y[order], prob, rng.uniform(0, 1, 40))
+            rows.append({"task": "ad", "backbone": "vit", "fraction": 1.0, "init": init, "seed": seed})
+            rows[-1].update(run_dir=run_dir, primary="roc_auc", higher_is_better=True)
+    gains = compute_gains(pd.DataFrame(rows), tmp_path, n_boot=200).set_index(["init", "reference"])
+    assert gains.loc[("pre", "scratch"), "n_seeds"] == 2 and gains.loc[("pre", "classical"), "n_seeds"] == 3
+    assert gains.loc[("scratch", "classical"), "n_seeds"] == 2
+
+    def auc(run_dir, file="predictions.csv"):
+        t = pd.read_csv(tmp_path / run_dir / file).query("split == 'test'")
+        return roc_auc_score(t["y_true"], t["prob_1"])
+
+    expected = np.mean([auc(f"cells/pre/seed{s}") - auc(f"cells/scratch/seed{s}") for s in (0, 1)])
+    assert gains.loc[("pre", "scratch"), "gain"] == pytest.approx(expected)
+    expected = np.mean(
+        [auc(f"cells/pre/seed{s}") - auc(f"cells/pre/seed{s}", "classical_predictions.csv") for s in range(3)]
+    )
+    assert gains.loc[("pre", "classical"), "gain"] == pytest.approx(expected)
+    assert gains.loc[("pre", "scratch"), "verdict"] == "helps"
+
+
+def test_the_bootstrap_matches_a_plain_one_over_subjects_with_several_sessions_and_seeds():
+    """An independent oracle: resample subjects (not rows), score every row of a drawn subject in every seed by how
+    often it was drawn, average the seeds' paired differences, take the percentiles. Three seeds whose subjects come
+    in different orders, subjects with two sessions, one subject missing from a seed."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for seed in range(3):
+        subjects = [f"s{i}" for i in range(12) for _ in range(1 + (i % 3 == 0))]  # s0, s3, s6, s9: two sessions
+        if seed == 1:
+            subjects = [s for s in subjects if s != "s5"]
+        subjects = list(rng.permutation(subjects))
+        y = rng.uniform(50, 80, len(subjects))
+        frames.append(_pairs([seed] * len(y), y, y + rng.normal(0, 2, len(y)), y + rng.normal(0, 4, len(y)), subjects))
+    pairs = pd.concat(frames, ignore_index=True)
+    n_boot = 300
+    g = paired_gain(pairs, "mae", higher_is_better=False, n_boot=n_boot, seed=7)
+
+    names = sorted(set(pairs["subject_id"]))
+    draws = np.random.default_rng(7).multinomial(len(names), np.full(len(names), 1 / len(names)), size=n_boot)
+    boot = []
+    for draw in draws:
+        count = dict(zip(names, draw))
+        per_seed = []
+        for _, part in pairs.groupby("seed"):
+            w = np.array([count[s] for s in part["subject_id"]], float)
+            if w.sum() == 0:
+                continue
+            err_model = np.sum(w * np.abs(part["model"] - part["y_true"])) / w.sum()
+            err_ref = np.sum(w * np.abs(part["reference"] - part["y_true"])) / w.sum()
+            per_seed.append(err_ref - err_model)  # lower error = positive gain
+        boot.append(np.mean(per_seed))
+    point = np.mean(
+        [
+            np.mean(np.abs(p["reference"] - p["y_true"])) - np.mean(np.abs(p["model"] - p["y_true"]))
+            for _, p in pairs.groupby("seed")
+        ]
+    )
+    assert g["gain"] == pytest.approx(point)
+    assert (g["ci_low"], g["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+    assert g["n_seeds"] == 3 and g["n_subjects"] == 12
