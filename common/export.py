@@ -183,11 +183,8 @@ def model_card(config: Mapping[str, Any], where: str = "export") -> str:
         ]
     else:
         lines.append("No metrics.jsonl was given with this export, so no loss curve is summarised here.")
-    provenance = {
-        k: v
-        for k, v in config.items()
-        if k in ("corpus", "objective", "step", "steps", "manifest_hash", "package_version") and v is not None
-    }
+    shown = ("corpus", "objective", "precision", "step", "steps", "manifest_hash", "package_version")
+    provenance = {k: v for k, v in config.items() if k in shown and v is not None}
     lines += ["", "Provenance: " + ", ".join(f"{k} `{v}`" for k, v in provenance.items()) + "."]
     lines += [
         "",

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         return make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
 
-    trainer = Trainer(cfg, out, engine, objective, loader_for, export_metadata(cfg))
+    trainer = Trainer(cfg, out, engine, objective, loader_for, {**export_metadata(cfg), "precision": precision})
     if resume_from is not None:
         trainer.resume(*resume_from)  # before anything is written: a checkpoint that cannot load changes nothing
     if rank == 0:

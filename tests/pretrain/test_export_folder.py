@@ -23,7 +23,7 @@ def test_pretrain_writes_the_export_folder_and_finetune_loads_it(tmp_path):
     }
     assert (export / "encoder.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
     config = json.loads((export / "config.json").read_text())
-    assert config["corpus"] == "synthmri" and config["objective"] == "mae"
+    assert config["corpus"] == "synthmri" and config["objective"] == "mae" and config["precision"] == "fp32"
     assert config["step"] == config["steps"] == 3 and config["training"]["logged_steps"] == 3
     assert config["preprocessing"]["spacing"] == [4.0, 4.0, 4.0] and config["arch"]["name"] == "vit_base_p16"
     card = (export / "README.md").read_text()
