@@ -70,15 +70,6 @@ def _ratio(a: pd.Series, b: pd.Series) -> float:
     return float(a.mean() / b.mean()) if len(a) and len(b) else float("nan")
 
 
-def cohens_d(a: pd.Series, b: pd.Series) -> float:
-    """(mean a - mean b) / pooled sd."""
-    na, nb = len(a), len(b)
-    if na < 2 or nb < 2:
-        return float("nan")
-    pooled = np.sqrt(((na - 1) * a.var() + (nb - 1) * b.var()) / (na + nb - 2))
-    return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
-
-
 def twin_d(pd_cohort: pd.DataFrame, region: str) -> float:
     """PD's effect on ``region`` / ICV as Cohen's d from twins: mean over PD subjects of (PD - the same subject
     as HC), over the HC group's sd. Free of the chance group differences a cohort d of 60 per group carries

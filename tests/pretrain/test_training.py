@@ -159,6 +159,28 @@ def test_a_resume_with_other_architecture_or_data_is_refused_before_anything_is_
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
 
 
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("objective.mae.mask_ratio=0.5", "objective.mae.mask_ratio: 0.75 -> 0.5"),
+        ("objective.contrastive.temperature=0.1", "objective.contrastive.temperature: 0.2 -> 0.1"),
+        ("objective.name=simclr", "objective.name: 'mae' -> 'simclr'"),
+    ],
+    ids=["mask_ratio", "temperature", "name"],
+)
+def test_a_resume_with_other_objective_settings_is_refused_naming_the_key(tmp_path, capsys, change, named):
+    # the objective's settings decide what the checkpoint's weights were trained for: a resume may not change them
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000002").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    save_config(load_config(PretrainConfig, write_yaml(tmp_path / "c.yaml", tiny_config())), out / "config.yaml")
+    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--output", str(out), "--resume", "auto"]
+    assert main([*args, change]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and named in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
+
+
 def test_a_resume_from_a_checkpoint_that_needs_code_runs_none_and_writes_nothing(tmp_path, capsys):
     marker = tmp_path / "code-ran"
     bad = hostile_deepspeed_folder(tmp_path / "hostile", marker, zero_shards=False)

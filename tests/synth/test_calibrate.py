@@ -73,6 +73,26 @@ def test_measurements_on_a_tiny_cohort_with_known_values():
     assert m["sex_icv_ratio"] == pytest.approx(1.331)
 
 
+def test_pd_d_divides_the_twin_differences_by_the_hc_groups_sd():
+    # HC midbrain 10, 12, 14 mL (sd 2); PD patients 9, 15 (sd 3√2) and as their own HC twins 10, 17 (sd 3.5√2):
+    # PD minus twin -1, -2 (mean -1.5, sd √2/2); the pooled sd of HC and PD, √(26 / 3), differs as well
+    cohorts = _cohorts()
+    cohorts["pd"] = with_icv(
+        pd.DataFrame(
+            [
+                _subject(60, diagnosis="HC", index=0, midbrain=10),
+                _subject(60, diagnosis="HC", index=2, midbrain=12),
+                _subject(60, diagnosis="HC", index=4, midbrain=14),
+                _subject(60, diagnosis="PD", index=1, midbrain=9),
+                _subject(60, diagnosis="HC", index=1, midbrain=10, twin=True),
+                _subject(60, diagnosis="PD", index=3, midbrain=15),
+                _subject(60, diagnosis="HC", index=3, midbrain=17, twin=True),
+            ]
+        )
+    )
+    assert measure(cohorts)["pd_d_midbrain"] == pytest.approx(-1.5 / 2)  # ICV 1000 mL for all: fractions scale alike
+
+
 def test_table_marks_failures():
     m = measure(_cohorts())
     text, ok = table(m)
@@ -81,10 +101,23 @@ def test_table_marks_failures():
     assert table(passing | {k: v for k, v in m.items() if k.startswith("pd_d_")})[1]
 
 
-def test_calibrate_command_exit_code(capsys):
-    # 8 mm and 6 subjects: the measured values are meaningless, the command's contract is not
-    code = main(["calibrate", "--n", "6", "--spacing", "8", "--workers", "1", "--no-progress"])
+def test_calibrate_command_exits_1_when_a_target_fails(capsys):
+    # 8 mm and 6 subjects, and no PD effect at all: each PD subject's HC twin is itself, so PD's d is 0 (or
+    # undefined), below the 0.2 the bed needs: a known failure, whatever the other (meaningless) values are
+    no_pd = ["atrophy.ventricle_pd_mm=0", "atrophy.midbrain_pd_mm=0", "atrophy.putamen_pd_mm=0"]
+    code = main(["calibrate", "--n", "6", "--spacing", "8", "--workers", "1", "--no-progress", *no_pd])
     out = capsys.readouterr().out
-    assert code in (0, 1) and "| quantity | measured | target | pass |" in out
-    assert ("all targets pass" in out) == (code == 0)
+    assert code == 1 and "| quantity | measured | target | pass |" in out
+    present = next(line for line in out.splitlines() if "mean of midbrain and putamen" in line)
+    assert present.endswith("| FAIL |") and "calibration: FAILED" in out
     assert main(["calibrate", "--n", "1", "--spacing", "8"]) == 2
+
+
+def test_calibrate_command_exits_0_when_every_target_passes(monkeypatch, capsys):
+    # the cohorts and their measurements stubbed: every target measured at its bound
+    passing = {t.key: (t.low if t.low is not None else t.high) for t in TARGETS}
+    monkeypatch.setattr("synth.calibrate.cohort_volumes", lambda cfg, task, *args: _cohorts()[task])
+    monkeypatch.setattr("synth.calibrate.measure", lambda cohorts: passing)
+    code = main(["calibrate", "--n", "2", "--spacing", "8", "--workers", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "calibration: all targets pass" in out and "FAIL" not in out

@@ -59,3 +59,14 @@ def test_t1_linear_background_is_zero_raw_keeps_the_noise_floor():
         background = vol.image[0][torch.from_numpy(far)]  # image (1, D, H, W), labels (D, H, W)
         fractions[name] = float((background == 0).float().mean())
     assert fractions["t1-linear"] > 0.9 and fractions["raw"] < 0.1, fractions
+
+
+def test_site_variance_share_weights_each_site_by_its_size():
+    # two voxels: background (0 everywhere, below the median of the voxel means) and one brain voxel whose values
+    # are 1, 2, 3 at site a (3 subjects) and 10 at site b (1 subject): mean 4, variance (9 + 4 + 1 + 36) / 4 = 12.5
+    brain = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    volumes = torch.stack([torch.zeros(4), brain], dim=1).reshape(4, 1, 1, 1, 2)
+    sites = np.array(["a", "a", "a", "b"])
+    # between sites, each site weighted by its share of subjects: 3/4 · (2 - 4)² + 1/4 · (10 - 4)² = 12
+    # (unweighted, (4 + 36) / 2 = 20 would exceed the total)
+    assert site_variance_share(volumes, sites, pool=1) == pytest.approx(12 / 12.5)
