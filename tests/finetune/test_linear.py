@@ -51,7 +51,16 @@ def test_row_space_keeps_narrow_inputs_and_shrinks_wide_ones():
 
 
 def test_strength_is_chosen_on_validation():
-    x, y = _wide(seed=1)
+    """The validation rows follow the training rows' relation; the test rows' targets are the training mean, which
+    only the strongest penalty predicts. The strength kept must be the validation's best, not the test's."""
+    x, y = _wide(seed=1, p=40)
     train, val, test = np.arange(36), np.arange(36, 48), np.arange(48, 60)
-    _, _, chosen = fit_select(x, y, "regression", train, val, test, strengths=[1e-3, 10.0, 1e7])
-    assert chosen["alpha"] == 10.0  # no shrinkage overfits 36 rows of 500 features; 1e7 predicts the mean
+    y[test] = y[train].mean()
+    strengths = [1e-3, 1.0, 1e7]
+    mae = lambda rows, s: np.mean(np.abs(_direct(x, y, "regression", train, rows, s) - y[rows]))
+    # no shrinkage overfits 36 rows of 40 features; 1e7 predicts the training mean, which the test rows hold
+    assert min(strengths, key=lambda s: mae(val, s)) == 1.0 and min(strengths, key=lambda s: mae(test, s)) == 1e7
+    _, test_out, chosen = fit_select(x, y, "regression", train, val, test, strengths=strengths)
+    assert chosen["alpha"] == 1.0
+    assert chosen["val_score"] == pytest.approx(-mae(val, 1.0), rel=1e-4)
+    np.testing.assert_allclose(test_out, _direct(x, y, "regression", train, test, 1.0), atol=1e-4)

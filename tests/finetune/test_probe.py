@@ -3,7 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import GroupKFold
 
+import finetune.probe
 from common.checkpoint import export_backbone
 from common.errors import DataError
 from common.models import create_backbone
@@ -77,3 +79,28 @@ def test_probe_cli_prints_the_table_and_names_a_bad_manifest(age_manifests, tmp_
     assert str(missing) in capsys.readouterr().err
     with pytest.raises(DataError, match="no column 'handedness'"):
         run_probe(probe_config(real), ("handedness",))
+
+
+def test_probe_folds_keep_a_subjects_sessions_on_one_side(make_cohort, tmp_path, monkeypatch):
+    """Two sessions per subject: no outer fold, and no inner fold choosing the strength, has one session of a
+    subject in training and the other in testing (the probe would read the subject, not the covariate)."""
+    manifest = make_cohort(tmp_path / "sessions", "brain_age", n_subjects=12, sessions=2)
+    subject = pd.read_csv(manifest)["subject_id"].to_numpy()
+    splits, outer_train = {"outer": [], "inner": []}, []
+
+    class Recording(GroupKFold):  # records each split as rows of the manifest
+        def split(self, X, y=None, groups=None):
+            for train, test in super().split(X, y, groups):
+                if len(X) == len(subject):
+                    outer_train[:] = train
+                    splits["outer"].append((train, test))
+                else:  # an inner split of the current outer training rows
+                    splits["inner"].append((np.asarray(outer_train)[train], np.asarray(outer_train)[test]))
+                yield train, test
+
+    monkeypatch.setattr(finetune.probe, "GroupKFold", Recording)
+    run_probe(probe_config(manifest), ("age",), folds=3)
+    assert len(splits["outer"]) == 3 * 3  # 3 folds for each feature set (init, random, classical)
+    assert len(splits["inner"]) == 3 * len(splits["outer"])
+    for train, test in splits["outer"] + splits["inner"]:
+        assert not set(subject[train]) & set(subject[test])
