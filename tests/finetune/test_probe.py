@@ -1,5 +1,7 @@
 """The representation probe: cross-validated linear fits of covariates on frozen features (python -m finetune probe)."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from common.errors import DataError
 from common.models import create_backbone
 from finetune.cli import main
 from finetune.config import RunConfig
-from finetune.probe import run_probe
+from finetune.probe import cross_validated, min_class_subjects, outer_folds, run_probe, score, subject_counts
 
 CNN = {"widen_factor": 0.25}
 
@@ -104,3 +106,79 @@ def test_probe_folds_keep_a_subjects_sessions_on_one_side(make_cohort, tmp_path,
     assert len(splits["inner"]) == 3 * len(splits["outer"])
     for train, test in splits["outer"] + splits["inner"]:
         assert not set(subject[train]) & set(subject[test])
+
+
+@pytest.fixture(scope="module")
+def small_cohort(make_cohort, tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("probe_bad"), "ad", n_subjects=12)
+
+
+def probe_cli(manifest, *args) -> int:
+    sets = ["backbone.kwargs={widen_factor: 0.25}", "data.shape=[16,16,16]", "data.intensity=none"]
+    base = ["probe", "--init", "scratch", "--manifest", str(manifest), "--backbone", "resnet18"]
+    return main([*base, *args, *sets, "train.device=cpu", "train.precision=fp32"])
+
+
+ONE_MALE = ["M"] + ["F"] * 11
+BAD = {  # edited columns, probe arguments, what the one error line says
+    "constant age": ({"age": 70.0}, ["--covariates", "age"], ["'age'", "one value (70)"]),
+    "inf age": (
+        {"age": [np.inf, 60, 61, 62, -np.inf] + [70] * 7},
+        ["--covariates", "age"],
+        ["'age'", "(-inf, inf)", "lines 2, 6"],
+    ),
+    "one male": (
+        {"sex": ONE_MALE},
+        ["--covariates", "sex"],
+        ["'sex'", "M: 1, F: 11", "fewer than 5 subjects", "--covariates"],
+    ),
+    "one male, 2 folds": (
+        {"sex": ONE_MALE},
+        ["--covariates", "sex", "--folds", "2"],
+        ["'sex'", "M: 1", "fewer than 4"],
+    ),
+    "three males": ({"sex": ["M"] * 3 + ["F"] * 9}, ["--covariates", "sex"], ["M: 3, F: 9", "use --folds 3"]),
+    "subject ids": (
+        {"scan_id": [f"x{i}" for i in range(12)]},
+        ["--covariates", "scan_id"],
+        ["'scan_id'", "12 of its 12 classes have"],
+    ),
+    "folds 1": ({}, ["--folds", "1"], ["--folds 1", "at least 2"]),
+    "folds 0": ({}, ["--folds", "0"], ["--folds 0", "at least 2"]),
+    "folds -3": ({}, ["--folds", "-3"], ["--folds -3", "at least 2"]),
+    "folds 13": ({}, ["--folds", "13"], ["--folds 13", "12 subjects"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_probe_refuses_a_covariate_or_folds_it_cannot_fit_with_one_error_line(case, small_cohort, tmp_path, capsys):
+    columns, args, said = BAD[case]
+    df = pd.read_csv(small_cohort)
+    df["path"] = [str(small_cohort.parent / p) for p in df["path"]]
+    for name, values in columns.items():
+        df[name] = values
+    manifest = tmp_path / "manifest.csv"
+    df.to_csv(manifest, index=False)
+    assert probe_cli(manifest, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for words in said:
+        assert words in err[0], err[0]
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_probe_fits_a_class_with_the_fewest_subjects_its_folds_allow(folds):
+    """The rarest class has ``min_class_subjects(folds)`` subjects, one of them with 4 sessions: every outer
+    training set keeps 2 of them (an inner CV can still choose C) and no subject is split across a fold."""
+    rare = min_class_subjects(folds)
+    groups = np.array([f"r{i}" for i in range(rare) for _ in range(4 if i == 0 else 1)] + [f"c{i}" for i in range(16)])
+    y = np.array([1 if g.startswith("r") else 0 for g in groups])
+    x = np.random.default_rng(0).normal(size=(len(y), 8)) + 3.0 * y[:, None]
+    for train, test in outer_folds(y, groups, False, folds, seed=0):
+        assert not set(groups[train]) & set(groups[test])
+        assert subject_counts(y[train], groups[train], 2).min() >= 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fold with a missing class, no "least populated class" warning
+        out = cross_validated(x, y, groups, False, folds, seed=0)
+    assert np.allclose(out.sum(axis=1), 1.0)
+    assert score(y, out, False)["roc_auc"] > 0.9
