@@ -5,8 +5,9 @@
 
 Any manifest in the project's format works (``python -m synth`` output, a medical cohort). Preprocessing is
 common's pipeline (``PreprocessConfig``: RAS, spacing, foreground crop, pad/crop to shape, intensity) and is
-recorded in ``OUT/pack.json``; see ``common/data/packed.py`` for the layout. Resumable: rerun the same command.
-Mistakes give one line on stderr and exit code 2.
+recorded in ``OUT/pack.json``; see ``common/data/packed.py`` for the layout. Resumable: rerun the same command
+(it also retries the images an earlier run skipped). Mistakes give one line on stderr and exit code 2; Ctrl-C
+gives one line and exit code 130.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         print(f"pretrain.pack: error: {lines[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished shards are kept (each written atomically); the next run goes on from them
+        print("pretrain.pack: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
     print(index)
     return 0
 

@@ -35,7 +35,7 @@ from synth.atrophy import atrophy_basis
 from synth.config import TASKS, SynthConfig
 from synth.generator import Generator, head_scale
 from synth.regions import label_volumes
-from synth.shard import Shard
+from synth.shard import Shard, differences, write_settings
 from synth.subject import SubjectPlan, cohort_plan, corpus_plan
 
 
@@ -67,13 +67,18 @@ def check_job(job: Job, n: int) -> None:
         raise ConfigError(f"--sites must be >= 1, got {job.sites}")
 
 
+def _settings(cfg: SynthConfig, job: Job):
+    """What decides the folder's volumes: the job and the full config (``synth.yaml``, each shard's record)."""
+    return OmegaConf.create({"job": asdict(job), "config": OmegaConf.structured(cfg)})
+
+
 def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "the output path is a file, not a folder; give a folder with --out")
-    settings = OmegaConf.to_yaml(OmegaConf.create({"job": asdict(job), "config": OmegaConf.structured(cfg)}))
+    settings = OmegaConf.to_yaml(_settings(cfg, job))
     record = out / "synth.yaml"
     if record.is_file():
-        changed = _differences(yaml.safe_load(record.read_text()), yaml.safe_load(settings))
+        changed = differences(yaml.safe_load(record.read_text()), yaml.safe_load(settings))
         if changed:
             raise ConfigError(
                 f"{out} was generated with other settings ({'; '.join(changed[:3])}); resume with the "
@@ -91,12 +96,6 @@ def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
                 tmp.write_text(settings)
     except OSError as e:
         raise DataError(out, f"cannot create the output folder: {e.strerror or e}") from None
-
-
-def _differences(a: object, b: object, key: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}".strip("."))]
-    return [] if a == b else [f"{key}: {a!r} before, {b!r} now"]
 
 
 def _paths(out: Path, subject_id: str) -> tuple[Path, Path]:
@@ -225,6 +224,8 @@ def generate(
         for row in _run(todo, cfg, job, out, workers):
             rows[int(row["index"])] = row
             bar.update(1)
+    if shard is not None:  # merge refuses shards made with other settings than the rest
+        write_settings(out, shard, n, OmegaConf.to_container(_settings(cfg, job)))
     manifest = out / ("manifest.csv" if shard is None else shard.manifest_name)
     with atomic_write(manifest) as tmp:
         pd.DataFrame([rows[i] for i in indices]).to_csv(tmp, index=False)

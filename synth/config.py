@@ -14,6 +14,10 @@ CONTRASTS = ("t1", "random")
 TASKS = ("ad", "pd", "brain_age")
 NOISE_TYPES = ("rician", "gaussian")
 PIPELINES = ("t1-linear", "raw")
+MIN_SPACING_MM = 0.5  # output voxel size range; the upper end is the field of view / MIN_VOXELS
+MIN_VOXELS = 8  # fewest voxels per axis a volume keeps (the template's structures still show)
+MAX_FOV_MM = 512  # largest field of view (and lattice spacing) per axis
+MIN_LATTICE_MM = 1.0  # finest deformation / bias lattice
 
 
 def _tuples(obj: object, names: tuple[str, ...]) -> None:
@@ -167,19 +171,37 @@ def _range(name: str, value: tuple[float, float], low: float = 0.0) -> None:
 
 def validate(cfg: SynthConfig) -> None:
     """Raise ConfigError naming the key when a value cannot work (checked before any volume is made)."""
+    if len(cfg.shape_1mm) != 3 or not MIN_VOXELS <= min(cfg.shape_1mm) <= max(cfg.shape_1mm) <= MAX_FOV_MM:
+        raise ConfigError(
+            f"synth config: shape_1mm must be three sizes in [{MIN_VOXELS}, {MAX_FOV_MM}] mm (MNI152 spans "
+            f"~182x218x182 mm), got {cfg.shape_1mm}"
+        )
+    # Coarser than this leaves fewer than MIN_VOXELS voxels per axis (and pre-blurs the template for minutes);
+    # finer only interpolates the 1 mm template at 8x the memory per halving.
+    coarsest = min(cfg.shape_1mm) / MIN_VOXELS
     if not cfg.spacing > 0:
-        raise ConfigError(f"synth config: spacing must be > 0 mm, got {cfg.spacing}")
+        raise ConfigError(f"synth config: spacing must be > 0 mm (--spacing), got {cfg.spacing}")
+    if not MIN_SPACING_MM <= cfg.spacing <= coarsest:
+        raise ConfigError(
+            f"synth config: spacing must lie in [{MIN_SPACING_MM:g}, {coarsest:g}] mm (--spacing; the "
+            f"{'x'.join(map(str, cfg.shape_1mm))} mm field of view needs >= {MIN_VOXELS} voxels per axis), "
+            f"got {cfg.spacing:g}"
+        )
     if cfg.pipeline.name not in PIPELINES:
         raise ConfigError(f"synth config: pipeline.name must be one of {PIPELINES}, got {cfg.pipeline.name!r}")
     if not 0 <= cfg.pipeline.bias_residual <= 1:
         raise ConfigError(f"synth config: pipeline.bias_residual must lie in [0, 1], got {cfg.pipeline.bias_residual}")
     if cfg.contrast not in CONTRASTS:
         raise ConfigError(f"synth config: contrast must be one of {CONTRASTS}, got {cfg.contrast!r}")
-    if len(cfg.shape_1mm) != 3 or min(cfg.shape_1mm) < 8:
-        raise ConfigError(f"synth config: shape_1mm must be three sizes >= 8, got {cfg.shape_1mm}")
-    n = cfg.nonlinear
-    if min(n.lattice_mm, n.control_spacing_mm, n.grid_lattice_mm) <= 0:
-        raise ConfigError("synth config: nonlinear.lattice_mm, control_spacing_mm and grid_lattice_mm must be > 0")
+    lattices = {
+        "nonlinear.lattice_mm": cfg.nonlinear.lattice_mm,
+        "nonlinear.control_spacing_mm": cfg.nonlinear.control_spacing_mm,
+        "nonlinear.grid_lattice_mm": cfg.nonlinear.grid_lattice_mm,
+        "scanner.bias_control_spacing_mm": cfg.scanner.bias_control_spacing_mm,
+    }
+    for name, value in lattices.items():  # a lattice finer than 1 mm has millions of points per subject
+        if not MIN_LATTICE_MM <= value <= MAX_FOV_MM:
+            raise ConfigError(f"synth config: {name} must lie in [{MIN_LATTICE_MM:g}, {MAX_FOV_MM}] mm, got {value}")
     if not 0 <= cfg.atrophy.max_mm <= 5.0:
         raise ConfigError(
             f"synth config: atrophy.max_mm must lie in [0, 5] (larger warps fold), got {cfg.atrophy.max_mm}"
@@ -191,6 +213,12 @@ def validate(cfg: SynthConfig) -> None:
     s = cfg.scanner
     for name in ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"):
         _range(f"scanner.{name}", getattr(s, name))
+    for name in ("inplane_mm", "slice_mm"):  # acquisition averages blocks of round(mm / spacing) voxels
+        if round(getattr(s, name)[1] / cfg.spacing) > min(cfg.shape):
+            raise ConfigError(
+                f"synth config: scanner.{name} up to {getattr(s, name)[1]} mm is thicker than the "
+                f"{min(cfg.shape)}-voxel field of view at spacing {cfg.spacing:g} mm"
+            )
     for name in ("ad_age", "pd_age", "brain_age_age", "corpus_age"):
         _range(f"cohort.{name}", getattr(cfg.cohort, name))
     c = cfg.cohort

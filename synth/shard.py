@@ -1,19 +1,23 @@
 """Split one generation job into N disjoint index ranges (a cluster job array) and join their manifests.
 
 Shard ``K/N`` (K = 1 .. N) makes subjects ``(K-1)·n//N .. K·n//N - 1`` into the same folder as every other
-shard and writes ``manifest.shard-K-of-N.csv``; ``merge`` checks that all N shard manifests are there and
-cover ``0 .. n-1`` once, and joins them into ``manifest.csv``. A subject's volume depends only on (seed,
+shard and writes ``manifest.shard-K-of-N.csv`` and, beside it, the settings it was made with
+(``manifest.shard-K-of-N.json``: ``n``, job, full config); ``merge`` checks that all N shard manifests are
+there, were made with one set of settings (each other's and the folder's ``synth.yaml``) and cover
+``0 .. n-1`` once, and joins them into ``manifest.csv``. A subject's volume depends only on (seed,
 index), and each shard's rows are formatted as the unsharded run formats them, so the union of the shards is
 byte-identical to ``python -m synth`` without ``--shard`` (tested).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from common.errors import ConfigError, DataError
 from common.io import atomic_write
@@ -50,6 +54,88 @@ class Shard:
     def manifest_name(self) -> str:
         return f"manifest.shard-{self.k}-of-{self.count}.csv"
 
+    @property
+    def settings_name(self) -> str:
+        return f"manifest.shard-{self.k}-of-{self.count}.json"
+
+
+def differences(a: object, b: object, key: str = "", was: str = "before", now: str = "now") -> list[str]:
+    """``"key.path: a <was>, b <now>"`` for every leaf where two nested settings dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in differences(a.get(k), b.get(k), f"{key}.{k}".strip("."), was, now)]
+    return [] if a == b else [f"{key}: {a!r} {was}, {b!r} {now}"]
+
+
+def write_settings(out: Path, shard: Shard, n: int, settings: dict) -> None:
+    """Record beside the shard's manifest what it was made with (``n``, job, config); ``merge`` compares them."""
+    record = {"shard": f"{shard.k}/{shard.count}", "n": n, **settings}
+    with atomic_write(out / shard.settings_name) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def _read_settings(out: Path, shard: Shard) -> dict:
+    path = out / shard.settings_name
+    if not path.is_file():
+        raise DataError(
+            path,
+            f"is missing, so shard {shard.k}/{shard.count}'s settings are unknown (made by an older version, or its "
+            "manifest was copied without it); rerun that shard's command (finished subjects are kept)",
+        )
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, f"cannot be read as JSON ({e}); rerun shard {shard.k}/{shard.count}'s command") from None
+    if not isinstance(record, dict) or record.get("shard") != f"{shard.k}/{shard.count}":
+        raise DataError(path, f"is not shard {shard.k}/{shard.count}'s settings record; rerun that shard's command")
+    return record
+
+
+def _check_settings(out: Path, count: int) -> dict:
+    """Shard 1's settings, after checking every shard was made with them and with the folder's synth.yaml."""
+    records = {k: _read_settings(out, Shard(k, count)) for k in range(1, count + 1)}
+    first = {key: value for key, value in records[1].items() if key != "shard"}
+    folder = out / "synth.yaml"
+    if folder.is_file():
+        try:
+            made = yaml.safe_load(folder.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise DataError(folder, f"cannot be read ({e})") from None
+        changed = differences(made, {key: first.get(key) for key in ("job", "config")}, was="in synth.yaml", now="here")
+        if changed:
+            raise DataError(
+                out / Shard(1, count).settings_name,
+                f"shard 1/{count} was made with other settings than the folder's synth.yaml "
+                f"({'; '.join(changed[:3])}); remake it with the folder's settings",
+            )
+    for k in range(2, count + 1):
+        record = {key: value for key, value in records[k].items() if key != "shard"}
+        changed = differences(first, record, was=f"in shard 1/{count}", now="here")
+        if changed:
+            raise DataError(
+                out / Shard(k, count).settings_name,
+                f"shard {k}/{count} was made with other settings than shard 1/{count} ({'; '.join(changed[:3])}); "
+                "merging would mix two corpora: remake it with shard 1's settings",
+            )
+    return first
+
+
+def _check_rows(path: Path, rows: pd.DataFrame, settings: dict) -> None:
+    # the rows themselves: a shard manifest copied in without its settings record
+    job, config = settings.get("job"), settings.get("config")
+    expected = {
+        "seed": job.get("seed") if isinstance(job, dict) else None,
+        "spacing": config.get("spacing") if isinstance(config, dict) else None,
+    }
+    for column, value in expected.items():
+        if column in rows and value is not None and not (rows[column] == value).all():
+            other = sorted(set(rows[column].tolist()) - {value})[:3]
+            raise DataError(
+                path,
+                f"holds rows with {column} {', '.join(map(str, other))}, but the shards were made with {column} "
+                f"{value}; remake this shard with the same command as the others",
+            )
+
 
 def shard_manifests(out: Path) -> dict[int, dict[int, Path]]:
     """The shard manifests in ``out``: ``{N: {K: path}}``."""
@@ -81,6 +167,7 @@ def merge(out: str | Path) -> Path:
         raise DataError(
             out, f"shards {', '.join(f'{k}/{count}' for k in missing)} have not finished (no manifest); run them"
         )
+    settings = _check_settings(out, count)
     header, lines, indices = None, [], []
     for k in range(1, count + 1):
         path = shards[k]
@@ -91,7 +178,13 @@ def merge(out: str | Path) -> Path:
         elif head != header:
             raise DataError(path, "has other columns than shard 1; the shards were made with different settings")
         lines.append(body)
-        indices += pd.read_csv(path, usecols=["index"])["index"].tolist()
+        try:
+            rows = pd.read_csv(path)
+            indices += rows["index"].tolist()
+        except (ValueError, KeyError) as e:  # pandas' parser errors are ValueErrors
+            problem = f"is not a shard manifest ({type(e).__name__}: {e}); rerun shard {k}/{count}"
+            raise DataError(path, problem) from None
+        _check_rows(path, rows, settings)
     n = len(indices)
     if indices != list(range(n)):
         raise DataError(out, f"the shard manifests do not cover subjects 0 .. {n - 1} once each, in order")

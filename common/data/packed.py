@@ -11,16 +11,20 @@ Folder layout (``pack_manifest`` writes it, ``PackedVolumes`` reads it)::
 Quantisation: ``float16`` keeps any intensity (relative error <= 2**-11, e.g. z-scores to ~0.002);
 ``uint8`` stores ``round(x * 255)`` for volumes in [0, 1] (``percentile`` normalisation, or ``none`` for synth's
 output), absolute error <= 0.5 / 255. A shard is finished when its ``.csv`` exists (written after the
-``.npy``, both atomically), so a rerun with the same settings resumes; other settings are refused.
+``.npy``, both atomically), so a rerun with the same settings resumes; other settings are refused. A rerun
+also retries every image an earlier run skipped (e.g. after the file was fixed) and rewrites the shards where
+one now packs. ``PackedVolumes`` checks ``pack.json``, ``index.csv`` and the shards' headers when it opens a
+folder, so a damaged pack is a ``DataError`` naming the file, not a failure at some later item.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +81,13 @@ def _init_worker(cfg: PreprocessConfig, dtype: str, threads: int) -> None:
     _WORKER.update(preprocess=build_preprocess(cfg), dtype=dtype)
 
 
+def _init_pool_worker(cfg: PreprocessConfig, dtype: str, threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the pool and reports it in one line, so
+    # workers must not each print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(cfg, dtype, threads)
+
+
 def _prepare_one(path: str) -> np.ndarray | str:
     """The packed volume, or the reason it could not be made (a bad file is skipped, not fatal)."""
     try:
@@ -112,7 +123,7 @@ def _check(out: Path, settings: dict, cfg: PreprocessConfig, dtype: str, per_sha
         raise DataError(out, "the output path is a file, not a folder; give a folder with --out")
     record = out / "pack.json"
     if record.is_file():
-        before = json.loads(record.read_text())
+        before = _read_json(record)
         # "source" (where the manifest lies) may move; its hash may not change
         changed = [k for k in sorted((set(before) | set(settings)) - {"source"}) if before.get(k) != settings.get(k)]
         if changed:
@@ -140,6 +151,67 @@ def _results(paths: list[str], workers: int, pool: ProcessPoolExecutor | None) -
     return pool.map(_prepare_one, paths, chunksize=max(1, len(paths) // (4 * workers)))
 
 
+def _write_shard(out: Path, shard: int, rows: pd.DataFrame, results: list, cfg: PreprocessConfig, dtype: str) -> None:
+    """The shard's ``.npy`` then its ``.csv`` (the mark that it is finished), both atomically."""
+    for path, result in zip(rows["path"], results):
+        if not isinstance(result, np.ndarray):
+            log.warning("skipped %s: %s", path, result)
+    good = [r for r in results if isinstance(r, np.ndarray)]
+    empty = np.zeros((0, 1, *cfg.shape), dtype=np.dtype(dtype))
+    with atomic_write(out / _shard_name(shard, "npy")) as tmp:
+        np.save(tmp, np.stack(good) if good else empty)
+    with atomic_write(out / _shard_name(shard, "csv")) as tmp:
+        _shard_rows(rows, shard, results).to_csv(tmp, index=False)
+
+
+def _read_shard_rows(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype={"path": str, "subject_id": str})
+        offsets = table["offset"].astype(int)
+    except (ValueError, KeyError, TypeError) as e:  # pandas' parser errors are ValueErrors
+        raise DataError(path, f"is not a packed shard's table ({type(e).__name__}: {e}); delete it to repack") from None
+    table["offset"] = offsets
+    return table
+
+
+def _retry_skipped(
+    out: Path,
+    shard: int,
+    rows: pd.DataFrame,
+    workers: int,
+    pool: ProcessPoolExecutor | None,
+    cfg: PreprocessConfig,
+    dtype: str,
+) -> None:
+    """Pack again the images a finished shard skipped; rewrite the shard if any of them packs now."""
+    done = out / _shard_name(shard, "csv")
+    previous = _read_shard_rows(done)
+    if len(previous) != len(rows):  # paths may differ: a moved manifest resolves its relative paths anew
+        raise DataError(
+            done, f"lists {len(previous)} rows, the manifest gives this shard {len(rows)}; delete it to repack"
+        )
+    skipped = np.flatnonzero(previous["offset"].to_numpy() < 0)
+    if not len(skipped):
+        return
+    retried = list(_results(rows["path"].iloc[skipped].tolist(), workers, pool))
+    if not any(isinstance(r, np.ndarray) for r in retried):
+        for path, result in zip(rows["path"].iloc[skipped], retried):
+            log.warning("skipped %s again: %s", path, result)
+        return  # still failing: the shard stays as it is
+    stored = np.load(out / _shard_name(shard, "npy"), mmap_mode="r")
+    if previous["offset"].max() >= len(stored):
+        raise DataError(
+            done, f"points past the {len(stored)} volumes of {_shard_name(shard, 'npy')}; delete it to repack"
+        )
+    results: list[np.ndarray | str] = [stored[k] if k >= 0 else "" for k in previous["offset"]]
+    for position, result in zip(skipped, retried):
+        results[position] = result
+    packs = sum(isinstance(r, np.ndarray) for r in retried)
+    log.info("%s: %d of the %d images skipped before pack now", _shard_name(shard, "npy"), packs, len(skipped))
+    done.unlink()  # unfinished until rewritten: a run killed in between repacks the shard from scratch
+    _write_shard(out, shard, rows, results, cfg, dtype)
+
+
 def pack_manifest(
     manifest: str | Path,
     out: str | Path,
@@ -165,46 +237,88 @@ def pack_manifest(
     shards = range((len(table) + per_shard - 1) // per_shard)
     pool = None
     if workers > 1:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg, dtype, 1))
+        pool = ProcessPoolExecutor(workers, initializer=_init_pool_worker, initargs=(cfg, dtype, 1))
     else:
         _init_worker(cfg, dtype, torch.get_num_threads())
     try:
         for shard in shards:
-            if (out / _shard_name(shard, "csv")).is_file():
-                continue  # finished by an earlier run
             rows = table.iloc[shard * per_shard : (shard + 1) * per_shard]
-            results = list(_results(rows["path"].tolist(), workers, pool))
-            good = [r for r in results if isinstance(r, np.ndarray)]
-            for path, result in zip(rows["path"], results):
-                if not isinstance(result, np.ndarray):
-                    log.warning("skipped %s: %s", path, result)
-            empty = np.zeros((0, 1, *cfg.shape), dtype=np.dtype(dtype))
-            with atomic_write(out / _shard_name(shard, "npy")) as tmp:
-                np.save(tmp, np.stack(good) if good else empty)
-            with atomic_write(out / _shard_name(shard, "csv")) as tmp:
-                _shard_rows(rows, shard, results).to_csv(tmp, index=False)
+            if (out / _shard_name(shard, "csv")).is_file():  # finished by an earlier run: retry what it skipped
+                _retry_skipped(out, shard, rows, workers, pool, cfg, dtype)
+                continue
+            _write_shard(out, shard, rows, list(_results(rows["path"].tolist(), workers, pool)), cfg, dtype)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    parts = [pd.read_csv(out / _shard_name(s, "csv"), dtype={"path": str, "subject_id": str}) for s in shards]
-    index = pd.concat(parts, ignore_index=True)
+    index = pd.concat([_read_shard_rows(out / _shard_name(s, "csv")) for s in shards], ignore_index=True)
     skipped = int((index["offset"] < 0).sum())
     if skipped == len(index):
-        raise DataError(manifest, "no image could be packed (every one was skipped; see the warnings)")
+        raise DataError(
+            manifest,
+            "no image could be packed (every one was skipped; see the warnings): fix the files and rerun the "
+            "same command (skipped images are retried)",
+        )
     with atomic_write(out / "index.csv") as tmp:
         index[index["offset"] >= 0].drop(columns="error").to_csv(tmp, index=False)
     if skipped:
         log.warning(
-            "%d of %d images were skipped (listed with their error in %s/shard-*.csv)", skipped, len(index), out
+            "%d of %d images were skipped (listed with their error in %s/shard-*.csv); fix them and rerun the same "
+            "command to pack them",
+            skipped,
+            len(index),
+            out,
         )
     return out / "index.csv"
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, f"is not valid JSON ({e}); pack again into a new folder") from None
+    if not isinstance(record, dict):
+        raise DataError(path, f"holds a JSON {type(record).__name__}, not the pack's settings; pack again")
+    return record
+
+
+def _check_settings(record: Path, settings: dict) -> PreprocessConfig:
+    """The pack's preprocessing from ``pack.json``, every field present and known; DataError otherwise."""
+    if settings.get("format") != FORMAT:
+        raise DataError(record, f"format {settings.get('format')!r} is not {FORMAT!r}")
+    missing = [k for k in ("preprocess", "dtype", "source_hash") if k not in settings]
+    if missing:
+        raise DataError(record, f"lacks {', '.join(missing)}; pack again into a new folder")
+    if settings["dtype"] not in PACK_DTYPES:
+        raise DataError(record, f"dtype {settings['dtype']!r} is not one of {', '.join(PACK_DTYPES)}")
+    preprocess = settings["preprocess"]
+    if not isinstance(preprocess, dict):
+        raise DataError(record, f"preprocess must be a mapping of PreprocessConfig fields, got {preprocess!r}")
+    names = {f.name for f in fields(PreprocessConfig)}
+    unknown, missing = sorted(set(preprocess) - names), sorted(names - set(preprocess))
+    if unknown or missing:  # a default filled in for a missing key would misdescribe the packed volumes
+        what = [f"unknown key(s) {', '.join(unknown)}"] * bool(unknown) + [f"no {', '.join(missing)}"] * bool(missing)
+        raise DataError(record, f"preprocess has {' and '.join(what)}; pack again into a new folder")
+    try:
+        return PreprocessConfig(**preprocess)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise DataError(record, f"preprocess is invalid: {e}") from None
+
+
+def _shard_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of a ``.npy`` (mapping it reads only the header; the map is dropped again)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"cannot be read as .npy ({e}); rerun the pack command") from None
+    return array.shape, array.dtype
+
+
 class PackedVolumes:
     """Map-style access to a packed folder: ``len``, ``[i]`` -> ``(1, D, H, W)`` float32 tensor, ``crop``.
 
-    Shards are memory-mapped on first use in each process (forked DataLoader workers map their own)."""
+    Opening checks ``pack.json``, ``index.csv`` and every shard's header (shape, dtype, length against the
+    offsets); shards are memory-mapped on first use in each process (forked DataLoader workers map their own)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).expanduser()
@@ -213,18 +327,44 @@ class PackedVolumes:
             raise DataError(record, "does not exist: is this a folder written by `python -m pretrain.pack`?")
         if not index.is_file():
             raise DataError(index, "does not exist: the packing did not finish; rerun the same pack command")
-        try:
-            self.settings = json.loads(record.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(record, f"is not valid JSON ({e})") from None
-        if self.settings.get("format") != FORMAT:
-            raise DataError(record, f"format {self.settings.get('format')!r} is not {FORMAT!r}")
-        self.preprocess = PreprocessConfig(**self.settings["preprocess"])
+        self.settings = _read_json(record)
+        self.preprocess = _check_settings(record, self.settings)
         self.shape = (1, *self.preprocess.shape)
-        self.table = pd.read_csv(index, dtype={"path": str, "subject_id": str})
+        self.table = self._read_index(index)
         self._shard = self.table["shard"].to_numpy()
         self._offset = self.table["offset"].to_numpy()
         self._maps: dict[int, np.ndarray] = {}
+
+    def _read_index(self, index: Path) -> pd.DataFrame:
+        try:
+            table = pd.read_csv(index, dtype={"path": str, "subject_id": str})
+        except (ValueError, OSError) as e:  # an empty file is pandas' EmptyDataError, a ValueError
+            raise DataError(index, f"cannot be read ({e}); rerun the same pack command") from None
+        missing = [c for c in ("shard", "offset") if c not in table]
+        if missing:
+            raise DataError(index, f"has no {' or '.join(missing)} column; rerun the same pack command")
+        if table.empty:
+            raise DataError(index, "lists no volumes; pack a manifest with readable images")
+        for column in ("shard", "offset"):
+            values = pd.to_numeric(table[column], errors="coerce")
+            if values.isna().any() or (values < 0).any() or (values != values.round()).any():
+                row = int(np.flatnonzero((values.isna() | (values < 0) | (values != values.round())).to_numpy())[0])
+                raise DataError(index, f"row {row + 2}: {column} {table[column].iloc[row]} is not a count >= 0")
+            table[column] = values.astype(np.int64)
+        for shard, offsets in table.groupby("shard")["offset"]:
+            path = self.directory / _shard_name(int(shard), "npy")
+            if not path.is_file():
+                raise DataError(path, f"does not exist but {index.name} lists volumes in it; rerun the pack command")
+            shape, dtype = _shard_header(path)
+            if shape[1:] != self.shape or str(dtype) != self.settings["dtype"]:
+                raise DataError(
+                    path, f"holds {dtype} {shape[1:]}, pack.json says {self.settings['dtype']} {self.shape}"
+                )
+            if int(offsets.max()) >= shape[0]:
+                raise DataError(
+                    index, f"offset {int(offsets.max())} of {path.name} is past its {shape[0]} volumes; rerun the pack"
+                )
+        return table
 
     def __len__(self) -> int:
         return len(self.table)
@@ -233,14 +373,9 @@ class PackedVolumes:
         if shard not in self._maps:
             path = self.directory / _shard_name(shard, "npy")
             try:
-                array = np.load(path, mmap_mode="r")
+                self._maps[shard] = np.load(path, mmap_mode="r")  # header checked when the folder was opened
             except (OSError, ValueError) as e:
                 raise DataError(path, f"cannot be memory-mapped as .npy ({e})") from None
-            if array.shape[1:] != self.shape or str(array.dtype) != self.settings["dtype"]:
-                raise DataError(
-                    path, f"holds {array.dtype} {array.shape[1:]}, pack.json says {self.settings['dtype']} {self.shape}"
-                )
-            self._maps[shard] = array
         return self._maps[shard]
 
     def packed(self, i: int) -> np.ndarray:
