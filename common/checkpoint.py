@@ -60,10 +60,33 @@ def check_deepspeed_tag(tag_dir: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- strict loading
+def check_finite(state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights that hold NaN or Inf (a run that diverged, a corrupt file): naming every such tensor.
+
+    Loaded, they would only fail later and far away (an SVD in the probe, a NaN loss on the first step).
+    """
+    bad = []
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            continue
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            inf = int(finite.numel() - finite.sum()) - nan
+            counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+            bad.append(f"{key} ({counts} of {value.numel()})")
+    if bad:
+        shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold non-finite values — {shown}; these weights are corrupt "
+            "(a run that diverged?): export them again from a checkpoint taken before the loss went NaN"
+        )
+
+
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
     """Load ``state`` into ``model``; missing/unexpected keys or shape mismatches raise ``CheckpointError``.
 
-    All problems are listed at once, and nothing is loaded unless everything fits.
+    All problems are listed at once, and nothing is loaded unless everything fits and is finite.
     """
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -82,6 +105,7 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
         problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model — " + " | ".join(problems))
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)
 
 

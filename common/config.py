@@ -1,32 +1,134 @@
 """Configs: dataclass defaults ⊕ YAML file ⊕ ``key=value`` overrides (OmegaConf), resolved and saved with the run.
 
 The schema is a dataclass (typed fields, one comment per field), so a wrong key or a value of the wrong type is an
-error naming the key, raised before any work starts.
+error naming the key, raised before any work starts. Values are literal: OmegaConf's ``${...}`` interpolation is
+escaped away, because a user's path may contain ``${`` and must arrive as typed.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.nodes import BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
 
 from common.errors import ConfigError
 from common.io import atomic_write_text
 
+_NOT_GIVEN = object()
+_ESCAPE = re.compile(r"(\\*)\$\{")  # OmegaConf: k backslashes + ``\${`` -> k/2 backslashes + a literal ``${``
+_UNESCAPE = re.compile(r"\\((?:\\\\)*)\$\{")
+_WORDS = {IntegerNode: "an integer", FloatNode: "a number", BooleanNode: "true or false", StringNode: "a string"}
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+
+def _literal(value: Any) -> Any:
+    """``value`` with every string escaped so that OmegaConf reads ``${...}`` in it as text."""
+    if isinstance(value, str):
+        return _ESCAPE.sub(lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, Mapping):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(v) for v in value]
+    return value
+
+
+def _unescaped(value: Any) -> Any:
+    """The text ``_literal`` escaped (what a config node reads as)."""
+    if isinstance(value, str):
+        return _UNESCAPE.sub(lambda m: m.group(1)[: len(m.group(1)) // 2] + "${", value)
+    if isinstance(value, Mapping):
+        return {k: _unescaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unescaped(v) for v in value]
+    return value
+
+
+def _escape_nodes(node: DictConfig | ListConfig) -> None:
+    """Escape the strings already in a config built from a dataclass instance (its paths are literal too)."""
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            if not child._is_none() and not child._is_missing():
+                _escape_nodes(child)
+        elif isinstance(child._value(), str) and "${" in child._value():
+            node[key] = _literal(child._value())
+
+
+def _node_at(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or part not in node:
+            return None
+        node = node._get_node(part)
+    return node
+
+
+def _value_at(container: Any, key: str) -> Any:
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(container, Mapping) and part in container:
+            container = container[part]
+        elif isinstance(container, list) and part.isdigit() and int(part) < len(container):
+            container = container[int(part)]
+        else:
+            return _NOT_GIVEN
+    return container
+
+
+def _expects(node: Any) -> str | None:
+    """What a config node takes, in words, or None if it takes anything."""
+    if isinstance(node, DictConfig):
+        kind = node._metadata.ref_type if dataclasses.is_dataclass(node._metadata.ref_type) else None
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(kind))}" if kind else "a mapping"
+    if isinstance(node, ListConfig):
+        item = node._metadata.element_type
+        return f"a list of {item.__name__}" if isinstance(item, type) and item is not Any else "a list"
+    if isinstance(node, EnumNode):
+        return "one of " + ", ".join(m.name for m in node.enum_type)
+    return _WORDS.get(type(node))
+
+
+def _error(source: str, e: Exception, cfg: DictConfig, key: str | None, given: Any) -> ConfigError:
+    """One line naming the key and what it takes, for OmegaConf's multi-line errors."""
+    problem = " ".join((str(e).splitlines() or [""])[0].split()) or type(e).__name__
+    if not key:
+        return ConfigError(f"{source}: a value does not fit the config's structure: {problem}")
+    if isinstance(e, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        node = _node_at(cfg, parent) if parent else cfg
+        known = list(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        where = f"under '{parent}'" if parent else "at the top level"
+        hint = f"did you mean '{close[0]}'?" if close else f"the keys {where} are {', '.join(known)}"
+        return ConfigError(f"{source}: unknown key '{key}'; {hint}")
+    key = re.sub(r"(\[\d+\])+$", "", key)  # an item of a list: say what the list takes
+    node = _node_at(cfg, key)
+    expected = _expects(node)
+    if expected is None:
+        return ConfigError(f"{source}: key '{key}' is not valid: {problem}")
+    got = _value_at(given, key)
+    shown = f", got {got!r}" if got is not _NOT_GIVEN else f" ({problem})"
+    if isinstance(node, StringNode) and isinstance(got, (Mapping, list)):
+        shown += "; quote the value (YAML reads 'a: b' as a mapping and '[a]' as a list)"
+    return ConfigError(f"{source}: key '{key}' expects {expected}{shown}")
+
+
+def _merge(cfg: DictConfig, other: dict, source: str, key: str | None = None) -> DictConfig:
+    """``cfg`` ⊕ ``other`` (plain values, merged as literal text); a misfit is a one-line ``ConfigError``."""
     try:
-        return OmegaConf.merge(base, other)
-    except TypeError as e:  # e.g. merging a mapping into a list
-        raise ConfigError(f"{source}: a value does not fit the config's structure: {e}") from None
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        where = f"key '{key}'" if key else "a key"
-        raise ConfigError(f"{source}: {where} is not valid: {e.msg if hasattr(e, 'msg') else e}") from None
+        return OmegaConf.merge(cfg, _literal(other))
+    except (OmegaConfBaseException, TypeError) as e:  # TypeError: e.g. merging a mapping into a list
+        named = getattr(e, "full_key", None) or getattr(e, "key", None) or key
+        if not named and len(other) > 1:  # OmegaConf did not say where: merge key by key to find out
+            for k, v in other.items():
+                _merge(cfg, {k: v}, source)
+        raise _error(source, e, cfg, str(named or next(iter(other), "")) or None, other) from None
 
 
 def _open_mappings(node: DictConfig) -> None:
@@ -48,13 +150,39 @@ def _yaml_where(e: Exception) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f": {problem}"
 
 
+def _override(cfg: DictConfig, item: str) -> tuple[str, dict]:
+    """``key=value`` -> (key, nested mapping); the value is read as YAML, except that a string field takes
+    the text as typed (``init=monai:`` is the string ``monai:``, not a mapping)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    string_field = isinstance(_node_at(cfg, key), StringNode)
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception as e:  # yaml.YAMLError
+        if not string_field:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{_yaml_where(e)}") from None
+        value = text
+    if string_field and value is not None and not isinstance(value, str):
+        value = text
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return key, nested
+
+
 def load_config(schema: type | Any, file: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults from ``schema`` (a dataclass type or instance), then the YAML ``file``, then ``key=value`` overrides.
 
-    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key and where it came from;
-    fields typed as plain mappings (``dict[str, Any]``) accept any key.
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, what it takes and where
+    the value came from; fields typed as plain mappings (``dict[str, Any]``) accept any key. Strings are literal.
     """
-    cfg = schema if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
+    if isinstance(schema, DictConfig):
+        cfg = schema
+    else:
+        cfg = OmegaConf.structured(schema)
+        _escape_nodes(cfg)
     OmegaConf.set_struct(cfg, True)
     _open_mappings(cfg)
     if file is not None:
@@ -67,17 +195,11 @@ def load_config(schema: type | Any, file: str | Path | None = None, overrides: I
             raise ConfigError(f"{path}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-        cfg = _merge(cfg, loaded, str(path))
+        cfg = _merge(cfg, OmegaConf.to_container(loaded), str(path))
     overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-    if overrides:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command line")
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config does not resolve: {e}") from None
+    parsed = [_override(cfg, item) for item in overrides]
+    for key, nested in parsed:
+        cfg = _merge(cfg, nested, "command line", key)
     return cfg
 
 
@@ -96,10 +218,16 @@ def parse_with_overrides(
 
 def to_object(cfg: DictConfig) -> Any:
     """The config as its schema's dataclass instance (typed attribute access)."""
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. a mandatory ``???`` value never given
+        raise _error("config", e, cfg, getattr(e, "full_key", None), _NOT_GIVEN) from None
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    text = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg), resolve=True)
-    return atomic_write_text(path, text)
+    """Write the config as YAML, atomically (a reader never sees half a file); strings as the run read them."""
+    if isinstance(cfg, DictConfig):  # escaped by load_config: write the text the nodes read as
+        data = _unescaped(OmegaConf.to_container(cfg, enum_to_str=True))
+    else:  # a dataclass holds its strings literally
+        data = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    return atomic_write_text(path, OmegaConf.to_yaml(data))

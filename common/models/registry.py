@@ -6,12 +6,12 @@ them all, so ``create_backbone`` sees every name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch.nn as nn
 
-from common.errors import ConfigError
+from common.errors import ConfigError, NeurotransferError
 
 Factory = Callable[..., nn.Module]
 _REGISTRY: dict[str, Factory] = {}
@@ -43,16 +43,34 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """A config's containers (OmegaConf's ``DictConfig`` / ``ListConfig``) as dicts and lists: MONAI's layer
+    factories take ``norm=[name, {arguments}]`` only if the arguments are a ``dict``."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def create_backbone(name: str, img_size: int | Sequence[int] = 96, in_chans: int = 1, **kwargs: Any) -> nn.Module:
     """Build backbone ``name`` for ``img_size`` (int or (D, H, W)) volumes with ``in_chans`` channels.
 
     The model's ``arch`` attribute records ``{"name": name, "kwargs": {img_size, in_chans, **kwargs}}``
     (tuples as lists, JSON-ready) so that ``create_backbone(arch["name"], **arch["kwargs"])`` rebuilds the
-    same architecture.
+    same architecture. Arguments the backbone refuses raise ``ConfigError`` naming it.
     """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    model = _REGISTRY[name](img_size=img_size, in_chans=in_chans, **kwargs)
+    img_size, kwargs = _plain(img_size), _plain(kwargs)
+    try:
+        model = _REGISTRY[name](img_size=img_size, in_chans=in_chans, **kwargs)
+    except NeurotransferError:
+        raise
+    except (ValueError, TypeError) as e:  # a constructor refusing a keyword argument: the user's to fix
+        raise ConfigError(f"backbone {name!r} cannot be built with {kwargs}: {' '.join(str(e).split())}") from None
     model.arch = {"name": name, "kwargs": _json_ready({"img_size": img_size, "in_chans": in_chans, **kwargs})}
     return model
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
-from common.checkpoint import export_file
+from common.checkpoint import check_finite, export_file
 from common.errors import CheckpointError
 from common.weights.fit import fit_state
 from common.weights.report import LoadReport
@@ -64,8 +64,8 @@ def load_backbone(model: nn.Module, init: str, axis: int = 0, strict: bool = Fal
         axis: the spatial axis (0 D, 1 H, 2 W) 2D kernels are inflated along / a video's time axis maps to.
         strict: also raise when a model key is missing from the source.
 
-    Raises ``CheckpointError`` for a file of the wrong kind, tensors that cannot be fitted, or a source that
-    fills no parameter of the model.
+    Raises ``CheckpointError`` for a file of the wrong kind, tensors that cannot be fitted or hold NaN/Inf, or a
+    source that fills no parameter of the model.
     """
     kind, path = parse_init(init)
     if kind == "scratch":
@@ -85,6 +85,7 @@ def load_backbone(model: nn.Module, init: str, axis: int = 0, strict: bool = Fal
         )
     if strict and report.missing:
         raise CheckpointError(f"{path}: strict import, but the source lacks {', '.join(report.missing)}")
+    check_finite({k: state[k] for k in tensors}, path)  # as in the file (before inflation), under the model's names
     model.load_state_dict(tensors, strict=False)
     log.info(report.summary())
     if report.missing:

@@ -125,3 +125,17 @@ def test_read_metadata_refuses_foreign_files(tmp_path):
         load_export(text)
     with pytest.raises(CheckpointError, match="no such export"):
         load_export(tmp_path / "absent.safetensors")
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_every_tensor(tmp_path):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+        model.blocks[0].attn.qkv.bias[:3] = float("-inf")
+    path = export_backbone(model, tmp_path / "diverged.safetensors", META)
+    with pytest.raises(CheckpointError) as err:
+        load_export(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: 2 tensor(s) hold non-finite values")
+    assert "blocks.0.attn.qkv.bias (3 Inf of 72)" in message and "norm.weight (1 NaN of 24)" in message
+    assert "\n" not in message

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from monai.networks.nets import resnet18
+from omegaconf import OmegaConf
 
 from common.errors import ConfigError
 from common.models import ViT3D, create_backbone, list_backbones, sincos_3d
@@ -272,3 +273,42 @@ def test_wrong_input_shape_is_reported():
         ViT3D(**TINY_VIT)(torch.randn(1, 1, 16, 32, 32))
     with pytest.raises(ValueError, match="expects input"):
         create_backbone("resnet18", img_size=32)(torch.randn(1, 2, 32, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        (
+            "resnet18",
+            dict(norm="instance"),
+            r"norm='instance' has no learnable scale.*norm=\[instance, \{affine: true\}\]",
+        ),
+        ("resnet18", dict(norm="bogus"), r"'resnet18': norm='bogus' is not a layer MONAI can build"),
+        ("resnet18", dict(norm=["group", {"num_groups": 3}]), r"norm=.*divisible by num_groups"),
+        ("resnet50", dict(act="bogus"), r"'resnet50': act='bogus' is not a layer MONAI can build"),
+        ("resnet18", dict(shortcut_type="C"), r"shortcut_type must be 'A' .* or 'B'"),
+        ("resnet18", dict(widen_factor="x"), r"widen_factor must be a number"),
+        ("resnet18", dict(conv1_t_size=0), r"conv1_t_size must be a positive integer"),
+        ("densenet121", dict(block_config=3), r"'densenet121': block_config must be a list of positive integers"),
+        ("densenet121", dict(act=["prelu", {"bogus": 1}]), r"act=.*unexpected keyword argument 'bogus'"),
+        ("densenet121", dict(norm="instance"), r"norm='instance' normalises over the voxels.*one voxel \(1, 1, 1\)"),
+        ("vit_tiny_p16", dict(depth="2"), r"'vit_tiny_p16' cannot be built with \{'depth': '2'\}"),
+    ],
+)
+def test_bad_backbone_arguments_are_one_config_error_naming_the_backbone_and_argument(name, kwargs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        create_backbone(name, img_size=32, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_resnet_norm_and_act_reach_every_block():
+    # MONAI 1.6 passes norm and act to the stem only; every block must get them. The kwargs come as a config
+    # gives them (OmegaConf containers), which MONAI's factories refuse unless they arrive as a list and a dict.
+    kwargs = OmegaConf.create({"norm": ["instance", {"affine": True}], "act": "gelu"})
+    model = create_backbone("resnet18", img_size=(16, 16, 48), **kwargs).train()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"InstanceNorm3d", "GELU"} <= kinds and not kinds & {"BatchNorm3d", "ReLU"}
+    assert model.forward_features(torch.randn(2, 1, 16, 16, 48)).shape == (2, 512)  # layer4 keeps 2 voxels
+    assert json.loads(json.dumps(model.arch))["kwargs"]["norm"] == ["instance", {"affine": True}]
+    plain = create_backbone("resnet18", img_size=16)
+    assert {type(m).__name__ for m in plain.modules()} >= {"BatchNorm3d", "ReLU"}

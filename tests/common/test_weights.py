@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +370,59 @@ def test_deepspeed_latest_may_not_point_outside_its_folder(tmp_path):
     model = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
     with pytest.raises(CheckpointError, match="not a tag folder inside"):
         load_backbone(model, f"deepspeed:{tmp_path / 'checkpoints'}")
+
+
+# ---------------------------------------------------------------------------------------- non-finite weights
+def _poison(state: dict, key: str) -> dict:
+    state = {k: v.clone() for k, v in state.items()}
+    state[key].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    return state
+
+
+def _tiny_vit(**kwargs):
+    return create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1, **kwargs)
+
+
+def _source_with_nan(kind: str, tmp: Path) -> tuple[nn.Module, str, Path]:
+    """(model, init spec, the file the error must name) for a source of ``kind`` with a NaN and an Inf in the
+    tensor the model calls ``net.conv1.weight`` (ResNet sources) or ``blocks.0.mlp.fc1.weight`` (ViT sources)."""
+    if kind in ("medicalnet", "timm2d"):  # a ResNet as MedicalNet (3D) or timm (2D, inflated on import) writes it
+        state = {k[len("net.") :]: v for k, v in create_backbone("resnet18", img_size=16).state_dict().items()}
+        if kind == "timm2d":
+            state = {k: v[..., 0] if v.ndim == 5 else v for k, v in state.items()}
+        torch.save({"state_dict": _poison(state, "conv1.weight")}, tmp / "r.pth")
+        return create_backbone("resnet18", img_size=16), f"{kind}:{tmp / 'r.pth'}", tmp / "r.pth"
+    if kind == "monai":
+        from monai.networks.nets import ViT
+
+        vit = ViT(1, 16, 8, hidden_size=48, mlp_dim=96, num_layers=1, num_heads=4, classification=False)
+        torch.save(_poison(vit.state_dict(), "blocks.0.mlp.linear1.weight"), tmp / "m.pt")
+        layout = dict(class_token=False, global_pool="avg", fc_norm=False, pos_embed="learn", norm_eps=1e-5)
+        model = _tiny_vit(embed_dim=48, num_heads=4, mlp_ratio=2.0, **layout)
+        return model, f"monai:{tmp / 'm.pt'}", tmp / "m.pt"
+    state = _poison(_tiny_vit().state_dict(), "blocks.0.mlp.fc1.weight")
+    if kind in ("export", "folder"):  # export_backbone writes what the model holds
+        source = _tiny_vit()
+        source.load_state_dict(state)
+        path = export_backbone(source, tmp / "exp" / "model.safetensors", {"spacing": [2] * 3, "intensity": "zscore"})
+        return _tiny_vit(), str(path if kind == "export" else path.parent), path
+    if kind == "videomae":  # the original repository's layout is ViT3D's
+        torch.save(state, tmp / "v.pth")
+        return _tiny_vit(), f"videomae:{tmp / 'v.pth'}", tmp / "v.pth"
+    (tmp / "ckpt" / "step1").mkdir(parents=True)  # deepspeed, ZeRO 0: module states under the objective's prefix
+    (tmp / "ckpt" / "latest").write_text("step1")
+    torch.save({"module": {f"encoder.{k}": v for k, v in state.items()}}, tmp / "ckpt/step1/mp_rank_00_model_states.pt")
+    return _tiny_vit(), f"deepspeed:{tmp / 'ckpt'}", tmp / "ckpt"
+
+
+@pytest.mark.parametrize("kind", ["export", "folder", "medicalnet", "timm2d", "videomae", "monai", "deepspeed"])
+def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(tmp_path, kind):
+    model, spec, file = _source_with_nan(kind, tmp_path)
+    key = "net.conv1.weight" if kind in ("medicalnet", "timm2d") else "blocks.0.mlp.fc1.weight"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="non-finite") as err:
+        load_backbone(model, spec)
+    message = str(err.value)
+    assert message.startswith(f"{file}: 1 tensor(s)") and f"{key} (1 NaN, 1 Inf of " in message
+    assert "\n" not in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
