@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.config import load_config, to_object
 from common.errors import ConfigError
-from finetune.config import GridConfig
+from finetune.config import GridBackbone, GridConfig
 from synth.config import TASKS
 
 IN_SITE_SCHEMES = ("kfold", "holdout")  # in-site evaluation: every subject tested once, or one test split per seed
@@ -71,6 +71,12 @@ class PretrainSpec:
     overrides: list[str] = field(default_factory=list)  # further pretrain key=value
 
 
+def _default_grid() -> GridConfig:
+    # a ViT labelled "vit": the default pretrain entry (MAE) pre-trains it, so an experiment YAML that sets
+    # neither list names the same backbone in both
+    return GridConfig(backbones=[GridBackbone(label="vit", name="vit_tiny_p16")])
+
+
 @dataclass
 class ExperimentConfig:
     out_dir: str = "runs/experiment"  # everything goes here: data/, pretrain/, finetune/, report.md
@@ -79,24 +85,31 @@ class ExperimentConfig:
     synth: SynthStage = field(default_factory=SynthStage)
     video: VideoStage = field(default_factory=VideoStage)
     pretrain: list[PretrainSpec] = field(default_factory=lambda: [PretrainSpec()])
-    grid: GridConfig = field(default_factory=GridConfig)  # backbones, fractions, seeds, base (not the OWNED fields)
+    grid: GridConfig = field(default_factory=_default_grid)  # backbones, fractions, seeds, base (not the OWNED fields)
     in_site_scheme: str = "kfold"  # IN_SITE_SCHEMES; holdout trains one model per cell instead of protocol.folds
     ood: bool = True  # also test every cell on the held-out sites (trained on the other sites)
     ood_fractions: list[float] = field(default_factory=lambda: [1.0])  # fractions of the out-of-site grid
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Raise ``ConfigError`` naming the first field with a value the experiment cannot run."""
-    labels = sorted(b.label for b in cfg.grid.backbones)
+    """Raise ``ConfigError`` naming the first field with a value the experiment cannot run (the stages' own
+    configs are checked by ``experiment.stages.Experiment``, which builds them)."""
+    labels = [b.label for b in cfg.grid.backbones]
+    names = [spec.name for spec in cfg.pretrain]
     for spec in cfg.pretrain:
         if spec.backbone not in labels:
             raise ConfigError(
-                f"pretrain entry {spec.name!r}: backbone {spec.backbone!r} is not a grid backbone label ({labels})"
+                f"pretrain entry {spec.name!r}: backbone {spec.backbone!r} is not a label of grid.backbones "
+                f"({labels}); set the entry's backbone to one of them, or add a grid backbone with that label"
             )
         if spec.corpus not in MADE_CORPORA:
             raise ConfigError(
                 f"pretrain entry {spec.name!r}: corpus must be one of {MADE_CORPORA}, not {spec.corpus!r} "
                 "(the experiment makes only these corpora)"
+            )
+        if spec.name == "scratch" or names.count(spec.name) > 1:
+            raise ConfigError(
+                f"pretrain entry names must be unique and not 'scratch' (the baseline's label), got {names}"
             )
     if cfg.in_site_scheme not in IN_SITE_SCHEMES:
         raise ConfigError(f"in_site_scheme must be one of {IN_SITE_SCHEMES}, not {cfg.in_site_scheme!r}")
@@ -111,6 +124,44 @@ def validate(cfg: ExperimentConfig) -> None:
     unknown = sorted(set(cfg.synth.cohorts) - set(TASKS))
     if unknown:
         raise ConfigError(f"synth.cohorts: unknown task(s) {unknown}; known: {list(TASKS)}")
+    for task, spec in cfg.synth.cohorts.items():
+        if spec.n < 2 or spec.sites < 1:
+            raise ConfigError(
+                f"synth.cohorts.{task}: n must be >= 2 and sites >= 1, got n={spec.n}, sites={spec.sites}"
+            )
+    _check_fractions("grid.fractions", cfg.grid.fractions)
+    if not cfg.grid.seeds:
+        raise ConfigError("grid.seeds is empty: list at least one seed, e.g. grid.seeds=[0]")
+    if cfg.ood:
+        _check_fractions("ood_fractions", cfg.ood_fractions)
+        _check_ood_sites(cfg.synth)
+
+
+def _check_fractions(key: str, fractions: list[float]) -> None:
+    if not fractions:
+        raise ConfigError(f"{key} is empty: list the training fractions, e.g. {key}=[1.0]")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"{key}: every fraction must lie in (0, 1], got {bad}")
+
+
+def _check_ood_sites(synth: SynthStage) -> None:
+    """The held-out sites must be sites every cohort will have (``site0`` .. ``site{n-1}``), leaving one to train."""
+    if not synth.ood_sites:
+        raise ConfigError("synth.ood_sites is empty: name the held-out site(s), e.g. [site2], or set ood=false")
+    for task, spec in synth.cohorts.items():
+        sites = [f"site{i}" for i in range(spec.sites)]
+        unknown = [s for s in synth.ood_sites if s not in sites]
+        if unknown:
+            raise ConfigError(
+                f"synth.ood_sites: {unknown} not among the sites of cohort {task} ({sites}, from "
+                f"synth.cohorts.{task}.sites={spec.sites})"
+            )
+        if set(sites) <= set(synth.ood_sites):
+            raise ConfigError(
+                f"synth.ood_sites {list(synth.ood_sites)} hold out every site of cohort {task} ({sites}); "
+                "leave at least one site to train on"
+            )
 
 
 def _sets(node: DictConfig, dotted: str) -> bool:

@@ -29,16 +29,21 @@ from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from common.checkpoint import read_export_metadata
-from common.config import load_config, save_config
+from common.config import load_config, save_config, to_object
 from common.errors import ConfigError, NeurotransferError
 from common.io import atomic_write_text
+from common.models import list_backbones
 from experiment.config import ExperimentConfig, PretrainSpec, validate
 from experiment.report import write_experiment_report
 from finetune.config import GridConfig, InitEntry
-from finetune.grid import run_grid
+from finetune.config import validate as validate_run
+from finetune.grid import expand, run_grid
 from pretrain.config import PretrainConfig
+from pretrain.config import validate as validate_pretrain
+from synth.config import SynthConfig
 from synth.video import write_synthetic_videos
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,59 @@ class Experiment:
         validate(cfg)
         self.backbones = {b.label: b for b in cfg.grid.backbones}
         self.timings: dict[str, float] = {}
+        self.check()
+
+    # ------------------------------------------------------------------ checks before anything is written
+    def check(self) -> None:
+        """Every stage's config as the stage will load it, checked by the stage's own schema and ``validate``:
+        a mistake in the last stage stops the experiment before the first writes anything."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: out_dir (--out) is a file, not a folder; choose a folder path")
+        for parent in self.out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{self.out}: out_dir (--out) lies under {parent}, which is a file")
+                break
+        self._check_synth()
+        for bb in self.cfg.grid.backbones:
+            if bb.name not in list_backbones():
+                raise ConfigError(f"grid.backbones: {bb.label!r} names {bb.name!r}, not one of {list_backbones()}")
+        for spec in self.cfg.pretrain:
+            cfg = self.pretrain_config(spec)
+            try:
+                validate_pretrain(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"pretrain entry {spec.name!r} ({spec.config} + its overrides): {e}") from None
+        for ood in (False, True) if self.cfg.ood else (False,):
+            self._check_grid(ood)
+
+    def _check_synth(self) -> None:
+        s = self.cfg.synth
+        overrides = [*s.overrides, f"spacing={s.spacing}", f"contrast={s.contrast}"]
+        try:
+            to_object(load_config(SynthConfig, None, overrides))
+        except NeurotransferError as e:
+            problem = str(e).splitlines()[0].removeprefix("command line: ")
+            raise ConfigError(f"synth.overrides {list(s.overrides)}: {problem}") from None
+        except Exception as e:  # OmegaConf wraps SynthConfig's own check (__post_init__): keep its message
+            cause = e.__cause__ or e.__context__ or e
+            raise ConfigError(f"synth.overrides {list(s.overrides)}: {str(cause).splitlines()[0]}") from None
+
+    def _check_grid(self, ood: bool) -> None:
+        """Each cell's ``RunConfig`` as ``finetune.grid`` builds it, through ``finetune.config.validate``; the
+        exports do not exist yet, so the inits are checked as scratch (their paths are the experiment's own)."""
+        grid = self.grid_config(ood)
+        grid.inits = [InitEntry(name=e.name, spec="scratch", backbones=e.backbones) for e in grid.inits]
+        # a cell's config differs between fractions and seeds only in those two (checked by validate): one of each
+        grid.fractions, grid.seeds = grid.fractions[:1], grid.seeds[:1]
+        where = "out-of-site" if ood else "in-site"
+        for cell in expand(grid, self.grid_dir(ood)):
+            try:
+                validate_run(cell.cfg)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"grid ({where} cell {cell.key}): {e} (from grid.base or the backbone's overrides)"
+                ) from None
 
     # ------------------------------------------------------------------ data
     def _synth_cmd(self, *args: str) -> list[str]:
@@ -182,9 +240,12 @@ class Experiment:
     def export_path(self, spec: PretrainSpec) -> Path:
         return self.pretrain_dir(spec) / "export" / "encoder.safetensors"
 
-    def _pretrain_recipe(self, spec: PretrainSpec) -> Path:
-        """The recipe with the model and input grid of the grid backbone it pre-trains, written next to the run
-        (replaced, not merged: a recipe's own ``model.kwargs`` must not leak into the pre-trained architecture)."""
+    def _recipe(self, spec: PretrainSpec):
+        """The recipe with the model and input grid of the grid backbone it pre-trains (replaced, not merged: a
+        recipe's own ``model.kwargs`` must not leak into the pre-trained architecture)."""
+        if not Path(spec.config).is_file():
+            raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
+        load_config(PretrainConfig, spec.config)  # the recipe's own keys and YAML, errors naming the file
         bb = self.backbones[spec.backbone]
         data = self.cfg.grid.base.data
         recipe = OmegaConf.load(spec.config)
@@ -199,8 +260,24 @@ class Experiment:
             recipe.data.synthmri = {"directory": str(self.corpus_dir())}
         else:
             recipe.data.video = OmegaConf.merge(recipe.data.get("video", {}), {"paths": [str(self.video_dir())]})
+        return recipe
+
+    def pretrain_config(self, spec: PretrainSpec):
+        """The config ``python -m pretrain`` will run for ``spec``: the recipe ⊕ the entry's overrides."""
+        try:
+            base = OmegaConf.merge(OmegaConf.structured(PretrainConfig), self._recipe(spec))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config}: {e}") from None
+        try:
+            return load_config(base, None, spec.overrides)
+        except ConfigError as e:
+            problem = str(e).removeprefix("command line: ")
+            raise ConfigError(f"pretrain entry {spec.name!r}: overrides {list(spec.overrides)}: {problem}") from None
+
+    def _pretrain_recipe(self, spec: PretrainSpec) -> Path:
+        """The recipe (``_recipe``), written next to the run."""
         path = self.out / "pretrain" / f"{spec.name}.yaml"
-        save_config(recipe, path)
+        save_config(self._recipe(spec), path)
         return path
 
     def _pretrain_done(self, spec: PretrainSpec) -> bool:
@@ -211,8 +288,6 @@ class Experiment:
         return int(read_export_metadata(self.export_path(spec)).get("step", -1)) >= steps
 
     def _pretrain(self, spec: PretrainSpec) -> None:
-        if not Path(spec.config).is_file():
-            raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
         cmd = [
             sys.executable,
             "-m",

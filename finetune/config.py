@@ -136,3 +136,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.device must be one of {DEVICES} (or cuda:N), got {cfg.train.device!r}")
     if not cfg.manifest:
         raise ConfigError("manifest is not set; pass --manifest PATH (a CSV with path, subject_id and the label)")
+    if not 0 < cfg.fraction <= 1:
+        raise ConfigError(
+            f"fraction must lie in (0, 1] (the share of each fold's training subjects), got {cfg.fraction}"
+        )

@@ -1,5 +1,6 @@
 """Full fine-tuning: AdamW with layer-wise lr decay (ViTs), linear warm-up + cosine, class-weighted loss,
-early stopping on the validation metric, bf16 autocast where the hardware has it."""
+early stopping on the validation metric, bf16 autocast where the hardware has it. A step whose loss is NaN/Inf
+is skipped and counted; ``MAX_NONFINITE_STREAK`` of them in a row stop the fold with advice."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from common.bf16_check import train_precision
 from common.distributed import seed_everything
+from common.errors import NeurotransferError
 from common.optim import adamw
 from common.precision import autocast, resolve_device
 from common.schedule import warmup_cosine
@@ -25,6 +27,13 @@ from finetune.modes.common import FoldInputs
 from finetune.modes.linear_probe import extract_features
 
 log = logging.getLogger(__name__)
+
+MAX_NONFINITE_STREAK = 10  # NaN/Inf training losses in a row that stop the fold (as pre-training's default)
+ADVICE = "use train.precision=fp32 or a lower train.lr"
+
+
+class TrainingDiverged(NeurotransferError):
+    """A fold's loss, features or outputs are NaN/Inf where training cannot go on."""
 
 
 def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -132,22 +141,50 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
 
     selector = EpochSelector(min(math.ceil(warmup / steps_per_epoch), cfg.epochs - 1), cfg.patience)
     best_state = None
+    skipped = streak = 0  # non-finite losses: in the fold, in a row
+    # a training forward updates BatchNorm's running statistics before its loss is known: kept from before each
+    # step, so that a skipped step leaves none of its NaNs in the model
+    stats = [b for b in model.buffers() if b.is_floating_point()]
+    kept = [b.clone() for b in stats]
     for epoch in range(cfg.epochs):
         model.train()
         running = torch.zeros((), device=device)
+        taken = 0
         for x, target in loader:
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            for k, b in zip(kept, stats):
+                k.copy_(b)
             with autocast(device, precision):
                 out = model(x)
             loss = loss_fn(out.float() if classification else out.float()[:, 0], target)
+            if not torch.isfinite(loss.detach()):  # one host sync per step: a NaN step must not reach the weights
+                for k, b in zip(kept, stats):
+                    b.copy_(k)
+                skipped, streak = skipped + 1, streak + 1
+                log.warning(
+                    "fold %d, epoch %d: non-finite training loss, step skipped (%d in a row, %d in the fold)",
+                    inputs.fold,
+                    epoch,
+                    streak,
+                    skipped,
+                )
+                if streak >= MAX_NONFINITE_STREAK:
+                    raise TrainingDiverged(
+                        f"fold {inputs.fold}: the training loss was NaN/Inf for {streak} steps in a row (epoch "
+                        f"{epoch}, precision {precision}); training diverged: {ADVICE}"
+                    )
+                continue
+            streak, taken = 0, taken + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
-            running += loss.detach()  # summed on device: no host sync per step
-        train_loss = float(running) / steps_per_epoch
+            running += loss.detach()  # summed on device
+        if not taken:  # every step skipped: the model is the one already validated
+            continue
+        train_loss = float(running) / taken
         score = _validate(model, inputs, va, decode, cfg, device, precision) if len(va) else (-train_loss, 0.0)
         if inputs.tb is not None:
             inputs.tb.add_scalar(f"{inputs.tb_prefix}train_loss", train_loss, epoch)
@@ -158,6 +195,10 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             best_state = copy.deepcopy(model.state_dict())
         if stop:
             break
+    if best_state is None:  # only when no epoch took a step: the selector keeps the first candidate epoch otherwise
+        raise TrainingDiverged(
+            f"fold {inputs.fold}: the training loss was NaN/Inf at every step ({skipped}); nothing trained: {ADVICE}"
+        )
     model.load_state_dict(best_state)
     if inputs.on_fitted is not None:
         inputs.on_fitted(model)
@@ -171,6 +212,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             "epochs_run": epoch + 1,
             "val_score": float(selector.best_score[0]),
             "precision": precision,
+            "nonfinite_skipped": skipped,
             **({"head_probe_strength": head_probe} if head_probe is not None else {}),
         },
     )
@@ -203,10 +245,23 @@ def init_head_from_probe(
     standardisation becomes the head's BatchNorm statistics (``head_norm=batch``) or is folded into its weights."""
     rows = np.concatenate([inputs.train_idx, inputs.val_idx])
     x = extract_features(model.backbone, inputs.volumes[rows], batch_size, device, precision).double().numpy()
+    bad = int((~np.isfinite(x).all(axis=1)).sum())
+    if bad:
+        raise TrainingDiverged(
+            f"fold {inputs.fold}: LP-FT (train.head_init=probe): the initial backbone's features are NaN/Inf for "
+            f"{bad} of {len(rows)} training and validation volumes (precision {precision}); use "
+            "train.precision=fp32, check the init's weights, or use train.head_init=random"
+        )
     n_train = len(inputs.train_idx)
     kind = "classification" if inputs.kind == "classification" else "regression"
     fit = fit_head(x, targets[rows], kind, np.arange(n_train), np.arange(n_train, len(rows)))
     weight, bias = fit["weight"], fit["bias"]
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise TrainingDiverged(
+            f"fold {inputs.fold}: LP-FT (train.head_init=probe): the probe fitted to the frozen features has "
+            f"NaN/Inf weights (features of magnitude up to {np.abs(x).max():.3g}); use train.precision=fp32, check "
+            "the init's weights, or use train.head_init=random"
+        )
     if kind == "classification" and weight.shape[0] == 1:  # binary: logit w·x + b as the two classes' logits
         weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
     head = model.head
@@ -228,6 +283,11 @@ def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> 
     """Larger is better: (validation AUC, minus cross-entropy) — the loss breaks ties of a saturated AUC on a
     small validation set — or (minus the MAE, 0)."""
     out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
+    if not np.isfinite(out).all():
+        raise TrainingDiverged(
+            f"fold {inputs.fold}: the model's validation outputs are NaN/Inf although its training loss was finite "
+            f"(precision {precision}); {ADVICE}"
+        )
     if inputs.kind == "classification":
         m = classification_metrics(inputs.y[va], out)
         ce = -float(np.mean(np.log(np.clip(out[np.arange(len(va)), inputs.y[va]], 1e-7, 1))))

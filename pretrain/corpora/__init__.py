@@ -35,11 +35,14 @@ def build_source(cfg, corpus: str | None = None):
 
 def require_covariates(source, needs: tuple[str, ...]) -> None:
     """A ``DataError`` naming the manifest when ``source`` cannot give every covariate in ``needs`` (the config
-    check has passed: the corpus kind has them, but this manifest lacks the column)."""
+    check has passed: the corpus kind has them, but this manifest lacks the column); then the items without a
+    value are dropped, counted in the log (``MedicalSource.keep_items_with``), before any batch is read."""
     missing = [c for c in needs if c not in getattr(source, "covariates", ())]
     if missing:
         where = getattr(source, "manifest", None) or source.name
         raise DataError(where, f"no {', '.join(missing)} column: the objective needs it for every item")
+    if needs and hasattr(source, "keep_items_with"):
+        source.keep_items_with(needs)
 
 
 __all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader", "require_covariates"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from monai.transforms import Compose, EnsureType, RandFlip, RandSpatialCrop
 from common.data import PreprocessConfig, build_preprocess, read_manifest
 from common.errors import ConfigError, DataError
 from pretrain.corpora.stream import file_at
+
+log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -65,9 +68,33 @@ class MedicalSource:
         )
         self.seed = seed
 
+    def keep_items_with(self, names: Sequence[str]) -> None:
+        """Drop the manifest rows whose ``names`` (``age``) are empty or not finite numbers, logging how many,
+        so that every item a stream reads has them; a ``DataError`` if no row is left."""
+        if self.table is None or not names:
+            return
+        values = self.table[list(names)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+        keep = np.isfinite(values).all(axis=1)
+        if keep.all():
+            return
+        dropped, total = int((~keep).sum()), len(keep)
+        if not keep.any():
+            raise DataError(
+                self.manifest, f"no row has a number in {', '.join(names)}: the objective needs it for every item"
+            )
+        log.warning(
+            "%s: %d of %d rows dropped: %s empty or not a number (the objective needs it for every item)",
+            self.manifest,
+            dropped,
+            total,
+            ", ".join(names),
+        )
+        self.table = self.table[keep].reset_index(drop=True)
+        self.files = [Path(p) for p in self.table["path"]]
+
     def covariate(self, position: int, name: str) -> float:
         """The item's ``name`` (``age``) from the manifest's column; an item without one is a ``DataError``
-        (the stream skips it, counted as a bad item)."""
+        (``keep_items_with`` drops such rows up front; were one left, the stream would skip it as a bad item)."""
         if self.table is None or name not in self.table.columns:
             raise DataError(self.manifest or self.files[0].parent, f"no {name!r} column: the items carry no {name}")
         row = file_at(position, len(self.files), self.seed)

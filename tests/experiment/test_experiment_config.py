@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from common.errors import ConfigError
+from experiment.cli import main as experiment_main
 from experiment.config import OWNED, load_experiment_config, validate
 from experiment.stages import Experiment
 from finetune.cli import main as finetune_main
@@ -69,3 +72,76 @@ def test_the_experiment_has_one_entry_point(capsys):
     with pytest.raises(SystemExit) as stop:
         finetune_main(["experiment", "--config", str(SMOKE)])
     assert stop.value.code == 2 and "invalid choice: 'experiment'" in capsys.readouterr().err
+
+
+def _run_cli(capsys, *argv: str) -> str:
+    """``python -m experiment`` in-process: it must end with exit 2 and one ``error:`` line, which is returned."""
+    assert experiment_main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_file_given_as_the_output_folder_is_one_error_line(tmp_path, capsys):
+    file = tmp_path / "results.txt"
+    file.write_text("keep me\n")
+    assert "results.txt: out_dir (--out) is a file" in _run_cli(capsys, "--config", str(SMOKE), "--out", str(file))
+    assert "which is a file" in _run_cli(capsys, "--config", str(SMOKE), "--out", str(file / "sub"))
+    assert file.read_text() == "keep me\n"
+
+
+def _smoke_with(tmp_path, edit) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text())
+    edit(raw)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+STAGE_MISTAKES = {  # what the tester found running minutes into an experiment, and the error that now comes first
+    "grid.base.train.mode=lnear": r"in-site cell ad/vit/scratch/.*train.mode must be one of .*'lnear'",
+    "grid.fractions=[1.5]": r"grid.fractions: every fraction must lie in \(0, 1\], got \[1.5\]",
+    "grid.fractions=[]": "grid.fractions is empty",
+    "grid.seeds=[]": "grid.seeds is empty",
+    "ood_fractions=[0.0]": r"ood_fractions: every fraction must lie in \(0, 1\]",
+    "synth.ood_sites=[site9]": r"synth.ood_sites: \['site9'\] not among the sites of cohort ad \(\['site0', 'site1'\]",
+    "synth.ood_sites=[site0,site1]": "hold out every site of cohort ad",
+    "synth.overrides=[atrophy.max_mm=9]": r"synth.overrides \['atrophy.max_mm=9'\]: .*atrophy.max_mm must lie",
+}
+
+
+@pytest.mark.parametrize("override", sorted(STAGE_MISTAKES))
+def test_every_stage_is_checked_before_anything_is_written(tmp_path, capsys, override):
+    out = tmp_path / "experiment"
+    error = _run_cli(capsys, "--config", str(SMOKE), "--out", str(out), override)
+    assert re.search(STAGE_MISTAKES[override], error), error
+    assert not (out / "data").exists() and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw["pretrain"][0]["overrides"].append("objective.name=mea"), "objective.name must be one of"),
+        (lambda raw: raw["pretrain"][0]["overrides"].append("optim.lr=fast"), "key 'optim.lr' expects a number"),
+        (lambda raw: raw["pretrain"][1].update(config="configs/pretrain/nope.yaml"), "nope.yaml not found"),
+        (lambda raw: raw["grid"]["backbones"][0].update(name="vit_huge_p99"), "names 'vit_huge_p99', not one of"),
+    ],
+)
+def test_pretrain_entries_and_grid_backbones_are_checked_before_anything_is_written(tmp_path, capsys, edit, message):
+    out = tmp_path / "experiment"
+    error = _run_cli(capsys, "--config", str(_smoke_with(tmp_path, edit)), "--out", str(out))
+    assert message in error and (error.startswith("error: pretrain entry") or "grid.backbones" in error), error
+    assert not out.exists()
+
+
+def test_an_empty_experiment_yaml_asks_for_the_cohorts_and_its_defaults_fit_together(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "synth.cohorts is empty" in _run_cli(capsys, "--config", str(empty), "--out", str(tmp_path / "x"))
+    cfg = load_experiment_config(empty, ["synth.cohorts={ad: {n: 20, sites: 3}}", f"out_dir={tmp_path / 'x'}"])
+    Experiment(cfg)  # the default pretrain entry pre-trains the default grid's backbone; every stage's config checks
+    cfg.grid.backbones[0].label = "cnn"
+    with pytest.raises(
+        ConfigError, match=r"pretrain entry 'synthmri_mae': backbone 'vit' is not a label of .*\['cnn'\]"
+    ):
+        validate(cfg)
