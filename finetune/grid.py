@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import save_config
+from common.config import load_config, save_config, to_object
 from common.errors import ConfigError
 from finetune.config import GridConfig, RunConfig
 from finetune.gains import compute_gains
@@ -89,13 +89,10 @@ def _with_overrides(base: RunConfig, overrides: list[str], backbone: str, init: 
     """``base`` with the backbone's, then the init's ``key=value`` overrides (the init's win)."""
     if not overrides:
         return copy.deepcopy(base)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:  # OmegaConf's key / type errors
-        raise ConfigError(
-            f"backbone {backbone!r}, init {init!r}: overrides {list(overrides)} do not fit the run config ({e})"
-        ) from None
-    return OmegaConf.to_object(merged)
+    try:  # common.config: its strings stay literal, its errors are one line naming the key
+        return to_object(load_config(base, overrides=overrides))
+    except ConfigError as e:
+        raise ConfigError(f"backbone {backbone!r}, init {init!r}: overrides {list(overrides)}: {e}") from None
 
 
 def cell_dir(out_dir: Path, cell: Cell) -> Path:

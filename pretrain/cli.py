@@ -145,7 +145,10 @@ def check_resume_config(cfg, saved: Path) -> None:
         old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
     except Exception as e:  # a YAML error, a file that is no mapping
         raise ConfigError(f"{saved}: cannot read the run's saved config ({e})") from None
-    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg))
+    # resolve: the loaded config holds user strings escaped (common.config), the saved YAML holds them as text
+    new = _flat(
+        OmegaConf.to_container(OmegaConf.structured(cfg) if not OmegaConf.is_config(cfg) else cfg, resolve=True)
+    )
     fixed = lambda k: k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FREE)
     differ = sorted(k for k in set(old) | set(new) if fixed(k) and old.get(k) != new.get(k))
     if differ:
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg.model.backbone,
         img_size=tuple(cfg.data.input_size),
         in_chans=1,
-        **OmegaConf.to_container(cfg.model.kwargs),
+        **OmegaConf.to_container(cfg.model.kwargs, resolve=True),
     )
     if hasattr(encoder, "attn_backend"):
         encoder.attn_backend = cfg.model.attn_backend

@@ -119,3 +119,11 @@ def test_the_best_mark_goes_to_the_lowest_mae_and_the_highest_auc():
     starred = [line for line in markdown(summary).splitlines() if "★" in line and line.startswith("|")]
     assert len(starred) == 2 and all("| mae |" in line for line in starred)
     assert any("3.000 ★" in line for line in starred) and any("0.900 ★" in line for line in starred)
+
+
+def test_a_cells_overrides_keep_a_path_with_dollar_braces_literal():
+    from finetune.config import RunConfig
+    from finetune.grid import _with_overrides
+
+    run = _with_overrides(RunConfig(manifest="/data/${oops}/m.csv"), ["train.lr=0.001"], "vit", "scratch")
+    assert run.manifest == "/data/${oops}/m.csv" and run.train.lr == 0.001
