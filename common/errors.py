@@ -28,3 +28,18 @@ class DataError(NeurotransferError, ValueError):
 
 class CheckpointError(NeurotransferError, ValueError):
     """A checkpoint or weight file cannot be read or does not fit the model."""
+
+
+USER_FACING = (NeurotransferError, OSError, KeyboardInterrupt)  # what a CLI ends on without a traceback
+
+
+def end_of_command(e: BaseException, resume: str = "rerun the same command to resume") -> tuple[str, int]:
+    """The one line a CLI prints for ``e`` (one of ``USER_FACING``) and its exit code: 2 for a mistake the user
+    can fix or a file the system refused (``OSError`` names the file), 130 for Ctrl-C (``resume`` says how to go
+    on: finished work is kept)."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted; {resume}", 130
+    if isinstance(e, OSError) and not isinstance(e, NeurotransferError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"error: {where}{e.strerror or e}", 2
+    return f"error: {e}", 2

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from common.config import parse_with_overrides
-from common.errors import NeurotransferError
+from common.errors import USER_FACING, end_of_command
 from experiment.config import load_experiment_config
 from experiment.stages import run_experiment
 
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     try:
         report = run_experiment(load_experiment_config(args.config, overrides))
-    except NeurotransferError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_FACING as e:
+        line, code = end_of_command(e, "rerun the same command: finished stages are skipped")
+        print(line, file=sys.stderr)
+        return code
     print(f"report: {report}")
     return 0

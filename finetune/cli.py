@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from common.config import load_config, parse_with_overrides
-from common.errors import NeurotransferError
+from common.errors import USER_FACING, end_of_command
 from finetune.config import TRAIN_MODES, GridConfig, RunConfig
 from finetune.grid import run_grid
 from finetune.probe import COVARIATES, format_table, run_probe
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         {"run": _run, "benchmark": _benchmark, "probe": _probe}[args.command](args)
-    except NeurotransferError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_FACING as e:
+        line, code = end_of_command(e)
+        print(line, file=sys.stderr)
+        return code
     return 0

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from common.config import load_config, parse_with_overrides, save_config
 from common.data.packed import PackedVolumes
 from common.distributed import seed_everything
-from common.errors import CheckpointError, ConfigError, NeurotransferError
+from common.errors import USER_FACING, CheckpointError, ConfigError, end_of_command
 from common.io import atomic_write, file_hash
 from common.models import create_backbone
 from pretrain.config import CORPORA, PretrainConfig, validate
@@ -248,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except NeurotransferError as e:
+    except USER_FACING as e:
+        line, code = end_of_command(e, "rerun with --resume auto to continue from the last checkpoint")
         rank = os.environ.get("RANK", "0")
-        print(f"error [rank {rank}]: {e}", file=sys.stderr)
-        return 2
+        print(line.replace("error:", f"error [rank {rank}]:", 1), file=sys.stderr)
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
