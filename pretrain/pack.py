@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from common.data.packed import PACK_DTYPES, pack_manifest
 from common.data.volume import INTENSITY_MODES, PreprocessConfig
-from common.errors import NeurotransferError
+from common.errors import NeurotransferError, end_of_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # finished shards are kept (each written atomically); the next run goes on from them
         print("pretrain.pack: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk full, a folder not writable: one line naming the file
+        print(f"pretrain.pack: {end_of_command(e)[0]}", file=sys.stderr)
+        return 2
     print(index)
     return 0
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from common.config import load_config, parse_with_overrides, to_object
-from common.errors import NeurotransferError
+from common.errors import NeurotransferError, end_of_command
 from synth.config import CONTRASTS, TASKS, SynthConfig
 from synth.ldm.cli import add_ldm_commands
 
@@ -138,3 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except OSError as e:  # a disk full, a folder not writable: one line naming the file
+        print(f"synth: {end_of_command(e)[0]}", file=sys.stderr)
+        return 2

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.config import load_config, parse_with_overrides, to_object
-from common.errors import ConfigError, NeurotransferError
+from common.errors import ConfigError, NeurotransferError, end_of_command
 from common.precision import DEVICES, PRECISIONS, resolve_device, resolve_precision
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import sex_code
@@ -127,3 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command (ldm-train with --resume) to continue", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk full, a folder not writable: one line naming the file
+        print(end_of_command(e)[0], file=sys.stderr)
+        return 2

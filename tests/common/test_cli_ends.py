@@ -37,3 +37,19 @@ def test_a_cli_ends_on_one_line(module, inner, argv, raised, code, line, monkeyp
     assert module.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0] and "Traceback" not in err[0], err
+
+
+def test_synth_and_pack_end_an_oserror_on_one_line(monkeypatch, capsys, tmp_path):
+    import pretrain.pack
+    import synth.cli
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "x.nii.gz"))
+
+    monkeypatch.setattr(synth.cli, "run", full)
+    assert synth.cli.main(["generate"]) == 2
+    monkeypatch.setattr(pretrain.pack, "pack_manifest", full)
+    argv = ["--manifest", "m.csv", "--out", str(tmp_path / "p"), "--spacing", "4", "--shape", "8", "8", "8"]
+    assert pretrain.pack.main([*argv, "--intensity", "percentile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("x.nii.gz: No space left on device" in line for line in err), err
