@@ -30,6 +30,10 @@ class CheckpointError(NeurotransferError, ValueError):
     """A checkpoint or weight file cannot be read or does not fit the model."""
 
 
+class TrainingDiverged(NeurotransferError):
+    """Training cannot go on: the loss stayed NaN/Inf too many steps in a row, or features or outputs are NaN/Inf."""
+
+
 USER_FACING = (NeurotransferError, OSError, KeyboardInterrupt)  # what a CLI ends on without a traceback
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from common.checkpoint import FOLDER_WEIGHTS
 from common.distributed import is_rank_zero
-from common.errors import DataError, NeurotransferError
+from common.errors import DataError, NeurotransferError, TrainingDiverged
 from common.export import export_folder, link_file
 from common.io import atomic_write
 from common.tb import RankZeroWriter, progress
@@ -30,10 +30,6 @@ from pretrain.objectives.base import Objective
 
 log = logging.getLogger(__name__)
 TAG_PREFIX = "step"
-
-
-class TrainingDiverged(NeurotransferError):
-    """The loss stayed NaN/Inf for too many steps in a row."""
 
 
 def tag_for(step: int) -> str:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from common.bf16_check import train_precision
 from common.distributed import seed_everything
-from common.errors import NeurotransferError
+from common.errors import TrainingDiverged
 from common.optim import adamw
 from common.precision import autocast, resolve_device
 from common.schedule import warmup_cosine
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_NONFINITE_STREAK = 10  # NaN/Inf training losses in a row that stop the fold (as pre-training's default)
 ADVICE = "use train.precision=fp32 or a lower train.lr"
-
-
-class TrainingDiverged(NeurotransferError):
-    """A fold's loss, features or outputs are NaN/Inf where training cannot go on."""
 
 
 def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
