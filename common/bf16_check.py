@@ -143,14 +143,18 @@ def below_kernel(conv: nn.Module, shape: torch.Size) -> bool:
     return False
 
 
+_VERDICTS: dict[tuple, str | None] = {}  # this process's kernel verdicts: a fine-tuning grid checks each fold
+
+
 def faulty_convolutions(model: nn.Module, forward: Callable[[nn.Module], object]) -> dict[str, str]:
     """The convolutions ``forward(model)`` runs whose bf16 kernels cannot be trusted at the input shape each
     sees: on a CPU, those ``below_kernel``; anywhere, those whose check (``kernel_error``) is off by more than
     ``CONV_TOLERANCE``. Returns name -> a note with the shape and why."""
     faulty = {}
-    verdicts: dict[tuple, str | None] = {}  # convolutions of the same geometry share one verdict
+    verdicts = _VERDICTS  # convolutions of the same geometry share one verdict, also across folds and runs
     for name, (conv, shape) in conv_inputs(model, forward).items():
         geometry = (tuple(shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
+        geometry += (str(conv.weight.device),)
         if geometry not in verdicts:
             verdicts[geometry] = None
             if conv.weight.device.type == "cpu" and below_kernel(conv, shape):

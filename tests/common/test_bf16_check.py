@@ -17,6 +17,13 @@ from common.bf16_check import (
     train_precision,
 )
 
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch):
+    """Each test sees kernels checked anew: verdicts are kept per process, and some tests simulate a fault."""
+    monkeypatch.setattr(bf16_check, "_VERDICTS", {})
+
+
 FAULTY_SHAPE = (4, 8, 4, 4, 4)  # the input shape whose simulated bf16 kernel returns garbage
 
 
@@ -176,3 +183,12 @@ def test_the_real_onednn_kernel_fault_is_where_the_rule_says():
     conv = nn.Conv3d(64, 64, 3, padding=1, bias=False)
     assert kernel_error(conv, (8, 64, 2, 2, 2), trials=5) > bf16_check.CONV_TOLERANCE
     assert kernel_error(conv, (8, 64, 6, 6, 6)) < bf16_check.CONV_TOLERANCE
+
+
+def test_a_geometrys_verdict_is_kept_for_the_next_fold(monkeypatch):
+    """A grid checks every fold's model: a geometry checked once is not run again."""
+    ran = []
+    monkeypatch.setattr(bf16_check, "kernel_error", lambda conv, shape, trials=1: ran.append(conv) or 0.0)
+    for _ in range(2):
+        faulty_convolutions(Net(), loss)
+    assert len(ran) == 2  # the two convolutions' geometries, once each
