@@ -236,13 +236,13 @@ def part_run(
     cuda = device.type == "cuda"
     workers = 0 if in_process else max(1, min(15, (os.cpu_count() or 2) - 1))
     if cuda:
-        data = {"input_size": [96] * 3, "spacing": [2.0] * 3, "batch_size": 8, "num_workers": workers}
+        data = {"shape": [96] * 3, "spacing": [2.0] * 3, "batch_size": 8, "num_workers": workers}
         data["synthmri"] = {"device": "cuda" if in_process else "cpu"}
         model, train = {"backbone": "vit_base_p16"}, {"steps": 30, "precision": "bf16", "log_every": 5}
         objective = {"mae": {}}
     else:
         skipped["zero2.nccl"] = "no CUDA device: ZeRO-2 on gloo, 2-block ViT at 32³"
-        data = {"input_size": [32] * 3, "spacing": [4.0] * 3, "batch_size": 2, "num_workers": 1}
+        data = {"shape": [32] * 3, "spacing": [4.0] * 3, "batch_size": 2, "num_workers": 1}
         model, train = {"backbone": "vit_base_p16", "kwargs": TINY_VIT}, {"steps": 6, "precision": "fp32"}
         objective = {"mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 4}}
     data["prefetch_factor"] = 2
@@ -252,7 +252,7 @@ def part_run(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "run.yaml").write_text(yaml.safe_dump(cfg))
         argv = [sys.executable, str(REPO / "pretrain/main.py"), "--config", str(Path(tmp) / "run.yaml")]
-        argv += ["--deepspeed_config", str(REPO / "configs/deepspeed/zero2.json"), "--output", f"{tmp}/run"]
+        argv += ["--deepspeed_config", str(REPO / "configs/deepspeed/zero2.json"), "--out", f"{tmp}/run"]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env["PYTHONPATH"] = str(REPO)
         start = time.perf_counter()

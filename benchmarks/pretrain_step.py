@@ -1,31 +1,36 @@
 """One pre-training step as ``python -m pretrain`` runs it, against MONAI's model trained the way its users would.
 
     python benchmarks/pretrain_step.py [--steps 3] [--batch 4] [--size 96] [--precisions fp32,bf16] [--cnn]
+    python benchmarks/pretrain_step.py --grid [--grid-sizes 64,96,128,160] [--grid-batches 1,2,4,8] [--precisions …]
 
 MAE (always): ours is ``configs/pretrain/synthmri_mae.yaml`` (ViT-B/16 at 96³, mask 0.75, decoder 384 × 4,
 norm-pix loss, AdamW β = (0.9, 0.95), clipping 1.0) at batch ``--batch`` and one micro-batch per step, stepped
-through ``pretrain.engine.Engine`` (DeepSpeed, our optimizer settings and precision handling) exactly as
-``pretrain.trainer`` does: forward, the finite-loss check, backward, step. MONAI's ``MaskedAutoEncoderViT`` at
-the same dimensions (768 × 12, MLP 3072, qkv bias; decoder 384 × 4, MLP 1536) with ``torch.optim.AdamW``'s
-defaults and a masked-patch MSE; in bf16 with bf16 weights, as its model fails under ``torch.autocast`` (its
-decoder's ``index_put`` mixes fp32 mask tokens with bf16 activations).
+through ``pretrain.engine.Engine`` (DeepSpeed, our optimizer settings and precision handling: in bf16, bf16
+weights with fp32 masters) exactly as ``pretrain.trainer`` does: forward, the finite-loss check, backward,
+step. MONAI's ``MaskedAutoEncoderViT`` at the same dimensions (768 × 12, MLP 3072, qkv bias; decoder 384 × 4,
+MLP 1536) with ``torch.optim.AdamW``'s defaults and a masked-patch MSE; in bf16 with bf16 weights, as its model
+fails under ``torch.autocast`` (its decoder's ``index_put`` mixes fp32 mask tokens with bf16 activations).
 
 SimCLR (``--cnn``): ours is ``configs/pretrain/synthmri_simclr.yaml`` with a ResNet-18 through the engine; the
 baseline the same objective (a copy with the same initial weights) in a plain PyTorch loop (forward, backward,
 ``torch.optim.AdamW`` defaults), at ``--cnn-size``³ (default 48: a ResNet-18 step at 96³ takes minutes on 2 cores).
 
 Printed per precision: volumes/s of each, timed in this process, alternating the two round by round (load from
-other processes hits both alike), and the ratio; peak memory, each (model, precision) in a fresh child process
-(``VmHWM`` minus the RSS after imports: weights, gradients, optimizer state and activations); each step's FLOPs
+other processes hits both alike), and the ratio; peak memory of the training steps, each (model, precision) in a
+fresh child process (``VmHWM``, reset once the model is built and checked, minus the RSS after imports: weights,
+gradients, optimizer state and activations; building and checking ours peaks apart); each step's FLOPs
 (``torch.utils.flop_counter``) as a share of this machine's matmul peak of that precision (the better of a 2048²
 and a 3072² GEMM, measured in every timed round and averaged like the steps: these machines change speed over
 minutes, so a peak from another moment would skew the share either way); the ratio a step doing our FLOPs would
 reach at 100 % of that peak; and, from one profiled step of each, the share of the step spent in matrix products,
 attention and convolutions, and the ratio our step would reach if nothing else in it took time (its products at
-the speed they ran): the ceiling for anything but faster kernels.
+the speed they ran): the ceiling for anything but faster kernels; and that profiled step split by where its
+time goes (``SPLIT``: GEMMs, attention, norms, convolutions, casts, the optimizer, the rest), ours beside the
+baseline's, and our bf16 step's throughput over our fp32 step's (``bf16_vs_fp32``).
 Then what ``precision: auto`` picks here (``pretrain.engine.train_precision``, which checks and times a step where
 bf16 is native) and our throughput at it over MONAI's at its faster precision. The last line is one JSON object
-with all of it.
+with all of it. ``--grid`` instead measures the cost-growth table (``grid``): step time and peak memory of ours,
+ours with activation checkpointing and MONAI's against input size and batch, with exponents time ∝ tokens^a.
 """
 
 from __future__ import annotations
@@ -41,26 +46,29 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MASK_RATIO = 0.75
+OPTIMIZER = "benchmark.optimizer"  # the profiler range around each step's optimizer part
 ENV_OF_A_WORLD = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
 
 
 # ---- our side: the recipe through the engine -----------------------------------------------------------------
-def recipe(task: str, size: int, batch: int):
+def recipe(task: str, size: int, batch: int, checkpointing: bool = False):
     from common.config import load_config
     from pretrain.config import PretrainConfig
 
     name, extra = ("synthmri_mae", []) if task == "mae" else ("synthmri_simclr", ["model.backbone=resnet18"])
     overrides = [
-        f"data.input_size=[{size},{size},{size}]",
+        f"data.shape=[{size},{size},{size}]",
         f"data.batch_size={batch}",
         "optim.accumulation_steps=1",
         "optim.warmup_steps=1",
         "train.steps=100000",
+        f"model.grad_checkpointing={checkpointing}",
         *extra,
     ]
     return load_config(PretrainConfig, REPO / f"configs/pretrain/{name}.yaml", overrides)
@@ -71,9 +79,10 @@ def build_objective(cfg) -> torch.nn.Module:
     from pretrain.objectives import build_objective as build
 
     kwargs = dict(cfg.model.kwargs)
-    encoder = create_backbone(cfg.model.backbone, img_size=tuple(cfg.data.input_size), **kwargs)
+    encoder = create_backbone(cfg.model.backbone, img_size=tuple(cfg.data.shape), **kwargs)
     if hasattr(encoder, "attn_backend"):
         encoder.attn_backend = cfg.model.attn_backend
+    encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return build(cfg.objective, encoder)
 
 
@@ -96,7 +105,8 @@ def engine_step(cfg, objective: torch.nn.Module, precision: str, example: dict[s
         if not engine.all_finite(out["loss"]):
             raise RuntimeError("non-finite loss in the benchmark")
         engine.backward(out["loss"])
-        engine.step()
+        with record_function(OPTIMIZER):  # clipping, AdamW, bf16 write-back, the schedule
+            engine.step()
 
     return step
 
@@ -152,16 +162,20 @@ def plain_step(task: str, model: torch.nn.Module, precision: str):
             else:
                 loss = model(batch)["loss"]
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function(OPTIMIZER):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def build_steps(task: str, size: int, batch: int, precision: str, which=("ours", "base")) -> dict:
+def build_steps(
+    task: str, size: int, batch: int, precision: str, which=("ours", "base"), checkpointing: bool = False
+) -> dict:
     """{"ours": step, "base": step} (or those in ``which``) for one precision, with freshly built models; the
-    SimCLR baseline starts from our initial weights."""
-    cfg = recipe(task, size, batch)
+    SimCLR baseline starts from our initial weights. ``checkpointing``: ours recomputes its encoder's blocks in
+    the backward (``model.grad_checkpointing``; MONAI's model has no such switch)."""
+    cfg = recipe(task, size, batch, checkpointing)
     steps = {}
     if "ours" in which or task != "mae":
         torch.manual_seed(0)
@@ -184,24 +198,32 @@ def proc_status_gb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _memory_child(task: str, which: str, size: int, batch: int, precision: str, queue) -> None:
+def _memory_child(task: str, which: str, size: int, batch: int, precision: str, checkpointing: bool, queue) -> None:
     for key in ENV_OF_A_WORLD:  # a world of one of its own (the parent's port is taken)
         os.environ.pop(key, None)
     from pretrain.engine import init_distributed
 
     init_distributed()
     base = proc_status_gb("VmRSS")
-    step = build_steps(task, size, batch, precision, (which,))[which]
+    step = build_steps(task, size, batch, precision, (which,), checkpointing)[which]
+    start = proc_status_gb("VmHWM") - base  # building the model and, in bf16, checking it
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS now (Linux >= 4.0): the steps' own peak next
+        f.write("5")
     x = example_batch(task, size, batch)
     for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
         step(x)
-    queue.put(proc_status_gb("VmHWM") - base)
+    queue.put({"steps": proc_status_gb("VmHWM") - base, "start": start})
 
 
-def peak_memory_gb(task: str, which: str, size: int, batch: int, precision: str) -> float:
+def peak_memory_gb(
+    task: str, which: str, size: int, batch: int, precision: str, checkpointing: bool = False
+) -> dict[str, float]:
+    """Peak memory in GiB above the imports of one model's training steps (``steps``: weights, gradients,
+    optimizer state, activations), and of building it and checking its bf16 step before them (``start``), in a
+    fresh child process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(task, which, size, batch, precision, queue))
+    proc = ctx.Process(target=_memory_child, args=(task, which, size, batch, precision, checkpointing, queue))
     proc.start()
     value = queue.get()
     proc.join()
@@ -237,30 +259,45 @@ def forward_backward_flops(task: str, size: int, batch: int, which: str = "ours"
     return counter.get_total_flops()
 
 
-# the kernels that do a step's counted FLOPs: matrix products, attention and convolutions
-PRODUCT_OPS = {
-    "aten::mm",
-    "aten::addmm",
-    "aten::bmm",
-    "aten::baddbmm",
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-    "aten::mkldnn_convolution",
-    "aten::convolution_backward",
+# Where a profiled step's time goes: an op's own time (and that of what it calls) counts under the first of
+# these it is or runs inside, everything in the optimizer range (clipping, AdamW, bf16 write-back) as "optimizer"
+SPLIT = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"),
+    "attention": (  # the fused kernels; a math attention's softmax (its products are GEMMs)
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+        "aten::_softmax",
+        "aten::_softmax_backward_data",
+    ),
+    "norms": (
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+        "aten::native_batch_norm",
+        "aten::native_batch_norm_backward",
+    ),
+    "convolutions": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    "casts": ("aten::_to_copy",),  # dtype conversions (autocast's weight and activation casts among them)
 }
+PRODUCTS = ("gemm", "attention", "convolutions")  # the kernels that do a step's counted FLOPs
+_CATEGORY = {op: category for category, ops in SPLIT.items() for op in ops}
 
 
-def product_seconds(step, x: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(seconds in ``PRODUCT_OPS``, seconds in all ops) of one profiled step: what the step would take if
-    everything but its matrix products, attention and convolutions took no time, and what it took."""
+def profile_split(step, x: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Seconds of one profiled step per category: ``SPLIT``'s, ``optimizer`` and ``other`` (elementwise ops,
+    copies, reshapes, autograd's own work)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(x)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCT_OPS)
-    return products / 1e6, total / 1e6
+    split = dict.fromkeys([*SPLIT, "optimizer", "other"], 0.0)
+    for event in prof.events():
+        names, e = [], event
+        while e is not None:
+            names.append(e.name)
+            e = e.cpu_parent
+        category = "optimizer" if OPTIMIZER in names else next((_CATEGORY[n] for n in names if n in _CATEGORY), "other")
+        split[category] += event.self_cpu_time_total / 1e6
+    return split
 
 
 def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict[str, list[float]]) -> dict:
@@ -285,17 +322,21 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
                 start = time.perf_counter()
                 pair[w](x)
                 elapsed[w] += time.perf_counter() - start
-        products = {w: product_seconds(pair[w], x) for w in pair}
+        split = {w: profile_split(pair[w], x) for w in pair}
         del pair
         vps = {w: batch * steps / t for w, t in elapsed.items()}
-        mem = {w: peak_memory_gb(task, w, size, batch, precision) for w in ("ours", "base")}
+        peaks = {w: peak_memory_gb(task, w, size, batch, precision) for w in ("ours", "base")}
+        mem = {w: p["steps"] for w, p in peaks.items()}
         rate = statistics.mean(peak[precision])  # GFLOP/s, over this and earlier rounds
         share = {w: flops[w] / (elapsed[w] / steps) / 1e9 / rate for w in elapsed}
         # the most any step doing our FLOPs could reach here: all of them at the measured matmul peak
         ceiling = rate * 1e9 * (elapsed["base"] / steps) / flops["ours"]
         # ... and if only its products took time, at the speed they ran in it (the ratio of profiled times)
-        product_ceiling = products["base"][1] / products["ours"][0]
-        product_share = {w: products[w][0] / products[w][1] for w in products}
+        total = {w: sum(split[w].values()) for w in split}
+        products = {w: sum(split[w][c] for c in PRODUCTS) for w in split}
+        product_ceiling = total["base"] / products["ours"]
+        product_share = {w: products[w] / total[w] for w in split}
+        shares = {w: {c: round(t / total[w], 3) for c, t in split[w].items()} for w in split}
         results[precision] = {
             "ours_vol_s": round(vps["ours"], 3),
             f"{key}_vol_s": round(vps["base"], 3),
@@ -303,6 +344,7 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
             "ours_peak_gib": round(mem["ours"], 3),
             f"{key}_peak_gib": round(mem["base"], 3),
             "memory_ratio": round(mem["ours"] / mem["base"], 3),
+            "ours_start_peak_gib": round(peaks["ours"]["start"], 3),
             "gflop_per_step": round(flops["ours"] / 1e9, 1),
             f"{key}_gflop_per_step": round(flops["base"] / 1e9, 1),
             "share_of_peak": round(share["ours"], 3),
@@ -311,27 +353,110 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
             "products_share_of_step": round(product_share["ours"], 3),
             f"{key}_products_share_of_step": round(product_share["base"], 3),
             "ratio_ceiling_products_only": round(product_ceiling, 3),
+            "split": {"ours": shares["ours"], key: shares["base"]},
         }
         print(
             f"{task} {precision}: ours {vps['ours']:.2f} vol/s, {base_name} {vps['base']:.2f} vol/s -> "
             f"throughput ratio {vps['ours'] / vps['base']:.2f}x | peak memory ours {mem['ours']:.2f} GiB, "
-            f"{base_name} {mem['base']:.2f} GiB -> ratio {mem['ours'] / mem['base']:.2f} | our step: "
+            f"{base_name} {mem['base']:.2f} GiB -> ratio {mem['ours'] / mem['base']:.2f} (ours while built and "
+            f"checked: {peaks['ours']['start']:.2f} GiB) | our step: "
             f"{flops['ours'] / 1e9:.0f} GFLOP, {share['ours']:.0%} of the {precision} matmul peak "
             f"({rate:.0f} GFLOP/s); {base_name}'s: {flops['base'] / 1e9:.0f} GFLOP, "
             f"{share['base']:.0%} | ceiling: our FLOPs at 100% of the peak would be {ceiling:.2f}x {base_name}\n"
             f"  profiled step: matrix products, attention and convolutions are {product_share['ours']:.0%} of ours, "
             f"{product_share['base']:.0%} of {base_name}'s; ours with nothing else would be "
-            f"{product_ceiling:.2f}x {base_name}",
+            f"{product_ceiling:.2f}x {base_name}\n"
+            f"  split of the profiled step (ours | {base_name}): "
+            + ", ".join(f"{c} {shares['ours'][c]:.0%} | {shares['base'][c]:.0%}" for c in split["ours"]),
             flush=True,
         )
+    if {"fp32", "bf16"} <= results.keys():  # our bf16 step's speed-up over our fp32 step (> 1: bf16 faster)
+        results["bf16_vs_fp32"] = round(results["bf16"]["ours_vol_s"] / results["fp32"]["ours_vol_s"], 3)
+        print(f"{task}: our bf16 step runs at {results['bf16_vs_fp32']:.2f}x our fp32 step's throughput", flush=True)
     torch.manual_seed(0)
     auto, why = train_precision(build_objective(recipe(task, size, batch)), x, "auto")
     print(f"{task}: precision auto -> {auto} ({why})", flush=True)
     summary = {"auto_precision": auto, "reason": why, **results}
     if auto in results:
-        best = max(r[f"{key}_vol_s"] for r in results.values())
+        best = max(results[p][f"{key}_vol_s"] for p in precisions)
         summary[f"ratio_auto_vs_{key}_best"] = round(results[auto]["ours_vol_s"] / best, 3)
     return summary
+
+
+# the grid's columns: ours, ours with activation checkpointing (MONAI's model has no such switch), MONAI's
+VARIANTS = {"ours": ("ours", False), "ours_ckpt": ("ours", True), "monai": ("base", False)}
+
+
+def grid(sizes: list[int], batches: list[int], precisions: list[str], steps: int) -> dict:
+    """The cost-growth table: seconds per MAE step and peak memory of each of ``VARIANTS`` at every input size
+    (cubes) and batch, per precision, timed alternately in this process; then per precision, variant and batch
+    the exponent ``a`` of time ∝ tokens^a fitted (least squares in log-log) over the sizes."""
+    import numpy as np
+
+    rows = []
+    print(
+        "precision  size batch tokens |   ours s    GiB | +ckpt s    GiB |  MONAI s    GiB | ours/MONAI time  mem | "
+        "ckpt/ours time  mem",
+        flush=True,
+    )
+    for precision in precisions:
+        for size in sizes:
+            for batch in batches:
+                x = example_batch("mae", size, batch)
+                built = {
+                    v: build_steps("mae", size, batch, precision, (w,), ckpt)[w] for v, (w, ckpt) in VARIANTS.items()
+                }
+                for step in built.values():  # warm-up: allocator, optimizer state, oneDNN kernels
+                    step(x)
+                seconds = dict.fromkeys(built, 0.0)
+                for _ in range(steps):
+                    for v, step in built.items():
+                        start = time.perf_counter()
+                        step(x)
+                        seconds[v] += (time.perf_counter() - start) / steps
+                del built
+                mem = {
+                    v: peak_memory_gb("mae", w, size, batch, precision, ckpt)["steps"]
+                    for v, (w, ckpt) in VARIANTS.items()
+                }
+                row = {"precision": precision, "size": size, "batch": batch, "tokens": (size // 16) ** 3}
+                row.update({f"{v}_s": round(seconds[v], 3) for v in VARIANTS})
+                row.update({f"{v}_gib": round(mem[v], 3) for v in VARIANTS})
+                rows.append(row)
+                print(
+                    f"{precision:>9} {size:5d} {batch:5d} {row['tokens']:6d} | "
+                    + " | ".join(f"{seconds[v]:8.3f} {mem[v]:6.2f}" for v in VARIANTS)
+                    + f" | {seconds['ours'] / seconds['monai']:15.2f} {mem['ours'] / mem['monai']:4.2f} | "
+                    f"{seconds['ours_ckpt'] / seconds['ours']:14.2f} {mem['ours_ckpt'] / mem['ours']:4.2f}",
+                    flush=True,
+                )
+    exponents: dict[str, dict[str, dict[int, float]]] = {}
+    for precision in precisions:
+        for v in VARIANTS:
+            for batch in batches:
+                points = [
+                    (r["tokens"], r[f"{v}_s"]) for r in rows if (r["precision"], r["batch"]) == (precision, batch)
+                ]
+                if len(points) >= 2:
+                    a = np.polyfit(*np.log(np.array(points, dtype=float)).T, 1)[0]
+                    exponents.setdefault(precision, {}).setdefault(v, {})[batch] = round(float(a), 2)
+    for precision, by_variant in exponents.items():
+        for v, by_batch in by_variant.items():
+            fits = ", ".join(f"batch {b}: {a:.2f}" for b, a in by_batch.items())
+            print(f"time ∝ tokens^a, {precision} {v}: {fits}", flush=True)
+    return {"rows": rows, "exponents": exponents}
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide bf16 here (Linux's /proc/cpuinfo) and torch's vector capability."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    shown = [w for w in wanted if w in flags] or ["(no /proc/cpuinfo flags)"]
+    return f"{' '.join(shown)}; torch capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def main() -> None:
@@ -343,10 +468,25 @@ def main() -> None:
     parser.add_argument("--cnn", action="store_true", help="also SimCLR with a ResNet-18 vs a plain loop")
     parser.add_argument("--cnn-size", type=int, default=48)
     parser.add_argument("--cnn-batch", type=int, default=4)
+    parser.add_argument(
+        "--grid", action="store_true", help="instead: the cost-growth table over --grid-sizes × --grid-batches"
+    )
+    parser.add_argument("--grid-sizes", default="64,96,128,160", help="comma-separated cube sides (multiples of 16)")
+    parser.add_argument("--grid-batches", default="1,2,4,8", help="comma-separated batch sizes")
     args = parser.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
     if not set(precisions) <= {"fp32", "bf16"}:
         parser.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
+    try:
+        sizes = [int(v) for v in args.grid_sizes.split(",") if v]
+        batches = [int(v) for v in args.grid_batches.split(",") if v]
+    except ValueError:
+        parser.error(
+            f"--grid-sizes and --grid-batches take comma-separated integers, got {args.grid_sizes!r}, "
+            f"{args.grid_batches!r}"
+        )
+    if not sizes or any(v <= 0 or v % 16 for v in sizes) or not batches or any(v <= 0 for v in batches):
+        parser.error("--grid-sizes takes positive multiples of the patch size 16, --grid-batches positive integers")
 
     from common.precision import bf16_native
     from pretrain.engine import init_distributed
@@ -354,15 +494,22 @@ def main() -> None:
     init_distributed()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {bf16_native('cpu')}, "
-        f"load average {os.getloadavg()[0]:.1f}; MAE batch {args.batch} × {args.size}³, mask {MASK_RATIO}",
+        f"CPU flags: {cpu_flags()}, load average {os.getloadavg()[0]:.1f}; MAE "
+        + (f"grid {sizes}³ × batches {batches}" if args.grid else f"batch {args.batch} × {args.size}³")
+        + f", mask {MASK_RATIO}",
         flush=True,
     )
+    if args.grid:
+        table = grid(sizes, batches, precisions, args.steps)
+        print(json.dumps({"grid": table, "cpu_flags": cpu_flags(), "load_average": round(os.getloadavg()[0], 2)}))
+        return
     peak: dict[str, list[float]] = {}  # per precision, the GEMM rate of every timed round
     mae = compare("mae", args.size, args.batch, args.steps, precisions, peak)
     out = {
         "auto_precision": mae["auto_precision"],
         "ratio_auto_vs_monai_best": mae.get("ratio_auto_vs_monai_best"),
         **{p: mae[p] for p in precisions},
+        "bf16_vs_fp32": mae.get("bf16_vs_fp32"),
         "peak_gflops": {k: round(statistics.mean(v), 1) for k, v in peak.items()},
         "peak_gflops_range": {k: [round(min(v), 1), round(max(v), 1)] for k, v in peak.items()},
         "load_average": round(os.getloadavg()[0], 2),

@@ -1,15 +1,16 @@
 """Synthetic-MRI throughput: volumes/s made on the fly vs read back from .nii.gz vs read from packed shards.
 
-For each spacing: ``SyntheticMRIStream`` through a DataLoader with one worker per core (what pre-training
-runs), then the same volumes written as .nii.gz and read back with nibabel through the same DataLoader set-up.
-The ratio > 1 means generating is faster than reading files, i.e. the on-the-fly corpus is not the bottleneck.
-Worker start-up is excluded (the clock starts once every worker has delivered its first volume). On a shared
-machine the wall-clock columns drop with the other processes' load, so the script also measures CPU seconds
-per volume (one thread, generation and reading) and the rate they imply on ``--workers`` idle cores. Last, the
-same volumes are packed (``common.data.packed``, uint8, no resampling) and read back memory-mapped through the
-same DataLoader set-up: volumes/s and CPU seconds per volume against the .nii.gz reader, in the same run. And
-the batched generator (``Generator.batch``, 4 subjects per call, on the CPU) against one volume at a time, in CPU
-seconds per volume (one thread).
+For each spacing: ``SyntheticMRIStream`` (the synthetic stream pre-training reads) a volume at a time through a
+DataLoader with one worker per core (pre-training's worker path), then the same volumes written as .nii.gz and read
+back with nibabel through the same DataLoader set-up. The ratio > 1 means generating is faster than reading files,
+i.e. the on-the-fly corpus is not the bottleneck. Worker start-up is excluded (the clock starts once every worker
+has delivered its first volume). On a shared machine the wall-clock columns drop with the other processes' load, so
+the script also measures CPU seconds per volume (one thread, generation and reading) and the rate they imply on
+``--workers`` idle cores. Last, the same volumes are packed (``common.data.packed``, uint8, no resampling) and read
+back memory-mapped through the same DataLoader set-up: volumes/s and CPU seconds per volume against the .nii.gz
+reader, in the same run. And the stream's batched path (``device="cpu"``: ``Generator.batch``, 4 subjects per call;
+pre-training's in-process path, here on the CPU) against one volume at a time, in CPU seconds per volume (one
+thread).
 
     python benchmarks/synth_throughput.py [--spacings 1 2] [--seconds 20] [--workers N]
 """
@@ -34,8 +35,6 @@ from common.data.packed import PackedVolumes, pack_manifest
 from synth.anatomy import output_affine
 from synth.config import SynthConfig
 from synth.dataset import SyntheticMRIStream
-from synth.generator import Generator
-from synth.subject import corpus_plan
 
 TARGETS = {1.0: 2.0, 2.0: 15.0}  # vol/s on 2 cores, from the build issue
 
@@ -75,11 +74,11 @@ class NiftiFiles(Dataset):
 
 
 def rate(loader: DataLoader, warm: int, keep: list | None = None) -> tuple[float, int]:
-    """Volumes/s after the first ``warm`` items (worker start-up excluded)."""
+    """Volumes/s after the first ``warm`` items (worker start-up excluded); ``keep`` collects a stream's volumes."""
     n, start = 0, None
     for i, x in enumerate(loader):
         if keep is not None:
-            keep.append(x.clone())
+            keep.append(x["image"][0].clone())  # batches of one (1, 1, D, H, W) -> (1, D, H, W)
         if i + 1 == warm:
             start = time.perf_counter()
         elif i + 1 > warm:
@@ -99,13 +98,8 @@ def cpu_seconds(items, n: int) -> float:
 
 
 def batched_cpu_seconds(cfg: SynthConfig, batch: int, calls: int = 2) -> float:
-    """CPU seconds per volume of ``Generator.batch`` (one thread, on the CPU) after one warm-up call."""
-    generator = Generator(cfg)
-    generator.batch([corpus_plan(cfg, 3, i) for i in range(batch)])
-    start = time.process_time()
-    for c in range(calls):
-        generator.batch([corpus_plan(cfg, 4, c * batch + i) for i in range(batch)])
-    return (time.process_time() - start) / (calls * batch)
+    """CPU seconds per volume of the stream's batched path (one thread, on the CPU) after one warm-up batch."""
+    return cpu_seconds(SyntheticMRIStream(cfg, seed=3, batch_size=batch, device="cpu"), calls) / batch
 
 
 def measure(spacing: float, seconds: float, workers: int, tmp: Path) -> dict[str, float]:

@@ -2,10 +2,11 @@
 reading: ``common.io``).
 
 An export is one ``.safetensors`` file: the backbone's state dict plus, in the safetensors header under the
-key ``neurotransfer``, a JSON object with ``arch`` (``model.arch``: the registry name and kwargs that
-rebuild it), ``input_size``, ``spacing``, ``intensity`` and free-form provenance (``corpus``,
-``objective``, ``step``, ``manifest_hash`` …); ``package_version`` is added automatically. Nothing here
-unpickles arbitrary objects.
+key ``neurotransfer``, a JSON object with ``arch`` (``model.arch``: the registry name and every constructor
+argument, defaults included, that rebuild it), ``input_size``, ``spacing``, ``intensity`` (+ ``crop_foreground``,
+``percentiles``: ``PreprocessConfig.describe``'s names) and free-form provenance (``corpus``, ``objective``,
+``step``, ``manifest_hash`` …); ``package_version`` is added automatically. An export written before ``arch``
+held the defaults still loads: ``create_backbone`` fills them in. Nothing here unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -24,39 +25,12 @@ from torch import nn
 import common
 from common import models
 from common.errors import CheckpointError
-from common.io import atomic_write, load_torch_file
+from common.io import atomic_write
 
 METADATA_KEY = "neurotransfer"
 FOLDER_WEIGHTS = "model.safetensors"  # the weights of an export folder (``common.export``): an export file itself
 # Keys every export must carry: what a fine-tune needs to feed the encoder the input it was trained on.
 REQUIRED_METADATA = ("input_size", "spacing", "intensity")
-
-
-def _deepspeed_plain_types() -> list[Any]:
-    """The non-tensor types DeepSpeed's own checkpoints hold (ZeRO 1-3 optimizer states): plain records that
-    run no code when built. Imported here because DeepSpeed is slow to import and only its checkpoints need it."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def check_deepspeed_tag(tag_dir: str | Path) -> None:
-    """Refuse a DeepSpeed checkpoint tag folder if any of its ``.pt`` files needs code to unpickle.
-
-    DeepSpeed reads its checkpoints with full pickle (``weights_only=False``), so before it opens them each
-    file is read here with ``weights_only=True``, allowing only DeepSpeed's own plain types; a file that
-    would build anything else raises a ``CheckpointError`` naming it, and DeepSpeed never sees it.
-    """
-    tag_dir = Path(tag_dir)
-    files = sorted(tag_dir.glob("*.pt"))
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no DeepSpeed checkpoint files (*.pt) in this folder")
-    allow = _deepspeed_plain_types()
-    hint = "A DeepSpeed checkpoint written by DeepSpeed holds only tensors and plain DeepSpeed records."
-    for path in files:
-        load_torch_file(path, "cpu", allow, hint)
 
 
 # --------------------------------------------------------------------------------------------- strict loading

@@ -2,7 +2,10 @@
 
 The schema is a dataclass (typed fields, one comment per field), so a wrong key or a value of the wrong type is an
 error naming the key, raised before any work starts. Values are literal: OmegaConf's ``${...}`` interpolation is
-escaped away, because a user's path may contain ``${`` and must arrive as typed.
+escaped away, because a user's path may contain ``${`` and must arrive as typed. A key that was renamed stays
+readable: a dataclass lists its old keys in ``__renamed__`` (``{"old.key": "new.key"}``, relative to it, or
+``("new.key", convert)`` where the value's meaning changed too), and a file or override that uses one is read as the
+new key, with a one-line deprecation warning.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +25,8 @@ from omegaconf.nodes import BooleanNode, EnumNode, FloatNode, IntegerNode, Strin
 
 from common.errors import ConfigError
 from common.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _NOT_GIVEN = object()
 _ESCAPE = re.compile(r"(\\*)\$\{")  # OmegaConf: k backslashes + ``\${`` -> k/2 backslashes + a literal ``${``
@@ -119,6 +125,55 @@ def _error(source: str, e: Exception, cfg: DictConfig, key: str | None, given: A
     return ConfigError(f"{source}: key '{key}' expects {expected}{shown}")
 
 
+def _pop_dotted(data: dict, key: str) -> Any:
+    """Remove ``key`` (dotted) from ``data`` and return its value; a mapping it leaves empty goes too."""
+    *parents, leaf = key.split(".")
+    chain = [data]
+    for part in parents:
+        if not isinstance(chain[-1].get(part), dict):
+            return _NOT_GIVEN
+        chain.append(chain[-1][part])
+    value = chain[-1].pop(leaf, _NOT_GIVEN)
+    for part, parent, child in reversed(list(zip(parents, chain, chain[1:]))):
+        if not child:
+            del parent[part]
+    return value
+
+
+def _renamed(node: DictConfig, data: Any, source: str, where: str = "") -> Any:
+    """``data`` (plain values meant for ``node``) with every key its schemas list in ``__renamed__`` moved to the
+    new key (its value converted where the entry says how), warning once per key; both the old and the new key
+    given is an error (which one would win?), unless they say the same (two old keys of one new key, as a saved
+    config may hold)."""
+    if not isinstance(data, dict) or not isinstance(node, DictConfig):
+        return data
+    data = dict(data)
+    for old, new in getattr(node._metadata.object_type, "__renamed__", {}).items():
+        new, convert = new if isinstance(new, tuple) else (new, None)
+        value = _pop_dotted(data, old)
+        if value is _NOT_GIVEN:
+            continue
+        value = convert(value) if convert else value
+        if _value_at(data, new) not in (_NOT_GIVEN, value):
+            raise ConfigError(f"{source}: both '{where}{old}' and its new name '{where}{new}' are set; keep '{new}'")
+        shown = f" = {value}" if convert else ""
+        log.warning("%s: '%s%s' is deprecated; it now reads '%s%s'%s", source, where, old, where, new, shown)
+        target = data
+        *parents, leaf = new.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    for key, value in data.items():
+        child = node._get_node(key) if key in node else None
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            data[key] = _renamed(child, value, source, f"{where}{key}.")
+        elif isinstance(child, DictConfig) and isinstance(value, dict):  # a None-defaulted dataclass field
+            kind = child._metadata.ref_type
+            if dataclasses.is_dataclass(kind):
+                data[key] = _renamed(OmegaConf.structured(kind), value, source, f"{where}{key}.")
+    return data
+
+
 def _merge(cfg: DictConfig, other: dict, source: str, key: str | None = None) -> DictConfig:
     """``cfg`` ⊕ ``other`` (plain values, merged as literal text); a misfit is a one-line ``ConfigError``."""
     try:
@@ -195,11 +250,11 @@ def load_config(schema: type | Any, file: str | Path | None = None, overrides: I
             raise ConfigError(f"{path}: not valid YAML{_yaml_where(e)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-        cfg = _merge(cfg, OmegaConf.to_container(loaded), str(path))
+        cfg = _merge(cfg, _renamed(cfg, OmegaConf.to_container(loaded), str(path)), str(path))
     overrides = list(overrides)
     parsed = [_override(cfg, item) for item in overrides]
     for key, nested in parsed:
-        cfg = _merge(cfg, nested, "command line", key)
+        cfg = _merge(cfg, _renamed(cfg, nested, "command line"), "command line", key)
     return cfg
 
 
@@ -224,10 +279,13 @@ def to_object(cfg: DictConfig) -> Any:
         raise _error("config", e, cfg, getattr(e, "full_key", None), _NOT_GIVEN) from None
 
 
+def config_values(cfg: Any) -> dict:
+    """The config (``load_config``'s result or a schema instance) as plain values, strings as the run read them."""
+    if isinstance(cfg, DictConfig):  # escaped by load_config: the text the nodes read as
+        return _unescaped(OmegaConf.to_container(cfg, enum_to_str=True))
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # a dataclass: strings literal
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the config as YAML, atomically (a reader never sees half a file); strings as the run read them."""
-    if isinstance(cfg, DictConfig):  # escaped by load_config: write the text the nodes read as
-        data = _unescaped(OmegaConf.to_container(cfg, enum_to_str=True))
-    else:  # a dataclass holds its strings literally
-        data = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    return atomic_write_text(path, OmegaConf.to_yaml(data))
+    return atomic_write_text(path, OmegaConf.to_yaml(config_values(cfg)))

@@ -30,6 +30,10 @@ class CheckpointError(NeurotransferError, ValueError):
     """A checkpoint or weight file cannot be read or does not fit the model."""
 
 
+class UsageError(NeurotransferError):
+    """A command line the parser refused (argparse's message: an unknown option, a missing argument)."""
+
+
 class TrainingDiverged(NeurotransferError):
     """Training cannot go on: the loss stayed NaN/Inf too many steps in a row, or features or outputs are NaN/Inf."""
 
@@ -38,12 +42,15 @@ USER_FACING = (NeurotransferError, OSError, KeyboardInterrupt)  # what a CLI end
 
 
 def end_of_command(e: BaseException, resume: str = "rerun the same command to resume") -> tuple[str, int]:
-    """The one line a CLI prints for ``e`` (one of ``USER_FACING``) and its exit code: 2 for a mistake the user
-    can fix or a file the system refused (``OSError`` names the file), 130 for Ctrl-C (``resume`` says how to go
-    on: finished work is kept)."""
+    """The one line a CLI prints for ``e`` (one of ``USER_FACING``) and its exit code: ``error: …`` and 2 for a
+    mistake the user can fix or a file the system refused (``OSError`` names the file), ``interrupted; …`` and
+    130 for Ctrl-C (``resume`` says how to go on: finished work is kept). A message of several lines is joined."""
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted; {resume}", 130
     if isinstance(e, OSError) and not isinstance(e, NeurotransferError):
         where = f"{e.filename}: " if e.filename else ""
-        return f"error: {where}{e.strerror or e}", 2
-    return f"error: {e}", 2
+        message = f"{where}{e.strerror or e}"
+    else:
+        message = str(e)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return "error: " + (" ".join(lines) or type(e).__name__), 2

@@ -25,8 +25,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
     The temporary name ends with the target's own name, so writers that pick a format from the suffix
-    (``.nii.gz``, ``.safetensors``) behave as for the target. On an exception the temporary file is removed
-    and an existing ``path`` is left untouched. Parent folders are created.
+    (``.nii.gz``, ``.safetensors``) behave as for the target. The file gets the mode a plain ``open`` gives
+    (``0o666`` less the user's umask), whatever the writer chose: safetensors writes ``0o600``, which would keep
+    an export from the rest of a group that shares it. On an exception the temporary file is removed and an
+    existing ``path`` is left untouched. Parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +37,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise DataError(path, f"atomic write: nothing was written to the temporary file {tmp}")
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +45,20 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux reports it (``os.umask`` can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -37,7 +37,8 @@ class RankZeroWriter:
 
 
 def progress(iterable=None, **kwargs: Any) -> tqdm:
-    """A tqdm bar, disabled off rank 0 (and where ``disable`` is passed)."""
-    kwargs["disable"] = kwargs.get("disable", False) or not is_rank_zero()
+    """A tqdm bar, disabled off rank 0 (and where ``disable`` is true; ``disable=None``: where stderr is not a
+    terminal, tqdm's rule, so that logs and captured test output get no bar)."""
+    kwargs["disable"] = kwargs.get("disable", False) if is_rank_zero() else True
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

@@ -85,12 +85,12 @@ def _gains_md(gains: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _paired_gains(gains_csv: Path, summary: pd.DataFrame) -> list[str]:
-    """The grid's paired gains (``finetune.gains``: CI and verdict), or the unpaired differences when the grid
-    predates them."""
+def _paired_gains(gains_csv: Path, summary: pd.DataFrame, min_test_subjects: int) -> list[str]:
+    """The grid's paired gains (``finetune.gains``: CI and verdict, ``too_few`` below ``min_test_subjects``), or the
+    unpaired differences when the grid predates them."""
     if not gains_csv.is_file() or gains_csv.stat().st_size < 2:
         return _gains_md(gains_over_scratch(summary))
-    table = gains_markdown(pd.read_csv(gains_csv)).splitlines()
+    table = gains_markdown(pd.read_csv(gains_csv), min_test_subjects).splitlines()
     return table[2:] if table else ["(no paired gains)"]  # without its own heading
 
 
@@ -126,14 +126,22 @@ def write_experiment_report(
         "# neurotransfer experiment report",
         "",
         "Which initialisation makes a 3D ViT or CNN best at AD, PD and brain-age prediction, on synthetic cohorts "
-        "with a known ground truth?",
+        "with a known ground truth?"
+        if not cfg.cohorts
+        else "Which initialisation makes a 3D ViT or CNN best at your cohorts' tasks "
+        f"({', '.join([*s.cohorts, *cfg.cohorts])})?",
         "",
         "## What ran",
         "",
-        f"- Synthetic pre-training corpus: {s.corpus_n} volumes ({s.contrast} contrast) at {s.spacing:g} mm.",
+        f"- Synthetic pre-training corpus: {s.corpus_n} volumes ({s.contrast} contrast) at {cfg.spacing:g} mm."
+        if any(p.corpus == "synthmri" for p in cfg.pretrain)
+        else "- No synthetic pre-training corpus.",
         "- Labelled cohorts: "
-        + ", ".join(f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items())
-        + f"; held-out site(s) for the out-of-site test: {', '.join(s.ood_sites)}.",
+        + ", ".join(
+            [f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items()]
+            + [f"{t} from {Path(m).name}" for t, m in cfg.cohorts.items()]
+        )
+        + f"; held-out site(s) for the out-of-site test: {', '.join(cfg.ood_sites)}.",
         f"- Video corpus: {cfg.video.count} synthetic clips of moving, deforming shapes "
         f"({cfg.video.frames} frames, {cfg.video.height}×{cfg.video.width})."
         if any(p.corpus == "video" for p in cfg.pretrain)
@@ -163,7 +171,7 @@ def write_experiment_report(
         lines += [
             "### Gain of each pre-trained init over scratch and over the classical baseline (paired)",
             "",
-            *_paired_gains(grid_dirs["in_site"] / "gains.csv", in_summary),
+            *_paired_gains(grid_dirs["in_site"] / "gains.csv", in_summary, cfg.grid.min_test_subjects),
             "",
         ]
         lines += ["### Learning curves", ""]
@@ -173,7 +181,7 @@ def write_experiment_report(
     if cfg.ood:
         ood_summary, ood_tables = _tables(grid_dirs["out_of_site"] / "results.csv")
         lines += [
-            f"## Out-of-site results (trained on the other sites, tested on {', '.join(s.ood_sites)})",
+            f"## Out-of-site results (trained on the other sites, tested on {', '.join(cfg.ood_sites)})",
             "",
             ood_tables,
             "",
@@ -182,7 +190,7 @@ def write_experiment_report(
             lines += [
                 "### Gain over scratch and over the classical baseline on the held-out site(s) (paired)",
                 "",
-                *_paired_gains(grid_dirs["out_of_site"] / "gains.csv", ood_summary),
+                *_paired_gains(grid_dirs["out_of_site"] / "gains.csv", ood_summary, cfg.grid.min_test_subjects),
                 "",
             ]
             for png in sorted((grid_dirs["out_of_site"] / "plots").glob("*_per_site.png")):
@@ -193,7 +201,10 @@ def write_experiment_report(
         "",
         "- The cohorts are synthetic: the disease and ageing effects are the generator's (known, configurable) "
         "effects, not real pathology, and sites differ by the generator's scanner profiles. A gain here says a "
-        "pre-training source helps find these effects, not that it helps on ADNI, PPMI or UK Biobank.",
+        "pre-training source helps find these effects, not that it helps on ADNI, PPMI or UK Biobank."
+        if not cfg.cohorts
+        else f"- Your cohorts ({', '.join(cfg.cohorts)}) are what the gains are measured on; a gain holds for "
+        "scans like theirs (sites, scanners, preprocessing) and says nothing about a clinical use.",
         "- Confidence intervals are bootstrap intervals over test subjects; with few subjects, seeds and folds "
         "they are wide, and differences inside them are not evidence of an effect.",
         "- At quickstart size the models, corpora and pre-training runs are tiny; the ranking of inits can change "

@@ -17,6 +17,7 @@ ends cleanly, and each child resumes on its own terms); fine-tuning runs in this
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from common.checkpoint import read_export_metadata
 from common.config import load_config, save_config, to_object
+from common.data import read_manifest
 from common.errors import ConfigError, NeurotransferError
 from common.io import atomic_write_text
 from common.models import list_backbones
@@ -41,13 +42,27 @@ from experiment.report import write_experiment_report
 from finetune.config import GridConfig, InitEntry
 from finetune.config import validate as validate_run
 from finetune.grid import expand, run_grid
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, SynthMRIConfig
 from pretrain.config import validate as validate_pretrain
 from synth.config import SynthConfig
 from synth.video import write_synthetic_videos
 
 log = logging.getLogger(__name__)
 
+# pretrain keys the experiment sets, and from what (an entry's override of one is an error that says so)
+PRETRAIN_OWNED = {
+    "corpus": "the entry's corpus",
+    "model.backbone": "the entry's grid backbone (grid.backbones)",
+    "model.kwargs": "the entry's grid backbone (grid.backbones)",
+    "data.shape": "grid.base.data.shape",
+    "data.spacing": "spacing",
+    "data.medical.manifest": "the entry's manifest",
+    "data.medical.intensity": "grid.base.data.intensity",
+    "data.input_size": "grid.base.data.shape",
+    "data.synthmri": "the experiment's corpus",
+    "data.video.paths": "the experiment's video clips",
+    "train.seed": "seed",
+}
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -85,8 +100,10 @@ class Experiment:
         self.out = Path(cfg.out_dir)
         self.data = self.out / "data"
         validate(cfg)
+        cfg.grid.base.data.spacing = self.spacing()  # flows down from spacing (its one key)
         self.backbones = {b.label: b for b in cfg.grid.backbones}
         self.timings: dict[str, float] = {}
+        self.pretrain_configs: dict[str, PretrainConfig] = {}  # by entry name, built and checked once by check()
         self.check()
 
     # ------------------------------------------------------------------ checks before anything is written
@@ -100,24 +117,46 @@ class Experiment:
                 if not parent.is_dir():
                     raise ConfigError(f"{self.out}: out_dir (--out) lies under {parent}, which is a file")
                 break
-        self._check_synth()
+        self.synth_config(corpus=True), self.synth_config(corpus=False)
         for bb in self.cfg.grid.backbones:
             if bb.name not in list_backbones():
                 raise ConfigError(f"grid.backbones: {bb.label!r} names {bb.name!r}, not one of {list_backbones()}")
         for spec in self.cfg.pretrain:
-            cfg = self.pretrain_config(spec)
+            cfg = self.pretrain_configs[spec.name] = self.pretrain_config(spec)
             try:
                 validate_pretrain(cfg)
             except ConfigError as e:
                 raise ConfigError(f"pretrain entry {spec.name!r} ({spec.config} + its overrides): {e}") from None
+        self._check_cohorts()
         for ood in (False, True) if self.cfg.ood else (False,):
             self._check_grid(ood)
 
-    def _check_synth(self) -> None:
+    def _check_cohorts(self) -> None:
+        """Your cohorts' and corpora's manifests must be readable, and each cohort must hold the held-out sites
+        and another one to train on (a generated cohort's sites are checked by ``experiment.config``)."""
+        for spec in self.cfg.pretrain:
+            if spec.manifest is not None:
+                read_manifest(spec.manifest, required=("path",))
+        for task, manifest in self.cfg.cohorts.items():
+            sites = set(read_manifest(manifest, required=("path", "subject_id", "site"))["site"])
+            if self.cfg.ood and (not set(self.cfg.ood_sites) <= sites or sites <= set(self.cfg.ood_sites)):
+                raise ConfigError(
+                    f"cohorts.{task}: {manifest} has the sites {sorted(sites)}; ood_sites {list(self.cfg.ood_sites)} "
+                    "must be among them and leave at least one to train on (or set ood=false)"
+                )
+
+    def synth_config(self, corpus: bool) -> SynthConfig:
+        """synth's config for the corpus (``corpus``) or the cohorts: defaults ⊕ ``synth.overrides``, at
+        ``spacing`` (and, for the corpus, ``synth.contrast``), checked by synth's own schema."""
         s = self.cfg.synth
-        overrides = [*s.overrides, f"spacing={s.spacing}", f"contrast={s.contrast}"]
+        owned = {"spacing": "spacing", "contrast": "synth.contrast"}
+        for item in s.overrides:
+            key = item.partition("=")[0].strip()
+            if key in owned:
+                raise ConfigError(f"synth.overrides sets {key} ({item!r}); set {owned[key]} instead (one key per fact)")
         try:
-            to_object(load_config(SynthConfig, None, overrides))
+            base = to_object(load_config(SynthConfig, None, s.overrides))
+            return dataclasses.replace(base, spacing=self.cfg.spacing, **({"contrast": s.contrast} if corpus else {}))
         except NeurotransferError as e:
             problem = str(e).splitlines()[0].removeprefix("command line: ")
             raise ConfigError(f"synth.overrides {list(s.overrides)}: {problem}") from None
@@ -142,19 +181,17 @@ class Experiment:
                 ) from None
 
     # ------------------------------------------------------------------ data
-    def _synth_cmd(self, *args: str) -> list[str]:
-        s = self.cfg.synth
-        return [
-            sys.executable,
-            "-m",
-            "synth",
-            *args,
-            "--spacing",
-            str(s.spacing),
-            "--workers",
-            str(self.cfg.workers),
-            *s.overrides,
-        ]
+    def _synth_cmd(self, command: str, corpus: bool, *args: str) -> list[str]:
+        """``python -m synth COMMAND`` with its config written from ``synth_config`` (the stage's one input besides
+        the job: which folder, how many subjects, which seed)."""
+        config = self.data / f"synth_{'corpus' if corpus else 'cohorts'}.yaml"
+        save_config(self.synth_config(corpus), config)
+        workers = str(self.cfg.workers)
+        return [sys.executable, "-m", "synth", command, "--config", str(config), "--workers", workers, *args]
+
+    def makes_corpus(self) -> bool:
+        """Whether a pretrain entry pre-trains on the synthetic corpus (else the experiment does not make it)."""
+        return any(spec.corpus == "synthmri" for spec in self.cfg.pretrain)
 
     def corpus_dir(self) -> Path:
         return self.data / "synthmri"
@@ -186,15 +223,7 @@ class Experiment:
             ]
         else:
             cmd = self._synth_cmd(
-                "generate",
-                "--out",
-                str(self.corpus_dir()),
-                "--n",
-                str(s.corpus_n),
-                "--seed",
-                str(self.cfg.seed),
-                "--contrast",
-                s.contrast,
+                "generate", True, "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed", str(self.cfg.seed)
             )
         _child(cmd, self.out / "logs" / "corpus.log")
 
@@ -205,6 +234,7 @@ class Experiment:
             _child(
                 self._synth_cmd(
                     "cohort",
+                    False,
                     "--task",
                     task,
                     "--out",
@@ -240,82 +270,72 @@ class Experiment:
     def export_path(self, spec: PretrainSpec) -> Path:
         return self.pretrain_dir(spec) / "export" / "encoder.safetensors"
 
-    def _recipe(self, spec: PretrainSpec):
-        """The recipe with the model and input grid of the grid backbone it pre-trains (replaced, not merged: a
-        recipe's own ``model.kwargs`` must not leak into the pre-trained architecture)."""
+    def pretrain_config(self, spec: PretrainSpec) -> PretrainConfig:
+        """The config ``python -m pretrain`` runs for ``spec``: its recipe ⊕ its overrides, with what the experiment
+        decides (``PRETRAIN_OWNED``: corpus, model, input grid, seed) set from the experiment's own keys; an
+        override of one of those is an error (the pre-trained model must be the grid's, at the grid's input)."""
         if not Path(spec.config).is_file():
             raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config} not found")
-        load_config(PretrainConfig, spec.config)  # the recipe's own keys and YAML, errors naming the file
-        bb = self.backbones[spec.backbone]
-        data = self.cfg.grid.base.data
-        recipe = OmegaConf.load(spec.config)
-        recipe.model = OmegaConf.merge(recipe.get("model", {}), {"backbone": bb.name})
-        recipe.model.kwargs = dict(bb.kwargs)
-        recipe.corpus = spec.corpus
-        recipe.train = OmegaConf.merge(recipe.get("train", {}), {"seed": self.cfg.seed})
-        recipe.data = OmegaConf.merge(
-            recipe.get("data", {}), {"input_size": list(data.shape), "spacing": list(data.spacing)}
-        )
-        if spec.corpus == "synthmri":
-            recipe.data.synthmri = {"directory": str(self.corpus_dir())}
-        else:
-            recipe.data.video = OmegaConf.merge(recipe.data.get("video", {}), {"paths": [str(self.video_dir())]})
-        return recipe
-
-    def pretrain_config(self, spec: PretrainSpec):
-        """The config ``python -m pretrain`` will run for ``spec``: the recipe ⊕ the entry's overrides."""
-        try:
-            base = OmegaConf.merge(OmegaConf.structured(PretrainConfig), self._recipe(spec))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"pretrain entry {spec.name!r}: recipe {spec.config}: {e}") from None
-        try:
-            return load_config(base, None, spec.overrides)
+        for item in spec.overrides:
+            key = item.partition("=")[0].strip()
+            owner = next((v for k, v in PRETRAIN_OWNED.items() if key == k or key.startswith(k + ".")), None)
+            if owner is not None:
+                raise ConfigError(
+                    f"pretrain entry {spec.name!r}: override {item!r} sets {key}, which the experiment sets from "
+                    f"{owner}; change it there"
+                )
+        try:  # an error names the recipe file, or "command line" for the entry's overrides
+            cfg = to_object(load_config(PretrainConfig, spec.config, spec.overrides))
         except ConfigError as e:
-            problem = str(e).removeprefix("command line: ")
-            raise ConfigError(f"pretrain entry {spec.name!r}: overrides {list(spec.overrides)}: {problem}") from None
-
-    def _pretrain_recipe(self, spec: PretrainSpec) -> Path:
-        """The recipe (``_recipe``), written next to the run."""
-        path = self.out / "pretrain" / f"{spec.name}.yaml"
-        save_config(self._recipe(spec), path)
-        return path
+            problem = str(e).replace("command line", "overrides", 1)
+            raise ConfigError(f"pretrain entry {spec.name!r}: {problem}") from None
+        bb, data = self.backbones[spec.backbone], self.cfg.grid.base.data
+        cfg.corpus = spec.corpus
+        # replaced, not merged: a recipe's own model.kwargs must not leak into the pre-trained architecture
+        cfg.model.backbone, cfg.model.kwargs = bb.name, dict(bb.kwargs)
+        cfg.data.shape, cfg.data.spacing = list(data.shape), self.spacing()
+        cfg.train.seed = self.cfg.seed
+        if spec.corpus == "synthmri":
+            cfg.data.synthmri = SynthMRIConfig(directory=str(self.corpus_dir()))
+        elif spec.corpus == "medical":  # your images, preprocessed as the fine-tuning's are
+            cfg.data.medical.manifest, cfg.data.medical.intensity = spec.manifest, data.intensity
+        else:
+            cfg.data.video.paths = [str(self.video_dir())]
+        return cfg
 
     def _pretrain_done(self, spec: PretrainSpec) -> bool:
         """Finished = the export is of the last step (exports are also written at intermediate checkpoints)."""
         if not self.export_path(spec).is_file():
             return False
-        steps = load_config(PretrainConfig, spec.config, list(spec.overrides)).train.steps
+        steps = self.pretrain_configs[spec.name].train.steps
         return int(read_export_metadata(self.export_path(spec)).get("step", -1)) >= steps
 
     def _pretrain(self, spec: PretrainSpec) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pretrain",
-            "--config",
-            str(self._pretrain_recipe(spec)),
-            "--output",
-            str(self.pretrain_dir(spec)),
-            "--resume",
-            "auto",
-            *spec.overrides,
-        ]
-        _child(cmd, self.out / "logs" / f"pretrain_{spec.name}.log")
+        config = save_config(self.pretrain_configs[spec.name], self.out / "pretrain" / f"{spec.name}.yaml")
+        cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--out", str(self.pretrain_dir(spec))]
+        _child([*cmd, "--resume", "auto"], self.out / "logs" / f"pretrain_{spec.name}.log")
 
     # ------------------------------------------------------------------ fine-tuning
+    def spacing(self) -> list[float]:
+        """The one voxel size of the experiment (``spacing``): the corpus's, the cohorts', the models'."""
+        return [float(self.cfg.spacing)] * 3
+
     def grid_config(self, ood: bool) -> GridConfig:
         grid = copy.deepcopy(self.cfg.grid)
         grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in self.cfg.synth.cohorts}
+        grid.tasks.update(self.cfg.cohorts)
         grid.inits = [InitEntry(name="scratch", spec="scratch")] + [
             InitEntry(name=spec.name, spec=str(self.export_path(spec)), backbones=[spec.backbone])
             for spec in self.cfg.pretrain
         ]
         # downstream test images must not be in a pre-training corpus: checked by the protocol
-        grid.base.protocol.pretrain_manifests = [str(self.corpus_dir() / "manifest.csv")]
+        corpus = self.corpus_dir() / "manifest.csv"  # made for a pretrain entry now, or by an earlier run
+        grid.base.protocol.pretrain_manifests = [str(corpus)] if self.makes_corpus() or corpus.is_file() else []
+        grid.base.protocol.pretrain_manifests += [spec.manifest for spec in self.cfg.pretrain if spec.manifest]
         grid.base.protocol.scheme = self.cfg.in_site_scheme
         if ood:
             grid.base.protocol.scheme = "ood"
-            grid.base.protocol.ood_sites = list(self.cfg.synth.ood_sites)
+            grid.base.protocol.ood_sites = list(self.cfg.ood_sites)
             grid.fractions = list(self.cfg.ood_fractions)
         grid.out_dir = str(self.grid_dir(ood))
         return grid
@@ -328,10 +348,12 @@ class Experiment:
 
     # ------------------------------------------------------------------ the run
     def stages(self) -> list[Stage]:
-        stages = [
-            Stage("corpus", lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n), self._corpus),
-            Stage("cohorts", self._cohorts_done, self._cohorts),
-        ]
+        stages = []
+        if self.makes_corpus():
+            corpus_done = lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n)
+            stages.append(Stage("corpus", corpus_done, self._corpus))
+        if self.cfg.synth.cohorts:
+            stages.append(Stage("cohorts", self._cohorts_done, self._cohorts))
         if any(spec.corpus == "video" for spec in self.cfg.pretrain):
             stages.append(Stage("video", self.video_dir().is_dir, self._video))
         for spec in self.cfg.pretrain:

@@ -1,5 +1,8 @@
+"""``python -m finetune``: see ``finetune.cli``."""
+
 import sys
 
 from finetune.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

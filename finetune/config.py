@@ -13,12 +13,25 @@ TRAIN_MODES = ("linear", "full", "lora")  # finetune.modes.MODES implements each
 HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
 HEAD_INITS = ("random", "probe")  # full / LoRA fine-tuning: a small random head, or the linear probe's (LP-FT)
 THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
+MISSING = ("drop", "error")  # a row whose label or covariate cell is empty: left out and counted, or refused
 
 
 @dataclass
-class BackboneConfig:
-    name: str = "resnet18"  # a name from common.models.list_backbones()
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_backbone kwargs (depth, patch_size ...)
+class ModelConfig:
+    backbone: str | None = None  # a name from common.models.list_backbones(); null: an export init's (else resnet18)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # create_backbone kwargs; an export init's fill the rest
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (the same keys as pretrain's ``optim``; warm-up counts epochs here, not steps)."""
+
+    lr: float = 3e-4  # peak AdamW lr for the head; backbone layers get lr * layer_decay^(depth - layer)
+    weight_decay: float = 0.05  # not applied to biases, norms, position embedding and cls token
+    layer_decay: float = 0.75  # layer-wise lr decay for ViTs (1.0 = off); CNNs use one lr
+    warmup_epochs: float = 2.0  # linear warm-up, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
 
 
 @dataclass
@@ -41,16 +54,23 @@ class LoraSettings:
     targets: list[str] = field(default_factory=list)  # module suffixes (attn.qkv) or a type (Conv3d); []: default
 
 
+def _l2_of_c(cs: Any) -> Any:
+    """An old ``train.probe_c`` (logistic regression's C grid) as the L2 penalties it meant, λ = 1/C ascending; a
+    value that is not a list of positive numbers is passed on for the schema and ``validate`` to refuse."""
+    if isinstance(cs, list) and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cs):
+        return sorted(1 / c for c in cs)
+    return cs
+
+
 @dataclass
 class TrainConfig:
+    # saved runs' probe grids (common.config reads them as probe_l2): ridge's alpha is λ, logistic regression's C 1/λ
+    __renamed__ = {"probe_alpha": "probe_l2", "probe_c": ("probe_l2", _l2_of_c)}
+
     mode: str = "full"  # TRAIN_MODES: linear (frozen backbone, cached features, scikit-learn probe) | full | lora
     epochs: int = 30  # upper bound; early stopping usually ends sooner
     batch_size: int = 8
-    lr: float = 3e-4  # peak AdamW lr for the head; backbone layers get lr * layer_decay^(depth - layer)
-    weight_decay: float = 0.05  # not applied to biases, norms, position embedding and cls token
-    layer_decay: float = 0.75  # layer-wise lr decay for ViTs (1.0 = off); CNNs use one lr
-    warmup_epochs: float = 2.0  # linear warm-up, then cosine to min_lr_ratio * lr
-    min_lr_ratio: float = 0.01
+    seed: int = 0  # folds, the training subsets, a scratch backbone's weights and the bootstrap derive from it
     patience: int = 8  # epochs without validation improvement before stopping
     class_weights: bool = True  # weight the loss by inverse class frequency of the training subjects
     head_norm: str = "batch"  # HEAD_NORMS: features standardised over the batch before the head, or not
@@ -59,11 +79,10 @@ class TrainConfig:
     # the validation subjects (LP-FT, Kumar et al. 2022: a random head's first gradients distort pre-trained
     # features, and few labels give it few steps to catch up)
     head_init: str = "random"
-    grad_clip: float = 1.0  # max gradient norm (0 = off)
     precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    probe_c: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # linear probe grid
-    probe_alpha: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])  # ridge grid
+    # L2 penalties λ of the linear probe (mode linear, LP-FT's head, `probe`): ridge alpha = λ, logistic C = 1/λ
+    probe_l2: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
     lora: LoraSettings = field(default_factory=LoraSettings)  # used by mode lora only
 
 
@@ -71,21 +90,31 @@ class TrainConfig:
 class RunConfig:
     """One cell: a task on a manifest, a backbone with an init, one training fraction, one seed."""
 
+    # keys of runs saved before pretrain and finetune spoke one vocabulary (common.config reads them as the new)
+    __renamed__ = {
+        "backbone.name": "model.backbone",
+        "backbone.kwargs": "model.kwargs",
+        "seed": "train.seed",
+        **{f"train.{k}": f"optim.{k}" for k in OptimConfig.__dataclass_fields__},
+    }
+
     task: str = "ad"  # ad | pd | brain_age | classify:COLUMN | regress:COLUMN
     manifest: str = ""  # the task's manifest CSV
     init: str = "scratch"  # scratch, an export (folder or .safetensors), or KIND:PATH (common.weights.INIT_KINDS)
     init_axis: int = 0  # spatial axis a 2D init is inflated along (0 D, 1 H, 2 W)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    allow_partial_init: bool = False  # load our own weights into a model they do not fit (tensors left or resized)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     fraction: float = 1.0  # share of each fold's training subjects used (nested across fractions)
-    seed: int = 0
     out_dir: str = ""  # the run directory (default runs/finetune/TASK-BACKBONE-INIT)
     bootstrap: int = 1000  # bootstrap resamples for the 95 % confidence intervals
     threshold: str = "youden"  # binary tasks' decision cut: youden (chosen on each fold's validation) | argmax
     cache_dir: str | None = None  # where linear-probe features are cached (default: OUT/cache)
     drop_labels: list[str] = field(default_factory=list)  # labels to leave out (e.g. [MCI]); other unknowns: error
+    missing: str = "drop"  # MISSING: rows with an empty label (or probed covariate) are left out and counted | error
     classical_pool: int = 2  # classical baseline on the inputs average-pooled by this factor per axis (0 = off)
 
 
@@ -102,7 +131,7 @@ class GridBackbone:
     label: str = "resnet18"  # the name in tables (two entries may share a registry name)
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)  # RunConfig key=value for this backbone (train.lr=1e-3)
+    overrides: list[str] = field(default_factory=list)  # RunConfig key=value for this backbone (optim.lr=1e-3)
 
 
 @dataclass
@@ -117,6 +146,7 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     base: RunConfig = field(default_factory=RunConfig)  # everything else (data, train, protocol ...)
     metrics: list[str] = field(default_factory=list)  # columns of results.md beyond the primary (default set)
+    min_test_subjects: int = 20  # a paired gain on fewer test subjects per seed gets no verdict (too_few)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -127,11 +157,15 @@ def validate(cfg: RunConfig) -> None:
         "train.head_init": (cfg.train.head_init, HEAD_INITS),
         "train.precision": (cfg.train.precision, PRECISIONS),
         "threshold": (cfg.threshold, THRESHOLDS),
+        "missing": (cfg.missing, MISSING),
         "protocol.scheme": (cfg.protocol.scheme, SCHEMES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    l2 = cfg.train.probe_l2
+    if not l2 or not all(0 < v < float("inf") for v in l2):
+        raise ConfigError(f"train.probe_l2 must be a non-empty list of positive finite L2 penalties, got {list(l2)}")
     if cfg.train.device not in DEVICES and not cfg.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device must be one of {DEVICES} (or cuda:N), got {cfg.train.device!r}")
     if not cfg.manifest:

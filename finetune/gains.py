@@ -5,8 +5,12 @@ reference on the same test subjects, splits and seeds — positive = better, als
 Its 95 % CI is a paired bootstrap over test subjects pooled over seeds: a resample draws subjects with
 replacement and weights each of their test rows (in every seed) by how often they were drawn, so both models
 are scored on the same resampled subjects. The verdict follows the CI: ``helps`` (above 0), ``hurts`` (below 0),
-``inconclusive`` (contains 0). References: ``scratch`` (the same backbone from random weights) and
-``classical`` (``finetune.classical`` on the same folds). Written as ``gains.csv`` beside ``results.csv``.
+``inconclusive`` (contains 0) — unless the comparison rests on too little to mean anything, then it is ``too_few``:
+fewer test subjects than the grid's ``min_test_subjects`` (default 20), or one seed where the grid has several.
+Test subjects are counted per seed, over all its folds — in k-fold every subject (each is tested once), in a
+hold-out the test split — and the fewest of any seed count (``n_test_subjects``). References: ``scratch`` (the same
+backbone from random weights) and ``classical`` (``finetune.classical`` on the same folds). Written as
+``gains.csv`` beside ``results.csv``.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ GAIN_COLUMNS = [
     "verdict",
     "n_seeds",
     "n_subjects",
+    "n_test_subjects",
 ]
 ROW_KEY = ["seed", "fold", "subject_id", "path"]  # one test row: an image of a subject in a fold of a seed
 
 
-def verdict(low: float, high: float) -> str:
-    """``helps`` when the CI lies above 0, ``hurts`` below, else ``inconclusive``."""
+def verdict(low: float, high: float, too_few: bool = False) -> str:
+    """``too_few`` when the comparison rests on too little (``gains.too_few``), else ``helps`` when the CI lies
+    above 0, ``hurts`` below, else ``inconclusive``."""
+    if too_few:
+        return "too_few"
     if np.isfinite(low) and low > 0:
         return "helps"
     if np.isfinite(high) and high < 0:
@@ -69,7 +77,8 @@ def paired_gain(
 ) -> dict[str, float]:
     """``pairs``: one row per test row with ``seed, subject_id, y_true, model, reference`` (the two models'
     outputs). Returns value, reference_value (means over seeds), gain (signed: > 0 better) and its paired
-    bootstrap 95 % CI over subjects pooled over seeds."""
+    bootstrap 95 % CI over subjects pooled over seeds; ``n_subjects`` counts the subjects pooled over seeds,
+    ``n_test_subjects`` those of the seed with the fewest."""
     subjects, subject_idx = np.unique(pairs["subject_id"].astype(str), return_inverse=True)
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(len(subjects), np.full(len(subjects), 1 / len(subjects)), size=n_boot)  # (B, S)
@@ -95,6 +104,7 @@ def paired_gain(
         "ci_high": float(high),
         "n_seeds": len(point),
         "n_subjects": len(subjects),
+        "n_test_subjects": int(pairs.groupby("seed")["subject_id"].nunique().min()),
     }
 
 
@@ -121,15 +131,25 @@ def _pairs(out_dir: Path, model: pd.DataFrame, reference: pd.DataFrame, file: st
     return pd.concat(frames, ignore_index=True)
 
 
-def compute_gains(results: pd.DataFrame, out_dir: str | Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def too_few(gain: dict, min_test_subjects: int, grid_seeds: int) -> bool:
+    """Whether a gain rests on too little for a verdict: fewer than ``min_test_subjects`` test subjects in a seed,
+    or one seed where the grid has several."""
+    return gain["n_test_subjects"] < min_test_subjects or (gain["n_seeds"] == 1 and grid_seeds > 1)
+
+
+def compute_gains(
+    results: pd.DataFrame, out_dir: str | Path, min_test_subjects: int, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """``gains.csv``'s rows from the grid's ``results.csv`` frame and its cells' prediction files: every init
-    against scratch (same backbone) and against the classical baseline (same folds)."""
+    against scratch (same backbone) and against the classical baseline (same folds); ``too_few`` where a
+    comparison has fewer than ``min_test_subjects`` test subjects or one of the grid's several seeds."""
     from finetune.run import CLASSICAL_FILE  # run imports the models; keep this module light to import
 
     out_dir = Path(out_dir)
     rows = []
     if results.empty:
         return pd.DataFrame(columns=GAIN_COLUMNS)
+    grid_seeds = results["seed"].nunique()
     for (task, backbone, fraction), part in results.groupby(["task", "backbone", "fraction"], sort=False):
         metric, higher = part["primary"].iloc[0], bool(part["higher_is_better"].iloc[0])
         if metric not in ("roc_auc", "mae") or (metric == "roc_auc" and "prob_2" in _columns(out_dir, part)):
@@ -157,7 +177,9 @@ def compute_gains(results: pd.DataFrame, out_dir: str | Path, n_boot: int = 1000
                         "metric": metric,
                         "reference": reference,
                         **gain,
-                        "verdict": verdict(gain["ci_low"], gain["ci_high"]),
+                        "verdict": verdict(
+                            gain["ci_low"], gain["ci_high"], too_few(gain, min_test_subjects, grid_seeds)
+                        ),
                     }
                 )
     return pd.DataFrame(rows, columns=GAIN_COLUMNS)
@@ -167,8 +189,9 @@ def _columns(out_dir: Path, part: pd.DataFrame) -> list[str]:
     return list(pd.read_csv(out_dir / part["run_dir"].iloc[0] / "predictions.csv", nrows=1).columns)
 
 
-def markdown(gains: pd.DataFrame) -> str:
-    """The gains as a markdown section (empty string when there are none)."""
+def markdown(gains: pd.DataFrame, min_test_subjects: int) -> str:
+    """The gains as a markdown section (empty string when there are none); a line says why a verdict is
+    ``too_few`` where one is."""
     if gains.empty:
         return ""
     lines = [
@@ -188,4 +211,11 @@ def markdown(gains: pd.DataFrame) -> str:
             f"| {r['reference_value']:.3f} | {r['value']:.3f} | {r['gain']:+.3f} [{r['ci_low']:+.3f}, "
             f"{r['ci_high']:+.3f}] | {r['verdict']} |"
         )
+    if (gains["verdict"] == "too_few").any():
+        lines += [
+            "",
+            f"`too_few`: no verdict — fewer than {min_test_subjects} test subjects in a seed (k-fold: every subject "
+            "tested over the folds; hold-out: the test split), or one seed where the grid has several; the gain and "
+            "its CI are shown but do not support a conclusion (`min_test_subjects` sets the minimum).",
+        ]
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from common.config import load_config, save_config, to_object
 from common.errors import ConfigError
 from finetune.config import GridConfig, RunConfig
 from finetune.gains import compute_gains
+from finetune.gains import markdown as gains_markdown
 from finetune.report import write_report
 from finetune.run import (
     METRICS_FILE,
@@ -78,8 +79,8 @@ def expand(cfg: GridConfig, out_dir: Path) -> list[Cell]:
                     for seed in cfg.seeds:
                         run = _with_overrides(cfg.base, [*bb.overrides, *entry.overrides], bb.label, entry.name)
                         run.task, run.manifest, run.init = task, manifest, entry.spec
-                        run.backbone.name, run.backbone.kwargs = bb.name, dict(bb.kwargs)
-                        run.fraction, run.seed = float(fraction), int(seed)
+                        run.model.backbone, run.model.kwargs = bb.name, dict(bb.kwargs)
+                        run.fraction, run.train.seed = float(fraction), int(seed)
                         run.cache_dir = run.cache_dir or str(out_dir / "cache")
                         cells.append(Cell(task, bb.label, entry.name, float(fraction), int(seed), run))
     return cells
@@ -128,15 +129,21 @@ def run_grid(cfg: GridConfig | DictConfig, out_dir: str | Path) -> pd.DataFrame:
         prep = prepared.pop(cell.key, None) or prepare(cell.cfg, data[task_data_key(cell.cfg)])
         run_cell(cell.cfg, cell_dir(out, cell), prep)
     results = collect(out, cells)
-    gains = compute_gains(results, out, n_boot=cfg.base.bootstrap)
+    gains = compute_gains(results, out, cfg.min_test_subjects, n_boot=cfg.base.bootstrap)
     gains.to_csv(out / "gains.csv", index=False)
-    write_report(results, out, metrics=cfg.metrics or None, gains=gains)
+    write_report(results, out, metrics=cfg.metrics or None, gains=gains_markdown(gains, cfg.min_test_subjects))
     return results
 
 
+def _train_subjects(cell: Path) -> float:
+    """The subjects a cell trained on, per fold (mean over its folds): the label budget its metrics are plotted at."""
+    splits = pd.read_csv(cell / "splits.csv")
+    return float((splits["split"] == "train").groupby(splits["fold"]).sum().mean())
+
+
 def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
-    """One row per finished cell: identifiers, test metrics with CI bounds, the trivial baseline and the
-    classical one (``classical_*``, with the primary metric's CI)."""
+    """One row per finished cell: identifiers, the training subjects per fold, test metrics with CI bounds, the
+    trivial baseline and the classical one (``classical_*``, with the primary metric's CI)."""
     rows = []
     for cell in cells:
         path = cell_dir(out, cell) / METRICS_FILE
@@ -153,6 +160,7 @@ def collect(out: Path, cells: list[Cell]) -> pd.DataFrame:
             "primary": m["primary"],
             "higher_is_better": m["higher_is_better"],
             "n_subjects": m["n_subjects"],
+            "n_train_subjects": _train_subjects(path.parent),
             "n_test_images": m["n_test_images"],
             "run_dir": str(path.parent.relative_to(out)),
         }

@@ -1,6 +1,6 @@
 """L2-penalised linear models whose strength is chosen on validation subjects: ridge for regression,
 class-balanced logistic regression for classification. The linear probe and the classical voxel baseline both
-fit them.
+fit them. A strength is one number for both, the L2 penalty λ: ridge's alpha = λ, logistic regression's C = 1/λ.
 
 With fewer training subjects than features (thousands of voxels, hundreds of frozen features), the optimal
 weights of an L2-penalised model lie in the span of the training rows: a component orthogonal to it changes no
@@ -11,26 +11,53 @@ would, at a small fraction of the cost.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from common.errors import ConfigError
 from finetune.metrics import fast_binary_metrics, regression_metrics
 
-RIDGE_ALPHAS = tuple(np.logspace(-1, 5, 7))  # ridge strengths (standardised features)
-LOGISTIC_CS = tuple(np.logspace(-5, 0, 6))  # inverse logistic-regression strengths
+
+def estimator(kind: str, l2: float) -> Ridge | LogisticRegression:
+    """The model of ``kind`` at L2 penalty ``l2``: ridge with alpha = λ, or class-balanced logistic regression with
+    C = 1/λ."""
+    if kind == "regression":
+        return Ridge(alpha=l2)
+    return LogisticRegression(C=1 / l2, class_weight="balanced", max_iter=3000)
+
+
+def search_order(kind: str, l2: Sequence[float]) -> list[float]:
+    """The penalties ``l2`` in the order they are tried, the first best kept on a tie: scikit-learn's own parameter
+    ascending, so ridge from the weakest penalty up and logistic regression from the strongest down."""
+    return sorted((float(v) for v in l2), reverse=kind != "regression")
+
+
+def param_grid(kind: str, l2: Sequence[float]) -> dict[str, list[float]]:
+    """``l2`` as a grid of ``estimator``'s own parameter, in ``search_order`` (for ``GridSearchCV``)."""
+    order = search_order(kind, l2)
+    return {"alpha": order} if kind == "regression" else {"C": [1 / v for v in order]}
+
+
+def row_basis(x: np.ndarray, train: np.ndarray) -> np.ndarray | None:
+    """An orthonormal basis (k, d) of the span of ``x``'s training rows; None when there are no more features
+    than training rows (the features are kept as they are)."""
+    if x.shape[1] <= len(train):
+        return None
+    _, s, vt = np.linalg.svd(x[train], full_matrices=False)
+    keep = s > s[0] * 1e-10  # a zero direction (e.g. a constant voxel) carries nothing
+    return vt[keep]
 
 
 def row_space(x: np.ndarray, train: np.ndarray) -> np.ndarray:
     """``x`` (standardised on ``train``) in coordinates of the span of its training rows; unchanged when there
     are no more features than training rows."""
-    if x.shape[1] <= len(train):
-        return x
-    _, s, vt = np.linalg.svd(x[train], full_matrices=False)
-    keep = s > s[0] * 1e-10  # a zero direction (e.g. a constant voxel) carries nothing
-    return x @ vt[keep].T
+    basis = row_basis(x, train)
+    return x if basis is None else x @ basis.T
 
 
 def standardised_row_space(x: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -58,40 +85,54 @@ def fit_select(
     train: np.ndarray,
     val: np.ndarray,
     test: np.ndarray,
-    strengths: tuple[float, ...] | list[float] | None = None,
+    l2: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Fit on ``train`` for every strength (ridge alpha / logistic C), keep the best on ``val``; returns the
-    validation and test outputs (probabilities (n, C) or predictions (n,)) and what was chosen.
+    """Fit on ``train`` at every L2 penalty of ``l2``, keep the best on ``val``; returns the validation and test
+    outputs (probabilities (n, C) or predictions (n,)) and what was chosen (``l2``, ``val_score``, ``n_features``).
 
     One BLAS thread: these matrices are small, and threads that wait for each other are ~10× slower as soon as
     anything else (a data worker, PyTorch's own threads) wants the cores."""
+    return fit_linear(x, y, kind, train, val, test, l2)[:3]
+
+
+def fit_linear(x, y, kind, train, val, test, l2) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """``fit_select``'s outputs and choice, and the chosen model in feature space (``mean``, ``scale``, ``weight``,
+    ``bias``, ``l2`` as ``fit_head`` gives them): what a head needs to reproduce its outputs."""
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fit_select(x, y, kind, train, val, test, strengths)
+        return _fit_linear(x, y, kind, train, val, test, l2)
 
 
-def _fit_select(x, y, kind, train, val, test, strengths) -> tuple[np.ndarray, np.ndarray, dict]:
-    xs = standardised_row_space(x, train)
-    score, model, strength, out_val = _select(xs, y, kind, train, val, strengths)
+def _fit_linear(x, y, kind, train, val, test, l2) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    scaler = StandardScaler().fit(x[train])
+    z = scaler.transform(x)
+    basis = row_basis(z, train)
+    xs = z if basis is None else z @ basis.T
+    score, model, penalty, out_val = _select(xs, y, kind, train, val, l2)
     out_test = model.predict(xs[test]) if kind == "regression" else model.predict_proba(xs[test])
-    name = "alpha" if kind == "regression" else "C"
-    return out_val, out_test, {name: strength, "val_score": float(score), "n_features": int(x.shape[1])}
+    weight = np.atleast_2d(model.coef_)  # (k, row-space coordinates) -> (k, d): the same decision values
+    linear = {
+        "mean": scaler.mean_,
+        "scale": scaler.scale_,
+        "weight": weight if basis is None else weight @ basis,
+        "bias": np.atleast_1d(model.intercept_),
+        "l2": penalty,
+    }
+    return out_val, out_test, {"l2": penalty, "val_score": float(score), "n_features": int(x.shape[1])}, linear
 
 
-def _select(xs, y, kind, train, val, strengths):
-    """Fit on ``train`` for every strength, keep the best on ``val``: (score, model, strength, its val output)."""
-    if strengths is None:
-        strengths = RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS
+def _select(xs, y, kind, train, val, l2):
+    """Fit on ``train`` at every penalty, keep the best on ``val``: (score, model, penalty, its val output)."""
+    if not len(val):
+        raise ConfigError(
+            "no validation subjects to choose the linear model's L2 penalty on; set protocol.val_fraction > 0"
+        )
     best = None
-    for strength in strengths:
-        if kind == "regression":
-            model = Ridge(alpha=strength).fit(xs[train], y[train])
-            out_val = model.predict(xs[val])
-        else:
-            model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
-            out_val = model.fit(xs[train], y[train]).predict_proba(xs[val])
-        score = validation_score(kind, y[val], out_val) if len(val) else 0.0
+    for penalty in search_order(kind, l2):
+        model = estimator(kind, penalty).fit(xs[train], y[train])
+        out_val = model.predict(xs[val]) if kind == "regression" else model.predict_proba(xs[val])
+        score = validation_score(kind, y[val], out_val)
         if best is None or score > best[0]:
-            best = (score, model, float(strength), out_val)
+            best = (score, model, penalty, out_val)
     return best
 
 
@@ -101,19 +142,19 @@ def fit_head(
     kind: str,
     train: np.ndarray,
     val: np.ndarray,
-    strengths: tuple[float, ...] | list[float] | None = None,
+    l2: Sequence[float],
 ) -> dict:
     """The probe as a head's starting point (LP-FT): the model of ``fit_select`` fitted on ``x`` standardised on
-    its ``train`` rows, strength chosen on ``val``, returned in feature space as ``mean``, ``scale`` (the
-    standardisation, (d,)), ``weight`` (k, d) and ``bias`` (k,) such that ``((x - mean) / scale) @ weight.T +
-    bias`` are its decision values (k = 1 for ridge and binary logistic regression) and ``strength``."""
+    its ``train`` rows, penalty chosen from ``l2`` on ``val``, returned in feature space as ``mean``, ``scale``
+    (the standardisation, (d,)), ``weight`` (k, d) and ``bias`` (k,) such that ``((x - mean) / scale) @ weight.T +
+    bias`` are its decision values (k = 1 for ridge and binary logistic regression) and ``l2``, the penalty."""
     with threadpool_limits(limits=1, user_api="blas"):
         scaler = StandardScaler().fit(x[train])
-        _, model, strength, _ = _select(scaler.transform(x), y, kind, train, val, strengths)
+        _, model, penalty, _ = _select(scaler.transform(x), y, kind, train, val, l2)
     return {
         "mean": scaler.mean_,
         "scale": scaler.scale_,
         "weight": np.atleast_2d(model.coef_),
         "bias": np.atleast_1d(model.intercept_),
-        "strength": strength,
+        "l2": penalty,
     }

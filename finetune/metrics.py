@@ -160,6 +160,16 @@ def bootstrap_ci(
     return out
 
 
+def with_ci(value: float | None, lo: float | None = None, hi: float | None = None) -> str:
+    """A metric and its 95 % CI as people read them, rounded to 3 decimals: ``0.812 [0.601, 0.950]`` (``–`` for a
+    missing or non-finite value; the bracket only when both bounds are finite). CSV and JSON keep full precision."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def score_predictions(pred: pd.DataFrame, kind: str, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Metrics of a predictions table (columns ``y_true``, ``prob_*`` or ``y_pred``[, ``y_pred_corrected``],
     ``subject_id``; binary: optionally each row's decision ``threshold``), each with ``_lo`` / ``_hi``

@@ -1,7 +1,7 @@
 """Preprocessing parity between a pre-trained export and the fine-tuning run that loads it.
 
 An export records how its pre-training corpus was fed to the model (``spacing``, ``intensity``, ``input_size``;
-``pretrain.cli.export_metadata``). A fine-tune that feeds the encoder differently (4 mm volumes to an encoder
+``pretrain.provenance.export_metadata``). A fine-tune that feeds the encoder differently (4 mm volumes to an encoder
 trained on 2 mm, z-scores to one trained on [0, 1]) asks it for features of inputs it never saw; the run still
 works, so the mismatch is reported, not refused: each one is logged as a warning and kept in ``metrics.json``.
 """

@@ -8,22 +8,25 @@ ridge for a numeric column (age), class-balanced logistic regression for a text 
 Outer folds are subject-level and seeded (``GroupKFold`` with shuffling for a continuous covariate; for a
 categorical one ``stratified_group_folds``, which stratifies the subjects by class, and each class needs
 ``min_class_subjects(folds)`` subjects, so that every outer and inner training set holds every class); the features
-are standardised on the outer training rows and the regularisation is chosen by an inner subject-level CV on those
-rows only. Metrics are of the pooled out-of-fold predictions: Pearson r and MAE for continuous covariates, balanced
-accuracy and ROC-AUC for categorical ones. A covariate that is absent, has empty or non-finite cells, one value or a
-class too small for the folds, and ``--folds`` below 2 or above the subjects, are refused before any feature is
-extracted.
+are standardised on the outer training rows and the L2 penalty is chosen by an inner subject-level CV on those rows
+only, from the linear probe's ``train.probe_l2`` (for the classical voxels, the classical baseline's
+``classical.L2``). Metrics are of the pooled out-of-fold predictions: Pearson r and MAE for continuous covariates,
+balanced accuracy and ROC-AUC for categorical ones. A covariate's rows with an empty cell are left out of its fits and
+counted in the log (``missing=drop``; ``missing=error`` refuses them). A covariate that cannot be fitted (one value,
+or a class too small for the folds) is skipped with the reason — logged, and a row of the table — and the others are
+probed; a covariate that is absent or has non-finite cells, ``--folds`` below 2 or above the subjects, and a
+manifest whose every covariate is skipped are refused before any feature is extracted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedKFold
 from threadpoolctl import threadpool_limits
 
@@ -36,7 +39,7 @@ from common.weights import load_backbone
 from finetune import classical
 from finetune.config import RunConfig, validate
 from finetune.data import load_volumes
-from finetune.linear import standardised_row_space
+from finetune.linear import estimator, param_grid, standardised_row_space
 from finetune.metrics import classification_metrics, regression_metrics
 from finetune.modes.linear_probe import extract_features
 from finetune.parity import check_parity
@@ -44,8 +47,6 @@ from finetune.run import build_backbone, check_init_path
 
 log = logging.getLogger(__name__)
 COVARIATES = ("age", "sex", "diagnosis", "site")  # probed by default, where the manifest has them
-ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths of the inner CV
-CS = np.logspace(-4, 0, 5)  # inverse logistic strengths of the inner CV
 METRICS = {"continuous": ("pearson_r", "mae"), "categorical": ("balanced_accuracy", "roc_auc")}
 
 
@@ -62,42 +63,49 @@ def _csv_lines(mask: np.ndarray) -> str:
 
 
 def covariate_targets(
-    df: pd.DataFrame, names: tuple[str, ...], manifest: str | Path, folds: int = 5
-) -> dict[str, np.ndarray]:
-    """Each covariate of ``names``: a numeric column (continuous) as float, a text one (categorical) as class
-    indices. A column that is absent, has empty or non-finite cells, has one value, or (text) has a class of
-    fewer than ``min_class_subjects(folds)`` subjects is a ``DataError`` naming it."""
-    out = {}
+    df: pd.DataFrame, names: tuple[str, ...], manifest: str | Path, folds: int = 5, missing: str = "drop"
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """``(targets, skipped)``. ``targets``, each covariate of ``names`` that can be fitted: the rows it is fitted on
+    and its values there, a numeric column (continuous) as float, a text one (categorical) as class indices.
+    ``skipped``, each that cannot, with the reason: one value, or (text) a class of fewer than
+    ``min_class_subjects(folds)`` subjects. Rows with an empty cell are left out of that covariate and logged
+    (``missing="drop"``) or refused (``"error"``). A column that is absent or has non-finite cells is a
+    ``DataError`` naming it."""
+    out, skipped = {}, {}
     for name in names:
         if name not in df.columns:
             raise DataError(manifest, f"no column {name!r} to probe; the columns are {', '.join(df.columns)}")
-        values = df[name]
-        if values.isna().any():
-            rows = _csv_lines(values.isna().to_numpy())
-            raise DataError(manifest, f"column {name!r} has empty cells (CSV lines {rows}); fill or drop those rows")
+        empty = df[name].isna().to_numpy()
+        if empty.any() and missing == "error":
+            rows = _csv_lines(empty)
+            raise DataError(
+                manifest,
+                f"column {name!r} has empty cells (CSV lines {rows}); fill them, or drop them with missing=drop",
+            )
+        if empty.any():
+            log.info("%s: left out %d rows with an empty %r from its probe (missing=drop)", manifest, empty.sum(), name)
+        kept = np.flatnonzero(~empty)
+        values = df[name][~empty]
         if pd.api.types.is_numeric_dtype(values):
-            y = pd.to_numeric(values).to_numpy(np.float64)
-            if not np.isfinite(y).all():  # refused as empty cells are: no metric means anything with them
-                bad = sorted({str(v) for v in y[~np.isfinite(y)]})
+            every = pd.to_numeric(df[name]).to_numpy(np.float64)
+            if np.isinf(every).any():  # refused, not dropped: an infinite age is a broken value, not a missing one
+                bad = sorted({str(v) for v in every[np.isinf(every)]})
                 raise DataError(
                     manifest,
                     f"column {name!r} has non-finite values ({', '.join(bad)}) on CSV lines "
-                    f"{_csv_lines(~np.isfinite(y))}; fix or drop those rows",
+                    f"{_csv_lines(np.isinf(every))}; fix or drop those rows",
                 )
+            y = every[kept]
             if len(np.unique(y)) < 2:
-                raise DataError(
-                    manifest,
-                    f"column {name!r} has one value ({y[0]:g}): nothing to probe; leave it out of --covariates",
-                )
-            out[name] = y
+                skipped[name] = f"column {name!r} has one value ({y[0]:g}): nothing to probe"
+            else:
+                out[name] = (kept, y)
             continue
         text = values.astype(str)
         classes = sorted(text.unique())
         if len(classes) < 2:
-            raise DataError(
-                manifest,
-                f"column {name!r} has one value ({classes[0]}): nothing to probe; leave it out of --covariates",
-            )
+            skipped[name] = f"column {name!r} has one value ({classes[0]}): nothing to probe"
+            continue
         # subjects, not sessions, as the folds stratify them: a subject counts under its first row's class
         subjects = text.groupby(df["subject_id"].astype(str), sort=False).first().value_counts()
         subjects = subjects.reindex(classes, fill_value=0)
@@ -111,14 +119,14 @@ def covariate_targets(
                 fixes.append(f"use --folds {small.min()}")
             if len(classes) > 2:
                 fixes.append("merge its small classes (a value per subject, such as an ID, cannot be probed)")
-            raise DataError(
-                manifest,
+            skipped[name] = (
                 f"column {name!r}: {len(small)} of its {len(classes)} classes {'has' if len(small) == 1 else 'have'} "
                 f"fewer than {need} subjects (subjects per class: {shown}), too few for {folds} outer folds (each "
-                f"class needs one subject per fold and 2 on every training side); {', or '.join(fixes)}",
+                f"class needs one subject per fold and 2 on every training side); {', or '.join(fixes)}"
             )
-        out[name] = text.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    return out
+            continue
+        out[name] = (kept, text.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64))
+    return out, skipped
 
 
 def subject_counts(y: np.ndarray, groups: np.ndarray, n_classes: int) -> np.ndarray:
@@ -146,26 +154,28 @@ def outer_folds(y: np.ndarray, groups: np.ndarray, continuous: bool, folds: int,
     return stratified_group_folds(y, groups, folds, seed)
 
 
-def cross_validated(x: np.ndarray, y: np.ndarray, groups: np.ndarray, continuous: bool, folds: int, seed: int):
-    """Out-of-fold predictions (n,) or probabilities (n, C): outer folds over subjects (``outer_folds``),
-    regularisation by a 3-fold inner subject-level CV on each outer training set (stratified when categorical, with
-    at most as many folds as its smallest class has subjects)."""
+def cross_validated(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, continuous: bool, folds: int, seed: int, l2: Sequence[float]
+):
+    """Out-of-fold predictions (n,) or probabilities (n, C): outer folds over subjects (``outer_folds``), the L2
+    penalty chosen from ``l2`` by a 3-fold inner subject-level CV on each outer training set (stratified when
+    categorical, with at most as many folds as its smallest class has subjects)."""
+    kind = "regression" if continuous else "classification"
     n_classes = 0 if continuous else int(y.max()) + 1
     out = np.zeros(len(y)) if continuous else np.zeros((len(y), n_classes))
     for train, test in outer_folds(y, groups, continuous, folds, seed):
         if continuous:
-            model, grid, scoring = Ridge(), {"alpha": ALPHAS}, "neg_mean_absolute_error"
+            scoring = "neg_mean_absolute_error"
             inner = GroupKFold(n_splits=min(3, len(np.unique(groups[train]))), shuffle=True, random_state=seed)
         else:
-            model = LogisticRegression(class_weight="balanced", max_iter=3000)
-            grid, scoring = {"C": CS}, "balanced_accuracy"
+            scoring = "balanced_accuracy"
             # 2+ subjects of every class here (``min_class_subjects``), so each inner training set keeps every class
             n_inner = min(3, subject_counts(y[train], groups[train], n_classes).min())
             inner = stratified_group_folds(y[train], groups[train], n_inner, seed)
         # standardised on the outer training rows and fitted in their span (``finetune.linear``): thousands of
         # voxels become n columns, and every inner fit's rows lie in that span, so the fits are unchanged
         xs = standardised_row_space(x, train)
-        search = GridSearchCV(model, grid, scoring=scoring, cv=inner)
+        search = GridSearchCV(estimator(kind, 1.0), param_grid(kind, l2), scoring=scoring, cv=inner)
         with threadpool_limits(limits=1, user_api="blas"):
             search.fit(xs[train], y[train], groups=groups[train])
             if continuous:
@@ -183,11 +193,15 @@ def score(y: np.ndarray, out: np.ndarray, continuous: bool) -> dict[str, float]:
 
 def features(cfg: RunConfig, init: str, volumes: torch.Tensor) -> np.ndarray:
     """(N, feature_dim) frozen pooled features of ``cfg.backbone`` loaded with ``init`` (``scratch``: random
-    weights from ``cfg.seed``)."""
-    seed_everything(cfg.seed)
+    weights from ``cfg.train.seed``)."""
+    seed_everything(cfg.train.seed)
     backbone = build_backbone(cfg)
     if init != "scratch":
-        log.info("%s: %s", init, load_backbone(backbone, init, axis=cfg.init_axis).summary())
+        log.info(
+            "%s: %s",
+            init,
+            load_backbone(backbone, init, axis=cfg.init_axis, allow_partial=cfg.allow_partial_init).summary(),
+        )
         check_parity(init, cfg.data)  # a warning per preprocessing mismatch with the export's pre-training
     device = resolve_device(cfg.train.device, key="train.device")
     precision = resolve_precision(cfg.train.precision, device, key="train.precision")
@@ -214,17 +228,24 @@ def run_probe(
         raise DataError(cfg.manifest, f"{n_subjects} subjects: the probe's folds need at least 4")
     if folds > n_subjects:
         raise ConfigError(f"--folds {folds}: more outer folds than the {n_subjects} subjects of {cfg.manifest}")
-    targets = covariate_targets(df, names, cfg.manifest, folds)
+    targets, skipped = covariate_targets(df, names, cfg.manifest, folds, cfg.missing)
+    if not targets:
+        raise DataError(cfg.manifest, "nothing to probe: " + "; ".join(skipped.values()))
+    for reason in skipped.values():
+        log.warning("%s: probe skips %s", cfg.manifest, reason)
     volumes = load_volumes(df, cfg.data)  # (N, 1, D, H, W), fine-tuning's preprocessing
     sets = {"init": features(cfg, cfg.init, volumes), "random": features(cfg, "scratch", volumes)}
     if cfg.classical_pool:
         sets["classical"] = classical.voxel_features(volumes, cfg.classical_pool)
     rows = []
-    for name, y in targets.items():
+    for name, (kept, y) in targets.items():
         continuous = y.dtype == np.float64
+        kind = "regression" if continuous else "classification"
         for label, x in sets.items():
-            pred = cross_validated(x, y, groups, continuous, folds, cfg.seed)
+            l2 = classical.L2[kind] if label == "classical" else cfg.train.probe_l2  # the grids a cell fits them with
+            pred = cross_validated(x[kept], y, groups[kept], continuous, folds, cfg.train.seed, l2)
             rows.append({"covariate": name, "features": label, "n": len(y), **score(y, pred, continuous)})
+    rows += [{"covariate": name, "skipped": reason} for name, reason in skipped.items()]
     table = pd.DataFrame(rows)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -233,9 +254,13 @@ def run_probe(
 
 
 def format_table(table: pd.DataFrame, init: str) -> str:
-    """The probe table as text: one line per covariate, the three feature sets side by side."""
+    """The probe table as text: one line per covariate, the three feature sets side by side (or why it was
+    skipped)."""
     lines = [f"probe of {init} (features: init | random init, same architecture | classical voxels)"]
     for name, part in table.groupby("covariate", sort=False):
+        if "skipped" in part and part["skipped"].notna().any():
+            lines.append(f"{name:>10}: skipped — {part['skipped'].dropna().iloc[0]}")
+            continue
         metrics = [
             m for m in ("pearson_r", "mae", "balanced_accuracy", "roc_auc") if m in part and part[m].notna().any()
         ]

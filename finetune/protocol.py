@@ -7,6 +7,7 @@ are byte-identical (a duplicate under two IDs) are merged into one group before 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut, StratifiedGroupKFold
 
+from common.checkpoint import read_export_metadata
 from common.data import read_manifest
 from common.errors import ConfigError, DataError
 from common.io import file_hash
+from common.weights import parse_init
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 SCHEMES = ("kfold", "holdout", "ood", "loso")  # protocol.scheme
 
@@ -38,7 +42,8 @@ class ProtocolConfig:
     ood_datasets: list[str] = field(default_factory=list)  # ... and/or these datasets; train on the rest
     site_column: str = "site"  # the column "loso" leaves out one value of at a time
     splits_file: str | None = None  # a given splits.csv (subject_id, fold, split) instead of making folds
-    pretrain_manifests: list[str] = field(default_factory=list)  # no test image may appear in these
+    pretrain_manifests: list[str] = field(default_factory=list)  # no test image may appear in these ...
+    allow_pretrain_overlap: bool = False  # ... nor in the init's recorded pre-training images, unless this is true
     check_duplicates: bool = True  # hash image files to find identical images under different subjects
 
 
@@ -55,14 +60,15 @@ class Fold:
 
 # --------------------------------------------------------------------------------------------- subjects
 @lru_cache(maxsize=65536)
-def _file_digest(path: str, size: int, mtime: float) -> str:
-    return file_hash(path, "sha1")  # size and mtime are in the cache key: a changed file is hashed again
+def _file_digest(path: str, size: int, mtime: float, algorithm: str) -> str:
+    return file_hash(path, algorithm)  # size and mtime are in the cache key: a changed file is hashed again
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-1 of a file's bytes (cached per path, size and modification time)."""
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """Hex digest (SHA-1 unless another ``hashlib`` algorithm is named) of a file's bytes, cached per path, size
+    and modification time."""
     st = Path(path).stat()
-    return _file_digest(str(path), st.st_size, st.st_mtime)
+    return _file_digest(str(path), st.st_size, st.st_mtime, algorithm)
 
 
 def subject_table(df: pd.DataFrame, y: np.ndarray, classification: bool, hash_images: bool = True) -> pd.DataFrame:
@@ -270,30 +276,76 @@ def read_splits(path: str | Path, subjects: Iterable[str]) -> list[Fold]:
     return folds
 
 
-def check_pretrain_overlap(test_paths: Iterable[str], manifests: Sequence[str | Path]) -> None:
-    """Raise ``DataError`` if a downstream test image is in a pre-training manifest (same file or bytes)."""
-    if not manifests:
+def check_pretrain_overlap(test_paths: Iterable[str], cfg: ProtocolConfig, init: str) -> None:
+    """Refuse test images the encoder has seen: one listed in ``cfg.pretrain_manifests`` (same file or same bytes),
+    or one whose content hash the export ``init`` records among its pre-training images (``seen``, written by
+    ``pretrain.provenance``). ``cfg.allow_pretrain_overlap`` turns the ``DataError`` into a warning."""
+    tests = list(dict.fromkeys(str(p) for p in test_paths))
+    found = _in_manifests(tests, cfg.pretrain_manifests) + _in_export(tests, init)
+    if not found:
         return
-    tests = {str(Path(p).resolve()): p for p in test_paths}
+    source, first, what = found[0]
+    more = sorted({image for _, image, _ in found} - {first})
+    also = f" (and {len(more)} more test image(s): {', '.join(more[:5])}{', ...' if len(more) > 5 else ''})"
+    what += also if more else ""
+    if cfg.allow_pretrain_overlap:
+        log.warning("%s: %s; its test scores flatter the init (protocol.allow_pretrain_overlap=true)", source, what)
+        return
+    raise DataError(
+        source,
+        f"{what}; the encoder has seen it, so its test scores would flatter the init — remove it from one of the "
+        "two, or set protocol.allow_pretrain_overlap=true to run anyway",
+    )
+
+
+def _in_manifests(tests: list[str], manifests: Sequence[str | Path]) -> list[tuple[str, str, str]]:
+    """(manifest, test image, what) for each test image that a pre-training manifest lists or holds a byte copy of."""
+    found = []
+    resolved = {str(Path(p).resolve()): p for p in tests}
     sizes: dict[int, list[str]] = {}
     for p in tests:
         sizes.setdefault(Path(p).stat().st_size, []).append(p)
     for manifest in manifests:
         pre = read_manifest(manifest, required=("path",), check_files=False)
         for p in pre["path"]:
-            resolved = str(Path(p).resolve())
-            if resolved in tests:
-                raise DataError(
-                    manifest,
-                    f"test image {tests[resolved]} is in this pre-training manifest; "
-                    "the encoder has seen it — remove it from one of the two",
-                )
-            if not Path(resolved).is_file():
+            path = Path(p).resolve()
+            if str(path) in resolved:
+                image = resolved[str(path)]
+                found.append((str(manifest), image, f"test image {image} is in this pre-training manifest"))
                 continue
-            for candidate in sizes.get(Path(resolved).stat().st_size, []):
-                if file_digest(candidate) == file_digest(resolved):
-                    raise DataError(
-                        manifest,
-                        f"test image {candidate} is byte-identical to pre-training image "
-                        f"{p}; the encoder has seen it — remove it from one of the two",
-                    )
+            if not path.is_file():
+                continue
+            for candidate in sizes.get(path.stat().st_size, []):
+                if file_digest(candidate) == file_digest(path):
+                    what = f"test image {candidate} is byte-identical to pre-training image {p}"
+                    found.append((str(manifest), candidate, what))
+    return found
+
+
+def _in_export(tests: list[str], init: str) -> list[tuple[str, str, str]]:
+    """(export, test image, what) for each test image whose content hash the export ``init`` records as seen in
+    pre-training (nothing for an init that is not our export; a warning for an export that records no images)."""
+    kind, path = parse_init(init)
+    if kind != "export":
+        return []
+    seen = read_export_metadata(path).get("seen")
+    if seen is None:
+        log.warning(
+            "%s records no pre-training images (exported before the leakage record): a test image it was "
+            "pre-trained on is not detected; list its corpus in protocol.pretrain_manifests",
+            path,
+        )
+        return []
+    if seen["unhashed"]:
+        log.warning(
+            "%s: %d of its pre-training images were gone from disk when it was trained (a pack of moved files) "
+            "and are not checked against the test images",
+            path,
+            seen["unhashed"],
+        )
+    images, digits = set(seen["images"]), int(seen["digits"])
+    return [
+        (str(path), p, f"test image {p} was in the encoder's pre-training data (the export records its content hash)")
+        for p in tests
+        if file_digest(p, seen["hash"])[:digits] in images
+    ]

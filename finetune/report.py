@@ -1,5 +1,5 @@
 """The grid's outputs: ``results.csv`` (one row per cell), ``results.md`` (mean and 95 % CI per cell, best per
-task and fraction marked), PNG plots (metric vs training fraction per init; per-site bars) and TensorBoard."""
+task and fraction marked), PNG plots (metric vs training subjects per init; per-site bars) and TensorBoard."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from common.tb import RankZeroWriter  # noqa: E402
-from finetune.gains import markdown as gains_markdown  # noqa: E402
+from finetune.metrics import with_ci  # noqa: E402
+from finetune.tasks import get_task  # noqa: E402
 
 DEFAULT_METRICS = {
     "classification": ["roc_auc", "balanced_accuracy", "accuracy", "f1", "sensitivity", "specificity"],
     "regression": ["mae", "mae_corrected", "rmse", "pearson_r", "r2"],
 }
 KEYS = ["task", "backbone", "init", "fraction"]
+METRIC_WORDS = {"roc_auc": "ROC-AUC", "mae": "MAE"}  # the primary metrics (finetune.metrics.PRIMARY) on an axis
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -37,15 +39,6 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     summary["higher_is_better"] = grouped["higher_is_better"].first().to_numpy()
     summary["mode"] = grouped["mode"].first().to_numpy()
     return summary
-
-
-def _fmt(value: float, lo: float | None = None, hi: float | None = None) -> str:
-    if value is None or not np.isfinite(value):
-        return "–"
-    text = f"{value:.3f}"
-    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-        text += f" [{lo:.3f}, {hi:.3f}]"
-    return text
 
 
 def markdown(summary: pd.DataFrame, metrics: list[str] | None = None) -> str:
@@ -76,9 +69,9 @@ def markdown(summary: pd.DataFrame, metrics: list[str] | None = None) -> str:
                 row["mode"],
                 f"{row['fraction']:g}",
                 str(int(row["n_seeds"])),
-                _fmt(row[primary], row.get(f"{primary}_lo"), row.get(f"{primary}_hi")) + mark,
+                with_ci(row[primary], row.get(f"{primary}_lo"), row.get(f"{primary}_hi")) + mark,
             ]
-            cells += [_fmt(row[c]) for c in cols]
+            cells += [with_ci(row[c]) for c in cols]
             lines.append("| " + " | ".join(cells) + " |")
         base = part.get(f"baseline_{primary}")
         if base is not None and base.notna().any():
@@ -95,26 +88,35 @@ def _classical_lines(part: pd.DataFrame, primary: str) -> list[str]:
         return []
     out = []
     for fraction, rows in part.groupby("fraction"):
-        value = _fmt(*(rows[f"classical_{primary}{s}"].mean() for s in ("", "_lo", "_hi")))
+        value = with_ci(*(rows[f"classical_{primary}{s}"].mean() for s in ("", "_lo", "_hi")))
         out.append(f"Classical baseline (linear model on pooled voxels), fraction {fraction:g}: {primary} = {value}")
     return [""] + out
 
 
+def axis_label(task: str, metric: str) -> str:
+    """A metric as an axis reads it, with its unit: ``MAE (years)`` for an error on age."""
+    words = METRIC_WORDS.get(metric, metric)
+    in_years = metric == "mae" and get_task(task).column == "age"
+    return f"{words} (years)" if in_years else words
+
+
 def plot_fractions(summary: pd.DataFrame, out: Path) -> list[Path]:
-    """Per task: primary metric vs training fraction, a line per init, a panel per backbone."""
+    """Per task: primary metric vs the number of training subjects (per fold, mean over folds and seeds; the
+    training fraction for results that predate the count), a line per init, a panel per backbone."""
     paths = []
     for task, part in summary.groupby("task", sort=False):
         primary = part["primary"].iloc[0]
+        x = "n_train_subjects" if "n_train_subjects" in part and part["n_train_subjects"].notna().all() else "fraction"
         backbones = list(dict.fromkeys(part["backbone"]))
         fig, axes = plt.subplots(1, len(backbones), figsize=(4.5 * len(backbones), 3.6), squeeze=False)
         for ax, bb in zip(axes[0], backbones):
             sub = part[part["backbone"] == bb]
             for init, line in sub.groupby("init", sort=False):
-                line = line.sort_values("fraction")
+                line = line.sort_values(x)
                 lo = (line[primary] - line.get(f"{primary}_lo", line[primary])).clip(lower=0)
                 hi = (line.get(f"{primary}_hi", line[primary]) - line[primary]).clip(lower=0)
                 ax.errorbar(
-                    line["fraction"],
+                    line[x],
                     line[primary],
                     yerr=[lo.fillna(0), hi.fillna(0)],
                     marker="o",
@@ -125,11 +127,11 @@ def plot_fractions(summary: pd.DataFrame, out: Path) -> list[Path]:
             if base is not None and base.notna().any():
                 ax.axhline(base.mean(), color="grey", linestyle="--", label="trivial baseline")
             ax.set_xscale("log")
-            fractions = sorted(sub["fraction"].unique())
-            ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+            ticks = sorted(sub[x].unique())
+            ax.set_xticks(ticks, [f"{t:.0f}" if x == "n_train_subjects" else f"{t:g}" for t in ticks])
             ax.minorticks_off()
-            ax.set_xlabel("training fraction")
-            ax.set_ylabel(primary)
+            ax.set_xlabel("training subjects (per fold)" if x == "n_train_subjects" else "training fraction")
+            ax.set_ylabel(axis_label(task, primary))
             ax.set_title(f"{task} — {bb}")
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -157,7 +159,7 @@ def plot_sites(results: pd.DataFrame, out_dir: Path, out: Path) -> list[Path]:
             continue
         table = pd.concat(frames).groupby(["site", "model"])[primary].mean().unstack("model")
         ax = table.plot.bar(figsize=(max(4.5, 1.2 * len(table) * max(1, table.shape[1]) / 2), 3.6), rot=0)
-        ax.set_ylabel(primary)
+        ax.set_ylabel(axis_label(task, primary))
         ax.set_title(f"{task}: {primary} per site (fraction {top['fraction'].iloc[0]:g})")
         ax.legend(fontsize=7)
         ax.figure.tight_layout()
@@ -169,10 +171,10 @@ def plot_sites(results: pd.DataFrame, out_dir: Path, out: Path) -> list[Path]:
 
 
 def write_report(
-    results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None, gains: pd.DataFrame | None = None
+    results: pd.DataFrame, out_dir: str | Path, metrics: list[str] | None = None, gains: str = ""
 ) -> pd.DataFrame:
-    """Write results.csv, results.md (with the paired ``gains`` when given), plots/*.png and tb/ summary
-    scalars; returns the per-cell summary."""
+    """Write results.csv, results.md (followed by ``gains``, the paired gains' section of ``finetune.gains.markdown``),
+    plots/*.png and tb/ summary scalars; returns the per-cell summary."""
     out_dir = Path(out_dir)
     results.to_csv(out_dir / "results.csv", index=False)
     if results.empty:
@@ -180,7 +182,7 @@ def write_report(
         return results
     summary = summarise(results)
     text = markdown(summary, metrics)
-    (out_dir / "results.md").write_text(text if gains is None else text + "\n" + gains_markdown(gains))
+    (out_dir / "results.md").write_text(text + "\n" + gains)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     plot_fractions(summary, plots)

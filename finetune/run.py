@@ -3,8 +3,9 @@
 ``prepare`` does every check that can fail on bad input (manifest, labels, init, images, splits, leakage)
 before ``run_cell`` trains anything. A run directory holds ``config.yaml``, ``weights_report.json``,
 ``splits.csv`` (subject_id, fold, split), ``predictions.csv``, ``classical_predictions.csv`` (the classical
-baseline's, same folds), ``per_site.csv``, ``metrics.json`` (written last: its presence marks the cell finished)
-and ``tb/``.
+baseline's, same folds), ``per_site.csv``, each fold's fine-tuned model (``model/`` for a single fold,
+``fold{k}/model/`` for several: ``finetune.model_folder``, applied by ``finetune predict``), ``metrics.json``
+(written last: its presence marks the cell finished) and ``tb/``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common.config import save_config
+from common.config import config_values, load_config, save_config
 from common.data import read_manifest
 from common.distributed import seed_everything
 from common.errors import CheckpointError, ConfigError
@@ -33,9 +35,12 @@ from common.models import create_backbone
 from common.tb import RankZeroWriter
 from common.weights import LoadReport, load_backbone, parse_init
 from finetune import classical
+from finetune.arch import resolve_arch
 from finetune.config import RunConfig, validate
 from finetune.data import load_volumes, preprocess_config
+from finetune.heads import FineTuneModel
 from finetune.metrics import PRIMARY, BiasCorrection, per_site, score_predictions, youden_threshold
+from finetune.model_folder import model_dir, write_model_folder
 from finetune.modes import MODES, FoldInputs
 from finetune.parity import check_parity
 from finetune.protocol import (
@@ -53,29 +58,14 @@ from finetune.tasks import Task, get_task, label_rows
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 CLASSICAL_FILE = "classical_predictions.csv"  # the classical baseline's val/test predictions, same folds
+ID_COLUMNS = ("subject_id", "session_id", "path", "site", "dataset")  # a predictions.csv row's scan, as manifested
 MIN_BIAS_SLOPE = 0.25  # below this (pred - b) / a multiplies a weak model's noise by > 4: not reported
 
 
-@dataclass
-class Prepared:
-    """Everything a cell needs, checked: labelled rows, volumes, folds, the initialised backbone."""
-
-    task: Task
-    df: pd.DataFrame  # the task's rows
-    y: np.ndarray
-    classes: tuple[str, ...] | None
-    volumes: torch.Tensor  # (N, 1, D, H, W)
-    folds: list[Fold]
-    train_subsets: dict[int, np.ndarray]
-    splits: pd.DataFrame
-    backbone: nn.Module  # built and initialised once; folds train deep copies
-    report: LoadReport
-    dropped: dict[str, int] = field(default_factory=dict)  # rows left out by label (drop_labels)
-
-
 def build_backbone(cfg: RunConfig) -> nn.Module:
-    kwargs = dict(cfg.backbone.kwargs)
-    return create_backbone(cfg.backbone.name, img_size=tuple(cfg.data.shape), in_chans=1, **kwargs)
+    """The cell's backbone for ``data.shape`` volumes, in the architecture ``finetune.arch.resolve_arch`` gives."""
+    name, kwargs = resolve_arch(cfg)
+    return create_backbone(name, img_size=tuple(cfg.data.shape), in_chans=1, **kwargs)
 
 
 def check_init_path(init: str) -> None:
@@ -97,12 +87,26 @@ class TaskData:
     volumes: torch.Tensor  # (N, 1, D, H, W)
     subjects: pd.DataFrame  # finetune.protocol.subject_table
     dropped: dict[str, int] = field(default_factory=dict)  # rows left out by label (drop_labels)
+    missing: int = 0  # rows left out for an empty label cell (missing=drop)
+
+
+@dataclass
+class Prepared:
+    """Everything a cell needs, checked: its task's data, the folds, the initialised backbone."""
+
+    data: TaskData
+    folds: list[Fold]
+    train_subsets: dict[int, np.ndarray]
+    splits: pd.DataFrame
+    backbone: nn.Module  # built and initialised once; folds train deep copies
+    report: LoadReport
 
 
 def task_data_key(cfg: RunConfig) -> str:
     """Cells with equal keys share their ``TaskData`` (same task, manifest, preprocessing, duplicate check)."""
     pre = preprocess_config(cfg.data).describe()
-    return json.dumps([cfg.task, cfg.manifest, cfg.drop_labels, pre, cfg.protocol.check_duplicates], default=str)
+    key = [cfg.task, cfg.manifest, cfg.drop_labels, cfg.missing, pre, cfg.protocol.check_duplicates]
+    return json.dumps(key, default=str)
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:
@@ -110,7 +114,9 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     validate(cfg)
     task = get_task(cfg.task)
     df = read_manifest(cfg.manifest, required=("path", "subject_id"), check_files=True)
-    labelled = label_rows(task, df, cfg.manifest, cfg.drop_labels)
+    labelled = label_rows(task, df, cfg.manifest, cfg.drop_labels, cfg.missing)
+    if labelled.missing:
+        log.info("%s: left out %s rows with an empty %r (missing=drop)", cfg.manifest, labelled.missing, task.column)
     if labelled.dropped:
         log.info(
             "%s: left out %s rows by drop_labels (%s)",
@@ -120,7 +126,9 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         )
     volumes = load_volumes(labelled.df, cfg.data)
     subjects = subject_table(labelled.df, labelled.y, task.is_classification, cfg.protocol.check_duplicates)
-    return TaskData(task, labelled.df, labelled.y, labelled.classes, volumes, subjects, labelled.dropped)
+    return TaskData(
+        task, labelled.df, labelled.y, labelled.classes, volumes, subjects, labelled.dropped, labelled.missing
+    )
 
 
 def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
@@ -131,26 +139,24 @@ def prepare(cfg: RunConfig, data: TaskData | None = None) -> Prepared:
     validate(cfg)
     get_task(cfg.task)
     check_init_path(cfg.init)
-    seed_everything(cfg.seed)  # a scratch backbone's random weights follow the seed
+    seed_everything(cfg.train.seed)  # a scratch backbone's random weights follow the seed
     backbone = build_backbone(cfg)
-    report = load_backbone(backbone, cfg.init, axis=cfg.init_axis)
+    report = load_backbone(backbone, cfg.init, axis=cfg.init_axis, allow_partial=cfg.allow_partial_init)
     report.notes += check_parity(cfg.init, cfg.data)  # logged, and kept in weights_report.json and metrics.json
     data = data or load_task_data(cfg)
     subjects = data.subjects
     if cfg.protocol.splits_file:
         folds = read_splits(cfg.protocol.splits_file, subjects["subject_id"])
     else:
-        folds = make_folds(subjects, cfg.protocol, cfg.seed)
+        folds = make_folds(subjects, cfg.protocol, cfg.train.seed)
     # the subset seed ignores the fraction, so smaller training sets are nested inside larger ones
-    subsets = {f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.seed * 1000 + f.fold) for f in folds}
+    subsets = {f.fold: nested_subset(subjects, f.train, cfg.fraction, cfg.train.seed * 1000 + f.fold) for f in folds}
     splits = splits_frame(folds, subsets)
     source = cfg.protocol.splits_file or cfg.manifest
     check_splits(splits, data.df, source, cfg.protocol.check_duplicates)
     tests = data.df["path"][data.df["subject_id"].astype(str).isin(splits.loc[splits.split == "test", "subject_id"])]
-    check_pretrain_overlap(tests, cfg.protocol.pretrain_manifests)
-    return Prepared(
-        data.task, data.df, data.y, data.classes, data.volumes, folds, subsets, splits, backbone, report, data.dropped
-    )
+    check_pretrain_overlap(tests, cfg.protocol, cfg.init)
+    return Prepared(data, folds, subsets, splits, backbone, report)
 
 
 def _features_key(cfg: RunConfig, prep: Prepared) -> str:
@@ -160,7 +166,7 @@ def _features_key(cfg: RunConfig, prep: Prepared) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return json.dumps(
-        [prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(), list(prep.df["path"])],
+        [prep.backbone.arch, digest.hexdigest(), preprocess_config(cfg.data).describe(), list(prep.data.df["path"])],
         default=str,
     )
 
@@ -177,8 +183,11 @@ def check_run_folder(out: Path, cfg: RunConfig, overwrite: bool) -> None:
         raise ConfigError(f"{out}: holds a finished run ({METRICS_FILE}); {hint}")
     if not (out / "config.yaml").is_file():
         raise ConfigError(f"{out}: is not empty and holds no fine-tuning run; {hint}")
-    old = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
-    new = OmegaConf.to_container(OmegaConf.structured(cfg))
+    try:  # through the schema: a key renamed since the run was saved reads as the new key
+        old = config_values(load_config(RunConfig, out / "config.yaml"))
+    except ConfigError as e:
+        raise ConfigError(f"{out}: cannot read the unfinished run's config.yaml ({e}); {hint}") from None
+    new = config_values(cfg)
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differ:
         raise ConfigError(f"{out}: holds an unfinished run with other settings ({', '.join(differ)}); {hint}")
@@ -211,115 +220,223 @@ def run_cell(
     return result
 
 
+@dataclass
+class FoldOutputs:
+    """What a cell's folds predicted, as ``_prediction_table`` frames in fold order."""
+
+    model: list[pd.DataFrame] = field(default_factory=list)  # the trained model's validation and test rows
+    classical: list[pd.DataFrame] = field(default_factory=list)  # the classical baseline's, same rows (off: none)
+    trivial: list[pd.DataFrame] = field(default_factory=list)  # the trivial predictor's test rows
+    info: list[dict] = field(default_factory=list)  # each fold's sizes and what its mode reports (metrics.json)
+
+
+@dataclass
+class CellScores:
+    """A cell's test metrics, each with its bootstrap CI bounds."""
+
+    metrics: dict[str, float]  # the trained model's
+    baseline: dict[str, float]  # the trivial predictor's
+    classical: dict[str, float]  # the classical baseline's ({} when it is off)
+    per_site: pd.DataFrame  # the model's point metrics per site (empty without a site column)
+    n_test_images: int
+
+
 def _write_cell(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str) -> dict:
+    """Write the run folder: what the cell ran on, every fold's predictions, their scores (``metrics.json`` last)."""
     save_config(OmegaConf.structured(cfg), out / "config.yaml")
     prep.report.save(out / "weights_report.json")
     prep.splits.to_csv(out / "splits.csv", index=False)
-
-    task, df, y = prep.task, prep.df, prep.y
-    kind = task.kind
-    n_classes = len(prep.classes) if prep.classes else 0
-    subject = df["subject_id"].astype(str).to_numpy()
-    rows_of = lambda ids: np.flatnonzero(np.isin(subject, np.asarray(ids, dtype=str)))
-    features_key = _features_key(cfg, prep)
     tb = RankZeroWriter(out / "tb")
-    mode = MODES[cfg.train.mode]
-    tables, baselines, classical_tables, fold_info = [], [], [], []
-    voxels = classical.voxel_features(prep.volumes, cfg.classical_pool) if cfg.classical_pool else None
-    for fold in prep.folds:
-        tr, va, te = rows_of(prep.train_subsets[fold.fold]), rows_of(fold.val), rows_of(fold.test)
-        inputs = FoldInputs(
-            volumes=prep.volumes,
-            make_backbone=lambda: copy.deepcopy(prep.backbone),
-            train_idx=tr,
-            val_idx=va,
-            test_idx=te,
-            y=y,
-            kind=kind,
-            n_classes=n_classes,
-            seed=cfg.seed * 1000 + fold.fold,
-            features_key=features_key,
-            cache_dir=cache_dir,
-            tb=tb,
-            tb_prefix=f"fold{fold.fold}/",
-            augment=cfg.data.augment,
-            fold=fold.fold,
-            out_dir=str(out),
-        )
-        val_out, test_out, info = mode(inputs, cfg.train)
-        fold_info.append(
-            {
-                "fold": fold.fold,
-                "name": fold.name,
-                "n_train": len(tr),
-                "n_val": len(va),
-                "n_test": len(te),
-                **info,
-            }
-        )
-        log.info("fold %s: %s", fold.fold, fold_info[-1])
-        for split, idx, output in (("val", va, val_out), ("test", te, test_out)):
-            tables.append(_prediction_table(df, y, idx, output, kind, fold.fold, split))
-        baselines.append(_baseline_table(df, y, tr, te, kind, n_classes, fold.fold))
-        if voxels is not None:  # the classical baseline on the same fold (``finetune.classical``)
-            val_c, test_c, fold_info[-1]["classical"] = classical.fit_predict(voxels, y, kind, tr, va, te)
-            classical_tables += [
-                _prediction_table(df, y, va, val_c, kind, fold.fold, "val"),
-                _prediction_table(df, y, te, test_c, kind, fold.fold, "test"),
-            ]
-        for pair in (tables[-2:], classical_tables[-2:]) if voxels is not None else (tables[-2:],):
-            if kind == "regression":
-                _correct_bias(*pair)
-            elif n_classes == 2:
-                _decision_threshold(*pair, cfg.threshold)
-    predictions = pd.concat(tables, ignore_index=True)
+    outputs = _predict_folds(cfg, prep, out, cache_dir, tb)
+    predictions = pd.concat(outputs.model, ignore_index=True)
     predictions.to_csv(out / "predictions.csv", index=False)
-    classical_scores = {}
-    if classical_tables:
-        reference = pd.concat(classical_tables, ignore_index=True)
+    reference = pd.concat(outputs.classical, ignore_index=True) if outputs.classical else None
+    if reference is not None:
         reference.to_csv(out / CLASSICAL_FILE, index=False)
-        classical_scores = score_predictions(
-            reference[reference["split"] == "test"], kind, n_boot=cfg.bootstrap, seed=cfg.seed
-        )
-
-    test = predictions[predictions["split"] == "test"]
-    metrics = score_predictions(test, kind, n_boot=cfg.bootstrap, seed=cfg.seed)
-    baseline = score_predictions(pd.concat(baselines, ignore_index=True), kind, n_boot=cfg.bootstrap, seed=cfg.seed)
-    sites = per_site(test, kind) if "site" in test else pd.DataFrame()
-    sites.to_csv(out / "per_site.csv", index=False)
-    primary, higher = PRIMARY[kind]
-    for name, value in metrics.items():
+    scores = _score_cell(cfg, prep.data.task.kind, predictions, reference, outputs.trivial)
+    scores.per_site.to_csv(out / "per_site.csv", index=False)
+    for name, value in scores.metrics.items():
         if np.isfinite(value) and not name.endswith(("_lo", "_hi")):
             tb.add_scalar(f"test/{name}", value, 0)
     tb.close()
-    result = {
-        "task": task.name,
-        "kind": kind,
-        "primary": primary,
-        "higher_is_better": higher,
-        "backbone": cfg.backbone.name,
-        "init": cfg.init,
-        "mode": cfg.train.mode,
-        "fraction": cfg.fraction,
-        "seed": cfg.seed,
-        "classes": list(prep.classes) if prep.classes else None,
-        "n_subjects": int(df["subject_id"].nunique()),
-        "dropped_labels": prep.dropped,  # rows of the manifest left out by drop_labels, by label
-        "n_test_images": len(test),
-        "metrics": _clean(metrics),
-        "baseline": _clean(baseline),
-        "classical": _clean(classical_scores),
-        "folds": fold_info,
-        "per_site": sites.to_dict(orient="records"),
-        "weights": prep.report.summary(),
-    }
+    result = _metrics_record(cfg, prep, scores, outputs.info)
     with atomic_write(out / METRICS_FILE) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=_json_default))
     return result
 
 
+def _predict_folds(cfg: RunConfig, prep: Prepared, out: Path, cache_dir: str, tb: RankZeroWriter) -> FoldOutputs:
+    """Every fold's validation and test predictions: the mode's model, the trivial predictor and the classical
+    baseline on the same rows, each table post-processed by what its fold's validation rows fit (``_calibrate``)."""
+    data = prep.data
+    kind, df, y = data.task.kind, data.df, data.y
+    n_classes = len(data.classes) if data.classes else 0
+    subject = df["subject_id"].astype(str).to_numpy()
+    rows_of = lambda ids: np.flatnonzero(np.isin(subject, np.asarray(ids, dtype=str)))
+    features_key = _features_key(cfg, prep)
+    voxels = classical.voxel_features(data.volumes, cfg.classical_pool) if cfg.classical_pool else None
+    outputs = FoldOutputs()
+    for fold in prep.folds:
+        tr, va, te = rows_of(prep.train_subsets[fold.fold]), rows_of(fold.val), rows_of(fold.test)
+        fitted: list[FineTuneModel] = []  # the mode hands its trained model over (FoldInputs.on_fitted)
+        val_out, test_out, info = _train_fold(
+            cfg, prep, fold, (tr, va, te), features_key, cache_dir, tb, out, fitted.append
+        )
+        sizes = {"n_train": len(tr), "n_val": len(va), "n_test": len(te)}
+        outputs.info.append({"fold": fold.fold, "name": fold.name, **sizes, **info})
+        log.info("fold %s: %s", fold.fold, outputs.info[-1])
+        tables = [
+            _prediction_table(df, y, va, val_out, kind, fold.fold, "val"),
+            _prediction_table(df, y, te, test_out, kind, fold.fold, "test"),
+        ]
+        outputs.trivial.append(_baseline_table(df, y, tr, te, kind, n_classes, fold.fold))
+        calibration = _calibrate(*tables, kind, n_classes, cfg.threshold)
+        outputs.model += tables
+        for model in fitted:
+            folder = model_dir(out, fold.fold, len(prep.folds))
+            _save_model(cfg, prep, model, folder, calibration, outputs.info[-1], df.iloc[tr])
+        if voxels is not None:  # the classical baseline on the same fold (``finetune.classical``)
+            val_c, test_c, outputs.info[-1]["classical"] = classical.fit_predict(voxels, y, kind, tr, va, te)
+            tables = [
+                _prediction_table(df, y, va, val_c, kind, fold.fold, "val"),
+                _prediction_table(df, y, te, test_c, kind, fold.fold, "test"),
+            ]
+            _calibrate(*tables, kind, n_classes, cfg.threshold)
+            outputs.classical += tables
+    return outputs
+
+
+def _train_fold(
+    cfg: RunConfig,
+    prep: Prepared,
+    fold: Fold,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    features_key: str,
+    cache_dir: str,
+    tb: RankZeroWriter,
+    out: Path,
+    on_fitted: Callable[[nn.Module], None],
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train the cell's mode on one fold's (train, val, test) rows: its validation and test outputs and report;
+    ``on_fitted`` gets the trained model."""
+    tr, va, te = rows
+    data = prep.data
+    inputs = FoldInputs(
+        volumes=data.volumes,
+        make_backbone=lambda: copy.deepcopy(prep.backbone),
+        train_idx=tr,
+        val_idx=va,
+        test_idx=te,
+        y=data.y,
+        kind=data.task.kind,
+        n_classes=len(data.classes) if data.classes else 0,
+        seed=cfg.train.seed * 1000 + fold.fold,
+        features_key=features_key,
+        cache_dir=cache_dir,
+        tb=tb,
+        tb_prefix=f"fold{fold.fold}/",
+        augment=cfg.data.augment,
+        fold=fold.fold,
+        out_dir=str(out),
+        on_fitted=on_fitted,
+    )
+    return MODES[cfg.train.mode](inputs, cfg.train, cfg.optim)
+
+
+def _calibrate(val: pd.DataFrame, test: pd.DataFrame, kind: str, n_classes: int, threshold: str) -> dict:
+    """A fold's post-processing, fitted on its validation table and applied to both: brain-age bias correction
+    (regression) or the decision cut (binary classification); returns it as the fold's model folder records it
+    (``bias_correction``: slope and intercept, or None; ``threshold``)."""
+    if kind == "regression":
+        corr = _correct_bias(val, test)
+        return {"bias_correction": None if corr is None else {"slope": corr.slope, "intercept": corr.intercept}}
+    if n_classes == 2:
+        return {"threshold": _decision_threshold(val, test, threshold)}
+    return {}
+
+
+def _save_model(
+    cfg: RunConfig,
+    prep: Prepared,
+    model: FineTuneModel,
+    folder: Path,
+    calibration: dict,
+    info: dict,
+    train: pd.DataFrame,
+) -> Path:
+    """A fold's fine-tuned model as a model folder (``finetune.model_folder``): with what decodes its outputs
+    (classes, the head's target scaling, the calibration) and the precision its predictions were computed in."""
+    data = prep.data
+    task = {
+        "name": data.task.name,
+        "kind": data.task.kind,
+        "column": data.task.column,
+        "classes": list(data.classes) if data.classes else None,
+        "target_mean": info.get("target_mean", 0.0),  # a head trained on z-scores: prediction = out * std + mean
+        "target_std": info.get("target_std", 1.0),
+        **calibration,
+        "precision": info["precision"],  # what every mode reports: its outputs were computed in it
+    }
+    kind, path = parse_init(cfg.init)
+    tuning = {
+        "mode": cfg.train.mode,
+        "init": kind if path is None else f"{kind}:{path.name}",  # no absolute path leaves the machine
+        "fold": info["fold"],
+        "fold_name": info["name"],
+        "seed": cfg.train.seed,
+        "fraction": cfg.fraction,
+        **{k: info[k] for k in ("n_train", "n_val", "n_test", "val_score", "best_epoch") if k in info},
+    }
+    return write_model_folder(folder, model, preprocess_config(cfg.data), task, {"fine_tuning": tuning}, train)
+
+
+def _score_cell(
+    cfg: RunConfig, kind: str, predictions: pd.DataFrame, reference: pd.DataFrame | None, trivial: list[pd.DataFrame]
+) -> CellScores:
+    """The test rows of the model, the classical baseline (``reference``; None when off) and the trivial predictor,
+    scored with bootstrap CIs seeded by the cell's seed."""
+    score = lambda table: score_predictions(table, kind, n_boot=cfg.bootstrap, seed=cfg.train.seed)
+    classical_scores = score(reference[reference["split"] == "test"]) if reference is not None else {}
+    test = predictions[predictions["split"] == "test"]
+    return CellScores(
+        metrics=score(test),
+        baseline=score(pd.concat(trivial, ignore_index=True)),
+        classical=classical_scores,
+        per_site=per_site(test, kind) if "site" in test else pd.DataFrame(),
+        n_test_images=len(test),
+    )
+
+
+def _metrics_record(cfg: RunConfig, prep: Prepared, scores: CellScores, folds: list[dict]) -> dict:
+    """The content of ``metrics.json``: what the cell ran, on which rows, and its scores."""
+    data = prep.data
+    primary, higher = PRIMARY[data.task.kind]
+    return {
+        "task": data.task.name,
+        "kind": data.task.kind,
+        "primary": primary,
+        "higher_is_better": higher,
+        "backbone": prep.backbone.arch["name"],
+        "init": cfg.init,
+        "mode": cfg.train.mode,
+        "fraction": cfg.fraction,
+        "seed": cfg.train.seed,
+        "classes": list(data.classes) if data.classes else None,
+        "n_subjects": int(data.df["subject_id"].nunique()),
+        "dropped_labels": data.dropped,  # rows of the manifest left out by drop_labels, by label
+        "dropped_missing": data.missing,  # rows of the manifest left out for an empty label cell (missing=drop)
+        "n_test_images": scores.n_test_images,
+        "metrics": _clean(scores.metrics),
+        "baseline": _clean(scores.baseline),
+        "classical": _clean(scores.classical),
+        "folds": folds,
+        "per_site": scores.per_site.to_dict(orient="records"),
+        "weights": prep.report.summary(),
+    }
+
+
 def _prediction_table(df, y, idx, output, kind, fold, split) -> pd.DataFrame:
-    keep = [c for c in ("subject_id", "session_id", "path", "site", "dataset") if c in df.columns]
+    keep = [c for c in ID_COLUMNS if c in df.columns]
     table = df.iloc[idx][keep].reset_index(drop=True).assign(fold=fold, split=split, y_true=y[idx])
     if kind == "classification":
         for c in range(output.shape[1]):
@@ -342,22 +459,25 @@ def _baseline_table(df, y, tr, te, kind, n_classes, fold) -> pd.DataFrame:
     return table
 
 
-def _correct_bias(val: pd.DataFrame, test: pd.DataFrame) -> None:
-    """Brain-age bias correction fitted on this fold's validation predictions only, applied to both; left
-    empty (NaN) when the validation set is too small (< 5) or its predictions carry no age trend to invert."""
+def _correct_bias(val: pd.DataFrame, test: pd.DataFrame) -> BiasCorrection | None:
+    """Brain-age bias correction fitted on this fold's validation predictions only, applied to both, and returned;
+    left empty (NaN, None) when the validation set is too small (< 5) or its predictions carry no age trend to
+    invert."""
     corr = BiasCorrection().fit(val["y_true"], val["y_pred"]) if len(val) >= 5 else None
     if corr is None or corr.slope < MIN_BIAS_SLOPE:
         val["y_pred_corrected"] = test["y_pred_corrected"] = np.nan
-        return
+        return None
     val["y_pred_corrected"] = corr.apply(val["y_pred"])
     test["y_pred_corrected"] = corr.apply(test["y_pred"])
+    return corr
 
 
-def _decision_threshold(val: pd.DataFrame, test: pd.DataFrame, rule: str) -> None:
+def _decision_threshold(val: pd.DataFrame, test: pd.DataFrame, rule: str) -> float:
     """The fold's cut on ``prob_1`` for the threshold metrics (accuracy, sensitivity ...): ``youden`` fitted on
     its validation predictions (0.5 with fewer than 5 of them), or ``argmax`` (0.5); ROC-AUC ignores it."""
     cut = youden_threshold(val["y_true"], val["prob_1"]) if rule == "youden" and len(val) >= 5 else 0.5
     val["threshold"] = test["threshold"] = cut
+    return cut
 
 
 def _clean(metrics: dict) -> dict:

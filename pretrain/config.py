@@ -14,13 +14,10 @@ from typing import Any
 from common.attention import BACKENDS
 from common.errors import ConfigError
 from common.precision import DEVICES, PRECISIONS
-
-CORPORA = ("synthmri", "medical", "video", "mixed", "packed")
-# per-item covariates a corpus can put in its batches (synthmri: the subject plan; medical: the manifest's column)
-CORPUS_COVARIATES = {"synthmri": ("age",), "medical": ("age",), "video": (), "mixed": (), "packed": ()}
-OBJECTIVES = ("mae", "simclr", "moco", "yaware")
-MASKINGS = ("random", "tube")  # MAE: per token, or one spatial mask repeated along D (VideoMAE's tube)
-VIDEO_READERS = ("auto", "decord", "pyav")
+from pretrain.corpora import CORPORA
+from pretrain.corpora.video import VIDEO_READERS
+from pretrain.objectives import OBJECTIVES
+from pretrain.objectives.mae import MASKINGS
 
 
 @dataclass
@@ -36,7 +33,7 @@ class MedicalConfig:
     manifest: str | None = None  # CSV manifest (common.data format); either this or `directory`
     directory: str | None = None  # a folder searched recursively for *.nii / *.nii.gz
     intensity: str = "zscore"  # common's intensity normalisation: zscore | percentile
-    crop_from: list[int] | None = None  # preprocess to this (D, H, W), take random input_size crops; None: none
+    crop_from: list[int] | None = None  # preprocess to this (D, H, W), take random data.shape crops; None: none
     flip_prob: float = 0.5  # per-axis random flip probability
 
 
@@ -64,7 +61,9 @@ class MixedConfig:
 
 @dataclass
 class DataConfig:
-    input_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # (D, H, W) fed to the model
+    __renamed__ = {"input_size": "shape"}  # keys of saved runs (common.config reads them as the new key)
+
+    shape: list[int] = field(default_factory=lambda: [96, 96, 96])  # (D, H, W) fed to the model
     spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])  # mm, for MRI corpora (and metadata)
     batch_size: int = 4  # per rank, per micro-step
     num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
@@ -119,7 +118,7 @@ class ContrastiveConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"  # mae | simclr | moco | yaware
+    name: str = "mae"  # a name in pretrain.objectives.OBJECTIVES (mae, simclr, moco, yaware)
     mae: MAEConfig = field(default_factory=MAEConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
@@ -149,7 +148,7 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    corpus: str = "synthmri"  # synthmri | medical | video | mixed | packed (the --corpus flag sets it)
+    corpus: str = "synthmri"  # a name in pretrain.corpora.CORPORA (the --corpus flag sets it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -160,8 +159,8 @@ class PretrainConfig:
 def validate(cfg: PretrainConfig) -> None:
     """Raise ``ConfigError`` naming the first field whose value the run cannot use (before any work starts)."""
     choices = {
-        "corpus": (cfg.corpus, CORPORA),
-        "objective.name": (cfg.objective.name, OBJECTIVES),
+        "corpus": (cfg.corpus, tuple(CORPORA)),
+        "objective.name": (cfg.objective.name, tuple(OBJECTIVES)),
         "objective.mae.masking": (cfg.objective.mae.masking, MASKINGS),
         "data.video.reader": (cfg.data.video.reader, VIDEO_READERS),
         "model.attn_backend": (cfg.model.attn_backend, BACKENDS),
@@ -172,8 +171,8 @@ def validate(cfg: PretrainConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     d, mae, con = cfg.data, cfg.objective.mae, cfg.objective.contrastive
-    if len(d.input_size) != 3 or min(d.input_size) < 1:
-        raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
+    if len(d.shape) != 3 or min(d.shape) < 1:
+        raise ConfigError(f"data.shape must be three positive sizes (D, H, W), got {list(d.shape)}")
     if cfg.train.steps < 1 or d.batch_size < 1:
         raise ConfigError("train.steps and data.batch_size must be >= 1")
     if d.video.stride < 1:
@@ -201,11 +200,10 @@ def validate(cfg: PretrainConfig) -> None:
 
 
 def check_covariates(cfg: PretrainConfig) -> None:
-    """The covariates the objective needs must come with the corpus's batches."""
-    from pretrain.objectives import objective_class  # here, not at the top: pretrain.objectives imports this module
-
-    needs = objective_class(cfg.objective.name).needs_covariates
-    has = CORPUS_COVARIATES[cfg.corpus]
+    """The covariates the objective needs (its class's ``needs_covariates``) must come with the corpus's batches
+    (its registered ``covariates``)."""
+    needs = OBJECTIVES[cfg.objective.name].cls.needs_covariates
+    has = CORPORA[cfg.corpus].covariates
     if cfg.corpus == "medical" and cfg.data.medical.manifest is None:
         has = ()  # a folder of NIfTI files carries no covariates
     missing = [c for c in needs if c not in has]

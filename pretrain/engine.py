@@ -1,34 +1,46 @@
-"""DeepSpeed, in one place: process group, config, the training engine, checkpoints and full-weight access.
+"""DeepSpeed, in one place: launcher arguments, process group, config, the training engine, checkpoints and
+full-weight access.
 
 Everything else in ``pretrain`` sees a plain ``nn.Module`` objective and this module's ``Engine``. DeepSpeed
 owns the optimizer (AdamW), the schedule (``common.schedule``, as its client scheduler), gradient accumulation
-and clipping, ZeRO (stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format.
+and clipping, ZeRO (stages 0–3), bf16 autocast (its ``torch_autocast`` section) and the checkpoint format; in
+bf16 at ZeRO 0 the weights are bf16 and the optimizer is ``common.master_weights.MasterAdamW`` on their fp32
+masters (it also clips), handed to DeepSpeed as a client optimizer;
+its checkpoint files are checked before it opens them by ``common.deepspeed_checkpoint``, the one other
+module that imports DeepSpeed (a fine-tune reads them too).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import deepspeed
-import deepspeed.comm as dist
 import torch
 import torch.nn as nn
-from deepspeed.accelerator import get_accelerator
 
 from common import bf16_check
 from common.bf16_check import preserved
-from common.checkpoint import check_deepspeed_tag
+from common.deepspeed_checkpoint import check_tag
 from common.errors import CheckpointError, ConfigError
+from common.master_weights import MasterAdamW, bf16_weights, master_values, to_bf16_weights
 from common.optim import adamw_kernel
 from common.precision import resolve_precision, step_seconds
 from common.schedule import warmup_cosine
+
+# DeepSpeed's logger writes to stdout (from its import on: the accelerator it picked); a command's stdout
+# carries its result (the run's JSON summary, --print-config's YAML), so DeepSpeed logs to stderr instead.
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +54,11 @@ OWNED_KEYS = (
     "scheduler",
     "torch_autocast",
 )
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """DeepSpeed's own options: ``--deepspeed``, ``--deepspeed_config`` (JSON in ``configs/deepspeed/``)."""
+    deepspeed.add_config_arguments(parser)
 
 
 def _free_port() -> int:
@@ -99,7 +116,7 @@ def build_ds_config(cfg, ds_json: str | Path | None, world_size: int, precision:
         if base.get(section, {}).get("enabled", False):
             raise ConfigError(
                 f"{source}: '{section}' is enabled; set the precision with train.precision "
-                "(bf16 runs as DeepSpeed torch_autocast with fp32 master weights)"
+                "(bf16 runs under DeepSpeed's torch_autocast, with fp32 master weights)"
             )
     o = cfg.optim
     ours = {
@@ -179,11 +196,14 @@ def train_precision(model: nn.Module, batch: dict[str, torch.Tensor], requested:
     model.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
 
-    def step(precision: str) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(batch)["loss"]
-        loss.float().backward()
-        model.zero_grad(set_to_none=True)
+    def step(precision: str) -> None:  # bf16 as the Engine runs it: bf16 weights (cast in the step, as its
+        # optimizer writes them every step), autocast for the rest
+        bf16 = precision == "bf16"
+        with bf16_weights(model) if bf16 else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(batch)["loss"]
+            loss.float().backward()
+            model.zero_grad(set_to_none=True)
 
     def timings() -> dict[str, float]:
         with preserved(model):
@@ -216,6 +236,16 @@ class Engine:
                 "use ZeRO stage 0-2 (configs/deepspeed/zero2.json) for moco"
             )
         self.config = ds_config
+        groups = param_groups(model, ds_config["optimizer"]["params"]["weight_decay"])
+        # bf16 at ZeRO 0: bf16 weights, fp32 masters in our optimizer (common.master_weights), which also clips;
+        # ZeRO 1-3 partition DeepSpeed's own optimizer state, so there autocast casts fp32 weights every step
+        self.masters: dict[nn.Parameter, torch.Tensor] = {}
+        optimizer = None
+        if ds_config.get("torch_autocast", {}).get("enabled") and self.zero_stage == 0:
+            self.masters = to_bf16_weights(model.to(current_device()))  # the masters live where the weights do
+            kwargs = {k: v for k, v in ds_config["optimizer"]["params"].items() if k != "torch_adam"}
+            optimizer = MasterAdamW(groups, self.masters, ds_config["gradient_clipping"], **kwargs)
+            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"} | {"gradient_clipping": 0.0}
         schedule = ds_config.get("scheduler", {})
         lr_scheduler = None
         if schedule.get("type") == SCHEDULE:
@@ -225,7 +255,8 @@ class Engine:
             ds_config = {k: v for k, v in ds_config.items() if k != "scheduler"}
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
+            optimizer=optimizer,
+            model_parameters=None if optimizer else groups,
             config=ds_config,
             lr_scheduler=lr_scheduler,
         )
@@ -276,7 +307,7 @@ class Engine:
 
     def grad_norm(self) -> float | None:
         """Global gradient norm before clipping: DeepSpeed's when it tracks one, else computed from the grads
-        (ZeRO 0 in fp32, where gradients are whole and already averaged after ``backward`` at a boundary)."""
+        (ZeRO 0, where gradients are whole and already averaged after ``backward`` at a boundary)."""
         norm = self.ds.get_global_grad_norm()
         if norm is not None:
             return float(norm)
@@ -299,8 +330,11 @@ class Engine:
 
     def save(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         """A DeepSpeed checkpoint ``folder/tag`` (collective: every rank calls it); ``folder/latest`` is
-        rewritten only after every file of the tag is written, so a kill mid-save leaves the previous one."""
-        self.ds.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=True)
+        rewritten only after every file of the tag is written, so a kill mid-save leaves the previous one. bf16
+        weights are saved as their fp32 masters: the checkpoint has an fp32 run's weights, and a run resumed
+        from it (in either precision) starts from them."""
+        with master_values(self.masters, self.module):
+            self.ds.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=True)
 
     def load(self, folder: Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
         """Restore model, optimizer, schedule from ``folder`` (``tag`` or ``latest``); returns (tag, client
@@ -313,22 +347,25 @@ class Engine:
             tag = latest.read_text().strip()
         if not tag or Path(tag).name != tag or not (folder / tag).is_dir():
             raise CheckpointError(f"{folder}: no DeepSpeed checkpoint tag folder {tag!r} to resume")
-        check_deepspeed_tag(folder / tag)
-        path, client = self.ds.load_checkpoint(
-            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        check_tag(folder / tag)
+        with master_values(self.masters, self.module):  # the saved fp32 weights become the masters exactly
+            path, client = self.ds.load_checkpoint(
+                str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise CheckpointError(f"{folder}: no DeepSpeed checkpoint {tag!r} to resume")
         return tag, client or {}
 
     @contextlib.contextmanager
     def full_parameters(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` with whole parameters (ZeRO-3 gathers its partitions; other stages hold them already)."""
+        """``module`` with whole fp32 parameters (ZeRO-3 gathers its partitions; bf16 weights show their fp32
+        masters; other stages hold them already)."""
         if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 yield module
         else:
-            yield module
+            with master_values(self.masters, module):
+                yield module
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -6,24 +6,28 @@
 Any manifest in the project's format works (``python -m synth`` output, a medical cohort). Preprocessing is
 common's pipeline (``PreprocessConfig``: RAS, spacing, foreground crop, pad/crop to shape, intensity) and is
 recorded in ``OUT/pack.json``; see ``common/data/packed.py`` for the layout. Resumable: rerun the same command
-(it also retries the images an earlier run skipped). Mistakes give one line on stderr and exit code 2; Ctrl-C
-gives one line and exit code 130.
+(it also retries the images an earlier run skipped). ``--print-config`` prints the effective settings and packs
+nothing. Mistakes give one ``error:`` line on stderr and exit code 2; Ctrl-C gives one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
+from common.cli import add_print_config, command_parser, print_config, run_command
 from common.data.packed import PACK_DTYPES, pack_manifest
 from common.data.volume import INTENSITY_MODES, PreprocessConfig
-from common.errors import NeurotransferError, end_of_command
+from common.errors import UsageError
+
+RESUME = "finished shards are kept, rerun the same command to resume"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain.pack", description=__doc__.split("\n\n")[0])
+    p = command_parser("python -m pretrain.pack", __doc__.split("\n\n")[0])
     p.add_argument("--manifest", required=True, help="manifest CSV (path column; relative to the CSV)")
     p.add_argument("--out", required=True, help="output folder (finished shards in it are kept)")
     p.add_argument("--spacing", type=float, nargs="+", required=True, help="voxel size in mm: one value or three")
@@ -33,37 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crop-foreground", action="store_true", help="keep the field of view (template grids)")
     p.add_argument("--per-shard", type=int, default=256, help="volumes per shard file")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    add_print_config(p, "the effective settings")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
-    try:
-        if len(spacing) != 3:
-            raise NeurotransferError(f"--spacing takes one value or three, got {len(args.spacing)}")
-        if args.workers < 1:
-            raise NeurotransferError(f"--workers must be >= 1, got {args.workers}")
-        cfg = PreprocessConfig(
-            spacing=tuple(spacing),
-            shape=tuple(args.shape),
-            intensity=args.intensity,
-            crop_foreground=not args.no_crop_foreground,
-        )
-        index = pack_manifest(args.manifest, args.out, cfg, args.dtype, args.per_shard, args.workers)
-    except NeurotransferError as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"pretrain.pack: error: {lines[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # finished shards are kept (each written atomically); the next run goes on from them
-        print("pretrain.pack: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
-    except OSError as e:  # a disk full, a folder not writable: one line naming the file
-        print(f"pretrain.pack: {end_of_command(e)[0]}", file=sys.stderr)
-        return 2
-    print(index)
+    if len(spacing) != 3:
+        raise UsageError(f"--spacing takes one value or three, got {len(args.spacing)}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    cfg = PreprocessConfig(
+        spacing=tuple(spacing),
+        shape=tuple(args.shape),
+        intensity=args.intensity,
+        crop_foreground=not args.no_crop_foreground,
+    )
+    if args.print_config:
+        settings = {"manifest": args.manifest, "out": args.out, "preprocess": dataclasses.asdict(cfg)}
+        return print_config({**settings, "dtype": args.dtype, "per_shard": args.per_shard, "workers": args.workers})
+    print(pack_manifest(args.manifest, args.out, cfg, args.dtype, args.per_shard, args.workers))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C keeps the finished shards (each written atomically): the next run goes on from them
+    return run_command(lambda: run(argv), RESUME)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from common.errors import DataError, NeurotransferError, TrainingDiverged
 from common.export import export_folder, link_file
 from common.io import atomic_write
 from common.tb import RankZeroWriter, progress
+from pretrain.corpora import CORPORA
 from pretrain.corpora.stream import StreamPosition
 from pretrain.engine import Engine
+from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.base import Objective
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,12 @@ TAG_PREFIX = "step"
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
+
+
+def card_descriptions(cfg) -> dict[str, str]:
+    """How the export's model card words the run's objective and corpus: the descriptions registered with them."""
+    described = {"objective": OBJECTIVES[cfg.objective.name].description, "corpus": CORPORA[cfg.corpus].description}
+    return {field: words for field, words in described.items() if words is not None}
 
 
 def new_window() -> dict[str, Any]:
@@ -257,7 +265,8 @@ class Trainer:
         encoder = self.objective.encoder
         with self.engine.full_parameters(encoder):
             if is_rank_zero():
-                meta = {**self.export_metadata, "step": self.step}
-                export_folder(encoder, folder, meta, metrics=self.out / "metrics.jsonl")
+                batch = self.cfg.data.batch_size * self.cfg.optim.accumulation_steps * self.engine.world_size
+                meta = {**self.export_metadata, "step": self.step, "images_seen": self.step * batch}
+                export_folder(encoder, folder, meta, self.out / "metrics.jsonl", card_descriptions(self.cfg))
                 link_file(folder / FOLDER_WEIGHTS, folder / "encoder.safetensors")
         return folder / "encoder.safetensors"

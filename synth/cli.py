@@ -7,29 +7,22 @@
     python -m synth calibrate --n N --spacing MM [--seed S] [--sites K] [key=value ...]
 
 ``key=value`` overrides any ``SynthConfig`` field (e.g. ``atrophy.hippocampus_ad_mm=2``); ``--config FILE``
-reads a YAML first (``configs/synth/default.yaml`` holds the defaults). Mistakes give one line on stderr and
-exit code 2.
+reads a YAML first (``configs/synth/default.yaml`` holds the defaults); ``--print-config`` prints the merged
+config and generates nothing. Mistakes give one ``error:`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from common.cli import add_print_config, command_parser, print_config, run_command
 from common.config import load_config, parse_with_overrides, to_object
-from common.errors import NeurotransferError, end_of_command
+from common.errors import ConfigError, NeurotransferError, UsageError
 from synth.config import CONTRASTS, TASKS, SynthConfig
 from synth.ldm.cli import add_ldm_commands
 
-
-class UsageError(Exception):
-    """A command-line mistake argparse found."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(message)
+RESUME = "finished volumes are kept; rerun the same command to resume (ldm-train: with --resume)"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,14 +33,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrast", choices=CONTRASTS, default=None, help="t1 (WM > GM > CSF) or random (GMM)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--config", default=None, help="YAML config file (SynthConfig fields)")
+    add_print_config(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shard", default=None, metavar="K/N", help="make only the K-th of N index ranges (job arrays)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. atrophy.ventricle_ad_mm=2")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m synth", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = command_parser("python -m synth", __doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("generate", help="unlabelled pre-training corpus (ages 20-90, CN with some AD/PD)"))
     cohort = sub.add_parser("cohort", help="labelled cohort for a downstream task, over K sites")
     cohort.add_argument("--task", required=True, choices=TASKS, help="ad: CN/AD, pd: HC/PD, brain_age: CN 20-90")
@@ -62,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2)")
     cal.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores, at most 3)")
     cal.add_argument("--config", default=None, help="YAML config file (SynthConfig fields)")
+    add_print_config(cal)
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     add_ldm_commands(sub)  # ldm-train, ldm-sample: the latent-diffusion backend
@@ -83,7 +78,7 @@ def load(args: argparse.Namespace) -> SynthConfig:
         cause = e.__cause__ or e.__context__ or e
         if isinstance(cause, NeurotransferError):
             raise cause from None
-        raise UsageError(str(e).splitlines()[0]) from None
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -96,6 +91,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(merge(args.out))
         return 0
     cfg = load(args)
+    if args.print_config:
+        return print_config(cfg)
     if args.command == "calibrate":
         return _calibrate(cfg, args)
     from synth.cohort import Job, default_workers, generate  # after parsing: --help stays fast
@@ -126,18 +123,4 @@ def _calibrate(cfg: SynthConfig, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except (NeurotransferError, UsageError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"synth: error: {lines[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "synth: interrupted; finished subjects are kept, rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
-    except OSError as e:  # a disk full, a folder not writable: one line naming the file
-        print(f"synth: {end_of_command(e)[0]}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(argv), RESUME)

@@ -30,10 +30,8 @@ from common.data.nifti import write_nifti
 from common.errors import ConfigError, DataError
 from common.io import atomic_write
 from common.tb import progress
-from synth.anatomy import anatomy_at
-from synth.atrophy import atrophy_basis
 from synth.config import TASKS, SynthConfig
-from synth.generator import Generator, head_scale
+from synth.generator import Generator, head_scale, warm_up
 from synth.regions import label_volumes
 from synth.shard import Shard, differences, write_settings
 from synth.subject import SubjectPlan, cohort_plan, corpus_plan
@@ -181,8 +179,7 @@ def _run(todo: list[int], cfg: SynthConfig, job: Job, out: Path, workers: int) -
     # do). Where fork does not exist, spawned workers build their own.
     method = "fork" if "fork" in get_all_start_methods() else "spawn"
     if method == "fork":
-        anatomy_at(cfg.spacing)
-        atrophy_basis(cfg.nonlinear.grid_lattice_mm)
+        warm_up(cfg)
     with ProcessPoolExecutor(
         workers, mp_context=get_context(method), initializer=_init_worker, initargs=(cfg, job, out, 1)
     ) as pool:

@@ -1,36 +1,43 @@
-"""Datasets over synthetic MRI: generated on the fly (pre-training's ``synthmri`` corpus) or read from a folder."""
+"""Synthetic MRI as datasets: pre-training's corpus generated on the fly (``SyntheticMRIStream``, the one
+synthetic stream: ``pretrain``'s ``synthmri`` corpus reads it) or a folder ``python -m synth`` wrote."""
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset
 
 from common.data.manifest import read_manifest
-from common.distributed import get_rank
+from common.data.stream_order import batch_positions, worker_batches
+from common.distributed import get_rank, get_world_size
 from common.errors import DataError
-from synth.anatomy import anatomy_at
-from synth.atrophy import atrophy_basis
 from synth.config import SynthConfig
 from synth.generator import Generator
-from synth.subject import STREAM_KEY, corpus_plan
+from synth.subject import SubjectPlan, corpus_plan
 
 
 class SyntheticMRIStream(IterableDataset):
-    """Endless (or ``length``-long) stream of synthetic volumes ``(1, D, H, W)`` float32 in [0, 1].
+    """Batches of pre-training's synthetic subjects, made one volume at a time or a batch at a time on a device.
 
-    Sample ``i`` of rank ``r`` in epoch ``e`` is seeded by ``(seed, r, e, i)``; DataLoader worker ``w`` of
-    ``W`` makes samples ``i = w, w + W, ...``. So ranks never repeat each other, workers never repeat each
-    other, and the samples do not depend on the number of workers. Covariates follow the corpus mix
-    (``SynthConfig.cohort``); each sample has a scanner of its own. With ``return_covariates`` items are
-    dicts ``{"image", "age", "sex", "diagnosis", "subject_id"}``.
+    Seeding: the subject at corpus position ``p`` is ``corpus_plan(config, seed, p)``: its covariates, atrophy,
+    scanner and volume all come from ``(seed, p)``, and it is subject ``p`` of ``python -m synth generate --seed
+    seed``. Order (``common.data.stream_order``): batch ``j`` of ``rank`` out of ``world_size`` holds the positions
+    ``(j * world_size + rank) * batch_size + slot``; DataLoader worker ``w`` of ``W`` makes batches ``start + w,
+    start + w + W, ...``. So ranks never repeat each other, the batches do not depend on the worker count, and a
+    stream from ``start=j`` continues exactly where one that delivered ``j`` batches stopped. ``rank`` and
+    ``world_size`` default to ``torch.distributed``'s (else ``RANK`` / ``WORLD_SIZE``) when iteration starts.
 
-    The template resamples are built in ``__init__`` (a few seconds), so forked DataLoader workers share them.
+    Items: ``{"image": (B, 1, D, H, W) float32 in [0, 1], "position": (B,) int64, "age": (B,) float32}`` at the
+    generator's shape. ``device`` None makes each volume on its own on the CPU (``Generator(plan)``, what
+    DataLoader workers run); a device makes each batch in one ``Generator.batch`` call there (equal to the CPU's
+    volumes to float rounding, except CUDA's noise: the device's own draw). ``length`` batches from ``start``,
+    or endless (None). The generator, and with it synth's template caches, is built in ``__init__``: forked
+    DataLoader workers share it.
     """
 
     def __init__(
@@ -38,54 +45,56 @@ class SyntheticMRIStream(IterableDataset):
         config: SynthConfig | None = None,
         seed: int = 0,
         *,
-        length: int | None = None,
-        return_covariates: bool = False,
+        batch_size: int = 1,
         rank: int | None = None,
-        warm: bool = True,
+        world_size: int | None = None,
+        start: int = 0,
+        length: int | None = None,
+        device: str | torch.device | None = None,
     ):
         super().__init__()
-        self.config = config or SynthConfig()
-        self.seed = int(seed)
-        self.length = length
-        self.return_covariates = return_covariates
-        self.rank = rank
-        self.epoch = 0
+        if batch_size < 1:
+            raise ValueError(f"SyntheticMRIStream batch_size must be >= 1, got {batch_size}")
         if length is not None and length < 0:
             raise ValueError(f"SyntheticMRIStream length must be >= 0 or None (endless), got {length}")
-        if warm:
-            anatomy_at(self.config.spacing)
-            atrophy_basis(self.config.nonlinear.grid_lattice_mm)
+        self.config = config or SynthConfig()
+        self.seed = int(seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start, self.length = start, length
+        self.device = None if device is None else torch.device(device)
+        self.generator = Generator(self.config)
 
-    def set_epoch(self, epoch: int) -> None:
-        """A new epoch draws new subjects (finite streams otherwise repeat the same ``length`` volumes)."""
-        self.epoch = int(epoch)
+    def plan(self, position: int) -> SubjectPlan:
+        """The subject at corpus ``position`` (its covariates without making the volume)."""
+        return corpus_plan(self.config, self.seed, position)
+
+    def volume(self, position: int) -> torch.Tensor:
+        """The image ``(1, D, H, W)`` of the subject at ``position``, made on the CPU."""
+        return self.generator(self.plan(position)).image
 
     def __len__(self) -> int:
         if self.length is None:
             raise TypeError("an endless SyntheticMRIStream has no length; pass length=N for a finite one")
         return self.length
 
-    def __iter__(self) -> Iterator[torch.Tensor | dict[str, object]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rank = get_rank() if self.rank is None else self.rank
-        generator = Generator(self.config)
-        stop = math.inf if self.length is None else self.length
-        i = worker
-        while i < stop:
-            plan = corpus_plan(self.config, self.seed, i, key=(STREAM_KEY, rank, self.epoch, i))
-            image = generator(plan).image
-            if self.return_covariates:
-                yield {
-                    "image": image,
-                    "age": plan.age,
-                    "sex": plan.sex,
-                    "diagnosis": plan.diagnosis,
-                    "subject_id": f"stream-r{rank}-e{self.epoch}-{i}",
-                }
+        world_size = get_world_size() if self.world_size is None else self.world_size
+        batches = worker_batches(self.start)
+        if self.length is not None:
+            batches = itertools.takewhile(lambda j: j < self.start + self.length, batches)
+        for j in batches:
+            positions = batch_positions(rank, world_size, self.batch_size, j)
+            plans = [self.plan(p) for p in positions]
+            if self.device is None:
+                images = torch.stack([self.generator(plan).image for plan in plans])
             else:
-                yield image
-            i += workers
+                images = self.generator.batch(plans, self.device)
+            yield {
+                "image": images,  # (B, 1, D, H, W)
+                "position": torch.tensor(positions, dtype=torch.long),
+                "age": torch.tensor([plan.age for plan in plans], dtype=torch.float32),
+            }
 
 
 class GeneratedDirectory(Dataset):

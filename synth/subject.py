@@ -1,10 +1,9 @@
 """Who a synthetic subject is — covariates, atrophy, scanner — as a pure function of (seed, index).
 
 A subject's randomness comes from ``numpy.random.SeedSequence(seed, spawn_key=key)`` with a key naming the
-source (cohort/corpus subject ``(0, index)``, site ``(1, site)``, stream sample ``(2, rank, worker, i)``),
-split into independent children for covariates, effects, scanner and volume. So the same seed and index give
-the same subject whatever the number of workers or the order of generation, and a plan can be rebuilt without
-making the volume.
+source (cohort/corpus subject ``(0, index)``, site ``(1, site)``), split into independent children for
+covariates, effects, scanner and volume. So the same seed and index give the same subject whatever the number
+of workers or the order of generation, and a plan can be rebuilt without making the volume.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from synth.atrophy import Effects, sample_effects
 from synth.config import TASKS, SynthConfig
 from synth.scanner import ScannerProfile, jitter_for_subject, sample_site
 
-SUBJECT_KEY, SITE_KEY, STREAM_KEY = 0, 1, 2
+SUBJECT_KEY, SITE_KEY = 0, 1
 DIAGNOSES = {"ad": ("CN", "AD"), "pd": ("HC", "PD"), "brain_age": ("CN",)}
 
 
@@ -104,7 +103,7 @@ def twin(cfg: SynthConfig, plan: SubjectPlan, diagnosis: str) -> SubjectPlan:
     return replace(plan, diagnosis=diagnosis, effects=effects)
 
 
-def corpus_plan(cfg: SynthConfig, seed: int, index: int, key: tuple[int, ...] | None = None) -> SubjectPlan:
+def corpus_plan(cfg: SynthConfig, seed: int, index: int) -> SubjectPlan:
     """A pre-training subject: age over the corpus range, mostly CN with some AD and PD, its own scanner."""
     c = cfg.cohort
     mix = {
@@ -116,7 +115,7 @@ def corpus_plan(cfg: SynthConfig, seed: int, index: int, key: tuple[int, ...] | 
         cfg,
         seed,
         index,
-        key=key or (SUBJECT_KEY, index),
+        key=(SUBJECT_KEY, index),
         subject_id=f"sub-{index:06d}",
         age_range=c.corpus_age,
         diagnosis=mix,

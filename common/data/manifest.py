@@ -1,8 +1,9 @@
-"""The manifest: a CSV, one row per image (``path, subject_id, session_id, site, dataset, age, sex,
-diagnosis``).
+"""The manifest: a CSV (or, by extension, a tab-separated ``.tsv``), one row per image (``path, subject_id,
+session_id, site, dataset, age, sex, diagnosis``).
 
 A task names the columns it needs; unknown columns pass through. Relative paths are relative to the CSV's
-folder.
+folder. An image is one row: its path, and its subject and session, told apart from the session's other images by
+the BIDS entity columns ``acq``, ``rec``, ``run`` (``space``, ``desc`` for derivatives) where the manifest has them.
 Errors name the CSV and the column and CSV line numbers (line 1 is the header) of the offending rows.
 """
 
@@ -16,8 +17,10 @@ import pandas as pd
 from common.errors import DataError
 
 MANIFEST_COLUMNS = ("path", "subject_id", "session_id", "site", "dataset", "age", "sex", "diagnosis")
-# Identifiers and categories are text even when they look like numbers ("007" must stay "007").
-TEXT_COLUMNS = ("path", "subject_id", "session_id", "site", "dataset", "sex", "diagnosis")
+# BIDS entities that tell apart the images of one session (two runs, two acquisitions); columns where present
+IMAGE_ENTITIES = ("acq", "rec", "run", "space", "desc")
+# Identifiers and categories are text even when they look like numbers ("007" and run "01" stay as written).
+TEXT_COLUMNS = ("path", "subject_id", "session_id", "site", "dataset", "sex", "diagnosis", *IMAGE_ENTITIES)
 _SHOWN = 5  # offending rows listed in a message before "..."
 
 
@@ -29,13 +32,18 @@ def _lines(rows: Iterable[int]) -> str:
     return f"line{'s' if len(rows) > 1 else ''} {shown}{more} ({len(rows)} row{'s' if len(rows) > 1 else ''})"
 
 
+def separator(path: str | Path) -> str:
+    """The manifest's field separator, by its extension: a tab for ``.tsv``, else a comma."""
+    return "\t" if Path(path).suffix.lower() == ".tsv" else ","
+
+
 def read_manifest(
     path: str | Path,
     required: Sequence[str] = ("path", "subject_id"),
     diagnoses: Iterable[str] | None = None,
     check_files: bool = True,
 ) -> pd.DataFrame:
-    """Read and validate a manifest CSV; returns one row per image with ``path`` absolute.
+    """Read and validate a manifest CSV (``.tsv``: tab-separated); returns one row per image with ``path`` absolute.
 
     ``required``: columns that must exist with no empty cell. ``diagnoses``: the allowed ``diagnosis`` values
     (any other value, or an empty one, is an error). ``check_files``: every ``path`` must exist.
@@ -44,9 +52,10 @@ def read_manifest(
     csv = Path(path).expanduser()
     if not csv.is_file():
         raise DataError(csv, "manifest file does not exist")
-    present = _header(csv)
+    sep = separator(csv)
+    present = _header(csv, sep)
     try:
-        df = pd.read_csv(csv, dtype={c: str for c in TEXT_COLUMNS if c in present}, skipinitialspace=True)
+        df = pd.read_csv(csv, sep=sep, dtype={c: str for c in TEXT_COLUMNS if c in present}, skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
         raise DataError(csv, f"cannot be parsed as CSV ({e})") from e
     if len(df) == 0:
@@ -57,8 +66,12 @@ def read_manifest(
     required = tuple(dict.fromkeys(("path", *required)))  # an image manifest always needs its paths
     missing = [c for c in required if c not in df.columns]
     if missing:
+        # participants.tsv lists subjects, not images: name the command that turns a BIDS folder into a manifest
+        bids = "; a BIDS participants.tsv is not a manifest: `python -m finetune manifest --bids ROOT` writes one"
         raise DataError(
-            csv, f"missing column(s) {', '.join(missing)}; the columns present are {', '.join(map(str, df.columns))}"
+            csv,
+            f"missing column(s) {', '.join(missing)}; the columns present are {', '.join(map(str, df.columns))}"
+            + (bids if csv.name == "participants.tsv" else ""),
         )
     for col in required:
         empty = df.index[df[col].isna()]
@@ -79,9 +92,9 @@ def read_manifest(
     return df.reset_index(drop=True)
 
 
-def _header(csv: Path) -> list[str]:
+def _header(csv: Path, sep: str) -> list[str]:
     try:
-        return [c.strip() for c in pd.read_csv(csv, nrows=0).columns]
+        return [c.strip() for c in pd.read_csv(csv, sep=sep, nrows=0).columns]
     except pd.errors.EmptyDataError as e:
         raise DataError(csv, "manifest is empty (no header line)") from e
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
@@ -114,15 +127,22 @@ def _resolve(value: str, folder: Path) -> Path:
 
 
 def _check_duplicates(df: pd.DataFrame, csv: Path) -> None:
+    """Raise ``DataError`` naming ``csv`` if two rows share a path, or a subject, session and the image entities
+    present (``IMAGE_ENTITIES``: two runs of a session are two images only where a ``run`` column says so)."""
     dup = df.index[df.duplicated("path", keep=False)]
     if len(dup):
         raise DataError(csv, f"duplicate rows: the same path {df['path'][dup[0]]} on {_lines(dup)}")
     if {"subject_id", "session_id"} <= set(df.columns):
+        entities = [c for c in IMAGE_ENTITIES if c in df.columns]
+        identity = ["subject_id", "session_id", *entities]
         known = df[df["subject_id"].notna() & df["session_id"].notna()]
-        dup = known.index[known.duplicated(["subject_id", "session_id"], keep=False)]
+        dup = known.index[known.duplicated(identity, keep=False)]
         if len(dup):
             first = df.loc[dup[0]]
+            which = " ".join(f"{c} {first[c]}" for c in entities if pd.notna(first[c]))
+            hint = f"; add a column ({', '.join(IMAGE_ENTITIES)}) telling the images of a session apart"
             raise DataError(
                 csv,
-                f"duplicate rows: subject {first['subject_id']} session {first['session_id']} on {_lines(dup)}",
+                f"duplicate rows: subject {first['subject_id']} session {first['session_id']}"
+                f"{' ' + which if which else ''} on {_lines(dup)}{hint if not entities else ''}",
             )

@@ -35,6 +35,14 @@ from common.errors import ConfigError, DataError
 INTENSITY_MODES = ("zscore", "percentile", "none")
 # nibabel's axis labels; passed explicitly so Orientationd does not depend on MONAI's changing default.
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# What build_preprocess does beyond PreprocessConfig's fields, as an export's config.json records it
+# (common.export): a model's input is reproduced only if these steps are too.
+PIPELINE = {
+    "orientation": "RAS",  # Orientationd, before anything else
+    "interpolation": "trilinear",  # Spacingd's "bilinear" on a 3D volume; zeros outside the image
+    "pad_crop": "centred, zero padding",  # ResizeWithPadOrCropd to shape, after the foreground crop
+    "intensity_mask": "non-zero voxels",  # zscore / percentile statistics over the brain only; 0 stays 0
+}
 
 
 @dataclass
@@ -192,7 +200,7 @@ def build_preprocess(cfg: PreprocessConfig, keys: Sequence[str] = ("image",)) ->
         LoadNiftid(keys),
         EnsureChannelFirstd(keys),  # 3D -> (1, D, H, W); a 4D file's volumes -> channels (checked next)
         CheckVolumed(keys),
-        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
+        Orientationd(keys, axcodes=PIPELINE["orientation"], labels=RAS_LABELS),
         Spacingd(keys, pixdim=cfg.spacing, mode="bilinear", padding_mode="zeros"),
     ]
     if cfg.crop_foreground:

@@ -9,6 +9,7 @@ before MONAI sees it: a bad one is a ``ConfigError`` naming the backbone and the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.networks.layers import get_act_layer, get_norm_layer
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet, DenseNet121
 from monai.networks.nets.resnet import (
     ResNet,
     ResNetBlock,
@@ -280,14 +281,24 @@ def _resnet_last_map(img_size: tuple[int, int, int], kw: dict[str, Any]) -> list
     return sizes
 
 
+def _monai_defaults(constructor: Callable[..., Any], names: frozenset[str]) -> dict[str, Any]:
+    """The defaults MONAI's ``constructor`` gives the arguments ``names`` (read from its signature, so they follow
+    MONAI's version)."""
+    params = inspect.signature(constructor).parameters
+    return {k: params[k].default for k in sorted(names) if k in params}
+
+
 def _register_resnet(name: str, depth: int, block: type[nn.Module], layers: list[int]) -> None:
-    @register_backbone(name)
+    bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(depth)
+    medicalnet = {"shortcut_type": shortcut_type, "bias_downsample": bias_downsample, "conv1_t_stride": 2}
+    defaults = {**_monai_defaults(ResNet.__init__, RESNET_ARGS), **medicalnet, "grad_checkpointing": False}
+
+    @register_backbone(name, defaults)
     def factory(
         img_size: int | Sequence[int] = 96, in_chans: int = 1, grad_checkpointing: bool = False, **kwargs
     ) -> ResNet3D:
         check_kwargs(name, kwargs, RESNET_ARGS)
-        bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(depth)
-        kw = {"shortcut_type": shortcut_type, "bias_downsample": bias_downsample, "conv1_t_stride": 2, **kwargs}
+        kw = {**medicalnet, **kwargs}
         _check_args(name, kwargs)
         norm = _norm_and_act(name, kwargs, int(64 * kw.get("widen_factor", 1.0)), scaled_norm=True)
         _check_last_map(name, norm, kwargs, _resnet_last_map(to_3tuple(img_size, "img_size"), kw))
@@ -299,7 +310,10 @@ _register_resnet("resnet18", 18, ResNetBlock, [2, 2, 2, 2])
 _register_resnet("resnet50", 50, ResNetBottleneck, [3, 4, 6, 3])
 
 
-@register_backbone("densenet121")
+@register_backbone(
+    "densenet121",
+    {**_monai_defaults(DenseNet.__init__, DENSENET_ARGS), "grad_checkpointing": False},
+)
 def densenet121(
     img_size: int | Sequence[int] = 96, in_chans: int = 1, grad_checkpointing: bool = False, **kwargs
 ) -> DenseNet3D:

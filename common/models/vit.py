@@ -350,10 +350,13 @@ VARIANTS = {
 
 
 def _register_variant(name: str, embed_dim: int, depth: int, num_heads: int) -> None:
-    @register_backbone(name)
+    signature = inspect.signature(ViT3D.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if k not in ("self", "img_size", "in_chans")}
+    defaults.update(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+
+    @register_backbone(name, defaults)
     def factory(img_size: int | Sequence[int] = 96, in_chans: int = 1, **kwargs) -> ViT3D:
         check_kwargs(name, kwargs, VIT_ARGS - {"img_size", "in_chans"})
-        defaults = {"patch_size": 16, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
         return ViT3D(img_size=img_size, in_chans=in_chans, **{**defaults, **kwargs})
 
 

@@ -168,3 +168,64 @@ def _qkv_bias(state: State, model: nn.Module, depth: int) -> list[str]:
             state[key] = torch.zeros_like(own[key])
             zeroed += 1
     return [f"qkv bias set to zero in {zeroed} blocks (MONAI's qkv has none)"] if zeroed else []
+
+
+# ---------------------------------------------------------------------------------------- our export -> MONAI
+# The way back, for a reader with MONAI but without this package: the model card of a ViT export carries this
+# code (common.export), and tests/common/test_export_card.py runs it against ViT3D. MONAI's ViT cannot prepend a
+# cls token without its classification head, nor norm after pooling, so the features are computed from its
+# modules in ViT3D's order.
+_MONAI_SNIPPET = """import json
+
+import torch
+from monai.networks.nets import ViT
+from safetensors.torch import load_file
+
+folder = "FOLDER"
+kw = json.load(open(f"{folder}/config.json"))["arch"]["kwargs"]
+vit = ViT(
+    in_channels=kw["in_chans"], img_size=kw["img_size"], patch_size=kw["patch_size"], hidden_size=kw["embed_dim"],
+    mlp_dim=int(kw["embed_dim"] * kw["mlp_ratio"]), num_layers=kw["depth"], num_heads=kw["num_heads"],
+    qkv_bias=kw["qkv_bias"], pos_embed_type="learnable",
+)
+renames = {"patch_embed.proj.": "patch_embedding.patch_embeddings.", ".attn.proj.": ".attn.out_proj.",
+           ".mlp.fc1.": ".mlp.linear1.", ".mlp.fc2.": ".mlp.linear2."}
+state = {}
+for key, value in load_file(f"{folder}/model.safetensors").items():
+    for ours, theirs in renames.items():
+        key = key.replace(ours, theirs)
+    state[key] = value
+prefix = int(kw["class_token"])  # pos_embed row 0 is the cls token's position
+pos = state.pop("pos_embed")  # (1, prefix + N, C)
+cls = state.pop("cls_token") + pos[:, :1] if prefix else None
+state["patch_embedding.position_embeddings"] = pos[:, prefix:]
+fc_norm = [state.pop(f"fc_norm.{p}", None) for p in ("weight", "bias")]  # LayerNorm after pooling, if any
+if "norm.weight" not in state:  # norm after pooling instead of before it
+    vit.norm = torch.nn.Identity()
+missing, unexpected = vit.load_state_dict(state, strict=False)
+assert not unexpected and all(".norm_cross_attn." in k for k in missing), (missing, unexpected)
+for module in vit.modules():  # LayerNorm eps as trained (MONAI's own is 1e-5)
+    if isinstance(module, torch.nn.LayerNorm):
+        module.eps = kw["norm_eps"]
+vit.eval()
+
+
+@torch.no_grad()
+def features(volume):  # (B, in_chans, D, H, W) -> (B, embed_dim): the export's forward_features
+    x = vit.patch_embedding(volume)  # (B, N, C), positions added
+    if cls is not None:
+        x = torch.cat([cls.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + N, C)
+    for block in vit.blocks:
+        x = block(x)
+    x = vit.norm(x)
+    x = x[:, 0] if kw["global_pool"] == "token" else x[:, prefix:].mean(1)
+    if fc_norm[0] is not None:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], *fc_norm, eps=kw["norm_eps"])
+    return x
+"""
+
+
+def monai_load_snippet(folder: str) -> str:
+    """Python that loads the ViT export in ``folder`` into MONAI's ``ViT`` (``monai.networks.nets``) and defines
+    ``features(volume)``, equal to the export's ``forward_features``: needs torch, safetensors and MONAI only."""
+    return _MONAI_SNIPPET.replace("FOLDER", folder)

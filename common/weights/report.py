@@ -28,14 +28,14 @@ class LoadReport:
         parts = [head]
         if self.inflated:
             done = [f"{k} {v}" for k, v in self.inflated.items()]
-            parts.append(f"inflated {len(done)}: {_names(done)}")
+            parts.append(f"inflated {len(done)}: {shortened(done)}")
         if self.resized:
             done = [f"{k} {v}" for k, v in self.resized.items()]
-            parts.append(f"resized {len(done)}: {_names(done)}")
+            parts.append(f"resized {len(done)}: {shortened(done)}")
         if self.missing:
-            parts.append(f"missing {len(self.missing)} (kept as initialised): {_names(self.missing)}")
+            parts.append(f"missing {len(self.missing)} (kept as initialised): {shortened(self.missing)}")
         if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)} (ignored): {_names(self.unexpected)}")
+            parts.append(f"unexpected {len(self.unexpected)} (ignored): {shortened(self.unexpected)}")
         parts.extend(self.notes)
         return "; ".join(parts)
 
@@ -49,6 +49,7 @@ class LoadReport:
         return path
 
 
-def _names(items: list[str], limit: int = 6) -> str:
+def shortened(items: list[str], limit: int = 6) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f", … (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import checkpoint
-from common.checkpoint import check_deepspeed_tag
+from common import checkpoint, deepspeed_checkpoint
 from common.errors import CheckpointError
-from common.io import load_torch_file
 from common.weights.adapt import qkv_bias_from_qv
 from common.weights.files import State, keys_of, read_tensor_file
 from common.weights.fit import PATCH_KERNEL, SourceLayout, model_prefix
@@ -187,38 +185,11 @@ def _family(name: str) -> str:
 
 
 def read_deepspeed(path: Path, model: nn.Module, axis: int) -> tuple[State, SourceLayout]:
-    """A DeepSpeed checkpoint folder (``OUT/checkpoints`` with ``latest``, or one tag folder inside it).
-
-    Every ``.pt`` in the tag folder must load with ``weights_only`` first (``check_deepspeed_tag``). ZeRO
-    shards are then consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; without
-    ZeRO optimizer shards (stage 0) the module states file is read with ``weights_only``. The objective's
-    prefix (``encoder.``, ``backbone.`` ...) is found by matching the model's key names.
-    """
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: deepspeed: needs a DeepSpeed checkpoint folder, this is not a folder")
-    tag_dir = path
-    if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-        if not tag or Path(tag).name != tag:
-            raise CheckpointError(f"{path}/latest: names {tag!r}, not a tag folder inside {path}")
-        tag_dir = path / tag
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*model_states.pt")):
-        raise CheckpointError(
-            f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt) in {tag_dir}; point at the "
-            "checkpoints folder (with `latest`) or at one tag folder"
-        )
-    check_deepspeed_tag(tag_dir)  # DeepSpeed's own readers unpickle in full: refuse files that need code
-    if list(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    else:
-        obj = load_torch_file(tag_dir / "mp_rank_00_model_states.pt")
-        if not isinstance(obj, Mapping) or not isinstance(obj.get("module"), Mapping):
-            raise CheckpointError(f"{tag_dir}/mp_rank_00_model_states.pt: no 'module' state dict inside")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in obj["module"].items()}
-    state = strip_prefix(state, "module.")
+    """A DeepSpeed checkpoint folder (``OUT/checkpoints`` with ``latest``, or one tag folder inside it), read
+    by ``common.deepspeed_checkpoint`` (every file checked with ``weights_only`` first, ZeRO shards
+    consolidated). The objective's prefix (``encoder.``, ``backbone.`` ...) is found by matching the model's
+    key names."""
+    state = strip_prefix(deepspeed_checkpoint.read_module_state(path), "module.")
     return _strip_objective_prefix(path, state, model), SourceLayout()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from common.errors import TrainingDiverged
 from common.optim import adamw
 from common.precision import autocast, resolve_device
 from common.schedule import warmup_cosine
+from common.tb import progress
 from finetune.data import VolumeDataset
 from finetune.heads import FineTuneModel
 from finetune.linear import fit_head
@@ -29,7 +31,7 @@ from finetune.modes.linear_probe import extract_features
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE_STREAK = 10  # NaN/Inf training losses in a row that stop the fold (as pre-training's default)
-ADVICE = "use train.precision=fp32 or a lower train.lr"
+ADVICE = "use train.precision=fp32 or a lower optim.lr"
 
 
 def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -91,7 +93,7 @@ def predict(
     return torch.cat(outs) if outs else torch.zeros(0, 1)
 
 
-def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
+def fit_predict_full(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train backbone + head on the training rows, keep the best validation epoch, predict val and test."""
     seed_everything(inputs.seed)
     device = resolve_device(cfg.device, key="train.device")
@@ -119,7 +121,9 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
     precision = _train_precision(model, loss_fn, inputs, targets, cfg, device, classification)
     head_probe = None
     if cfg.head_init == "probe":
-        head_probe = init_head_from_probe(model, inputs, targets.numpy(), cfg.batch_size, device, precision)
+        head_probe = init_head_from_probe(
+            model, inputs, targets.numpy(), cfg.batch_size, device, precision, cfg.probe_l2
+        )
     train_set = VolumeDataset(inputs.volumes[tr], targets[tr].numpy(), augment=inputs.augment, seed=inputs.seed)
     generator = torch.Generator().manual_seed(inputs.seed)
     loader = DataLoader(
@@ -129,11 +133,12 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
         drop_last=len(tr) > cfg.batch_size,
         generator=generator,
     )
-    optimizer = adamw(param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay), device, lr=cfg.lr)  # fused
+    groups = param_groups(model, optim.lr, optim.weight_decay, optim.layer_decay)
+    optimizer = adamw(groups, device, lr=optim.lr)  # fused
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
-    warmup = min(total, max(1, round(cfg.warmup_epochs * steps_per_epoch)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, cfg.min_lr_ratio))
+    warmup = min(total, max(1, round(optim.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, optim.min_lr_ratio))
 
     selector = EpochSelector(min(math.ceil(warmup / steps_per_epoch), cfg.epochs - 1), cfg.patience)
     best_state = None
@@ -142,6 +147,7 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
     # step, so that a skipped step leaves none of its NaNs in the model
     stats = [b for b in model.buffers() if b.is_floating_point()]
     kept = [b.clone() for b in stats]
+    bar = progress(total=cfg.epochs, desc=f"fold {inputs.fold}", unit="epoch", leave=False, disable=None)
     for epoch in range(cfg.epochs):
         model.train()
         running = torch.zeros((), device=device)
@@ -173,8 +179,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             streak, taken = 0, taken + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             optimizer.step()
             scheduler.step()
             running += loss.detach()  # summed on device
@@ -187,10 +193,15 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             inputs.tb.add_scalar(f"{inputs.tb_prefix}val_score", score[0], epoch)
             inputs.tb.add_scalar(f"{inputs.tb_prefix}lr", optimizer.param_groups[0]["lr"], epoch)
         is_best, stop = selector.update(epoch, score)
+        # the score early stopping follows: validation AUC, or MAE in the target's units
+        shown = f"{'AUC' if classification else 'MAE'} {abs(score[0]):.3f}" if len(va) else "none"
+        bar.set_postfix_str(f"loss {train_loss:.3f}, val {shown}", refresh=False)
+        bar.update()
         if is_best:
             best_state = copy.deepcopy(model.state_dict())
         if stop:
             break
+    bar.close()
     if best_state is None:  # only when no epoch took a step: the selector keeps the first candidate epoch otherwise
         raise TrainingDiverged(
             f"fold {inputs.fold}: the training loss was NaN/Inf at every step ({skipped}); nothing trained: {ADVICE}"
@@ -209,7 +220,8 @@ def fit_predict_full(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
             "val_score": float(selector.best_score[0]),
             "precision": precision,
             "nonfinite_skipped": skipped,
-            **({"head_probe_strength": head_probe} if head_probe is not None else {}),
+            **({"head_probe_l2": head_probe} if head_probe is not None else {}),
+            **({} if classification else {"target_mean": mean, "target_std": std}),  # the head predicts z-scores
         },
     )
 
@@ -234,11 +246,18 @@ def _train_precision(model, loss_fn, inputs: FoldInputs, targets, cfg, device, c
 
 @torch.no_grad()
 def init_head_from_probe(
-    model: FineTuneModel, inputs: FoldInputs, targets: np.ndarray, batch_size: int, device, precision: str
+    model: FineTuneModel,
+    inputs: FoldInputs,
+    targets: np.ndarray,
+    batch_size: int,
+    device,
+    precision: str,
+    l2: Sequence[float],
 ) -> float:
     """LP-FT: set ``model.head`` to the linear probe of the backbone's frozen features on the training rows
-    (``finetune.linear.fit_head``, strength chosen on the validation rows) and return the strength. The probe's
-    standardisation becomes the head's BatchNorm statistics (``head_norm=batch``) or is folded into its weights."""
+    (``finetune.linear.fit_head``, its L2 penalty chosen from ``l2``, the linear probe's ``train.probe_l2``, on the
+    validation rows) and return that penalty. The probe's standardisation becomes the head's BatchNorm statistics
+    (``head_norm=batch``) or is folded into its weights."""
     rows = np.concatenate([inputs.train_idx, inputs.val_idx])
     x = extract_features(model.backbone, inputs.volumes[rows], batch_size, device, precision).double().numpy()
     bad = int((~np.isfinite(x).all(axis=1)).sum())
@@ -250,7 +269,7 @@ def init_head_from_probe(
         )
     n_train = len(inputs.train_idx)
     kind = "classification" if inputs.kind == "classification" else "regression"
-    fit = fit_head(x, targets[rows], kind, np.arange(n_train), np.arange(n_train, len(rows)))
+    fit = fit_head(x, targets[rows], kind, np.arange(n_train), np.arange(n_train, len(rows)), l2)
     weight, bias = fit["weight"], fit["bias"]
     if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         raise TrainingDiverged(
@@ -272,7 +291,7 @@ def init_head_from_probe(
         weight = weight / fit["scale"]
     head.fc.weight.copy_(torch.as_tensor(weight, dtype=head.fc.weight.dtype))
     head.fc.bias.copy_(torch.as_tensor(bias, dtype=head.fc.bias.dtype))
-    return fit["strength"]
+    return fit["l2"]
 
 
 def _validate(model, inputs: FoldInputs, va, decode, cfg, device, precision) -> tuple[float, float]:

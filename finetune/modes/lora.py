@@ -5,6 +5,8 @@ ViTs adapt ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (Hu et al. 2
 showed the MLPs matter as much); CNNs adapt every ``Conv3d`` (peft's ``lora.Conv3d``: a k³ down-projection to
 ``rank`` channels, then a 1³ up-projection). Per fold only what was trained is written:
 ``OUT/adapters/foldK.safetensors`` holds the adapters, the norms (with their running statistics) and the head.
+Then the adapters are merged into the weights they adapt (``merge_lora``): the fold's predictions and its model
+folder (``finetune.model_folder``) come from the same plain backbone, which loads without peft.
 """
 
 from __future__ import annotations
@@ -120,6 +122,19 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
+def merge_lora(backbone: nn.Module) -> nn.Module:
+    """Fold every LoRA update into the layer it adapts (W + B·A·alpha/rank) and put the plain layer back in its
+    place: the backbone's keys are the unadapted model's again. In place; returns ``backbone``."""
+    from peft.tuners.lora import LoraLayer  # peft is imported on use (import_peft)
+
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+    return backbone
+
+
 def load_fold(path: str | Path, backbone: nn.Module, head_dropout: float = 0.0, head_norm: str = "batch") -> nn.Module:
     """A trained fold back from ``adapters/foldK.safetensors``: ``backbone`` is the cell's initialised backbone
     (same init), which gets the saved adapters, norms and head; returns the ``FineTuneModel`` in eval mode."""
@@ -140,8 +155,9 @@ def load_fold(path: str | Path, backbone: nn.Module, head_dropout: float = 0.0, 
     return model.eval()
 
 
-def fit_predict_lora(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Full fine-tuning's loop over the adapters, norms and head; writes ``adapters/foldK.safetensors``."""
+def fit_predict_lora(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Full fine-tuning's loop over the adapters, norms and head; writes ``adapters/foldK.safetensors``, merges
+    the adapters and hands the model to ``inputs.on_fitted``."""
     counts: dict = {}
     targets: list[str] = []
 
@@ -152,23 +168,25 @@ def fit_predict_lora(inputs: FoldInputs, cfg) -> tuple[np.ndarray, np.ndarray, d
 
     def keep(model: nn.Module) -> None:
         counts.update(parameter_counts(model))
-        if inputs.out_dir is None:
-            return
-        meta = {
-            "rank": cfg.lora.rank,
-            "alpha": cfg.lora.alpha,
-            "dropout": cfg.lora.dropout,
-            "targets": targets,
-            "arch": getattr(model.backbone, "arch", None),
-            "fold": inputs.fold,
-            **counts,
-        }
-        path = Path(inputs.out_dir) / "adapters" / f"fold{inputs.fold}.safetensors"
-        with atomic_write(path) as tmp:
-            save_file(trained_state(model), tmp, metadata={"lora": json.dumps(meta, default=str)})
+        if inputs.out_dir is not None:
+            meta = {
+                "rank": cfg.lora.rank,
+                "alpha": cfg.lora.alpha,
+                "dropout": cfg.lora.dropout,
+                "targets": targets,
+                "arch": getattr(model.backbone, "arch", None),
+                "fold": inputs.fold,
+                **counts,
+            }
+            path = Path(inputs.out_dir) / "adapters" / f"fold{inputs.fold}.safetensors"
+            with atomic_write(path) as tmp:
+                save_file(trained_state(model), tmp, metadata={"lora": json.dumps(meta, default=str)})
+        merge_lora(model.backbone)
+        if inputs.on_fitted is not None:
+            inputs.on_fitted(model)
 
     lora_inputs = dataclasses.replace(inputs, make_backbone=make_backbone, on_fitted=keep)
-    val_out, test_out, info = fit_predict_full(lora_inputs, cfg)
+    val_out, test_out, info = fit_predict_full(lora_inputs, cfg, optim)
     log.info(
         "LoRA fold %d: %d trainable of %d backbone parameters (%.2f %%, head included)",
         inputs.fold,

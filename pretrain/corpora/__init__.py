@@ -1,36 +1,74 @@
-"""Pre-training corpora: synthetic MRI, medical NIfTI, video, and their mixture, as resumable sharded streams."""
+"""Pre-training corpora: synthetic MRI, medical NIfTI, video, their mixture and packed shards, as resumable sharded
+streams.
+
+``CORPORA`` below is the one list of them: a corpus is added by writing its ``Source`` module and registering it
+here, with its builder from the run config, the covariates its items can carry and the model card's words for it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 from common.errors import ConfigError, DataError
-from pretrain.config import CORPORA
 from pretrain.corpora.medical import MedicalSource
-from pretrain.corpora.mixed import MixedSource
+from pretrain.corpora.mixed import MixedSource, mixture_weights
 from pretrain.corpora.packed import PackedSource
-from pretrain.corpora.stream import CorpusStream, StreamPosition, make_loader
+from pretrain.corpora.stream import CorpusStream, Source, StreamPosition, make_loader
 from pretrain.corpora.synthmri import SynthMRISource
 from pretrain.corpora.video import VideoSource
+from pretrain.registry import Registry
+
+
+@dataclass(frozen=True)
+class RegisteredCorpus:
+    build: Callable[[Any], Source]  # the run config -> the corpus's items
+    covariates: tuple[str, ...] = ()  # per-item covariates its batches can carry (an objective's needs_covariates)
+    description: str | None = None  # how the exported model card words it; None: by its name
+
+
+CORPORA: Registry[RegisteredCorpus] = Registry("corpus", RegisteredCorpus)
+
+
+@CORPORA.register("synthmri", covariates=("age",), description="synthetic brain MRI (synth/, generated on the fly)")
+def _synthmri(cfg) -> SynthMRISource:
+    d = cfg.data
+    return SynthMRISource(d.synthmri, d.shape, d.spacing, cfg.train.seed)
+
+
+# age only from a manifest with the column (a folder of NIfTI files has none; pretrain.config.check_covariates)
+@CORPORA.register("medical", covariates=("age",), description="medical NIfTI volumes")
+def _medical(cfg) -> MedicalSource:
+    d = cfg.data
+    return MedicalSource(d.medical, d.shape, d.spacing, cfg.train.seed)
+
+
+@CORPORA.register("video", description="natural video")
+def _video(cfg) -> VideoSource:
+    d, v = cfg.data, cfg.data.video
+    return VideoSource(v.paths, d.shape, v.stride, v.reader, v.extensions, cfg.train.seed)
+
+
+@CORPORA.register("mixed", description="a mix of synthetic MRI, medical volumes and video")
+def _mixed(cfg) -> MixedSource:
+    weights = mixture_weights(cfg.data.mixed)
+    return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
+
+
+@CORPORA.register("packed")
+def _packed(cfg) -> PackedSource:
+    d = cfg.data
+    return PackedSource(d.packed, d.shape, d.spacing, cfg.train.seed)
 
 
 def build_source(cfg, corpus: str | None = None):
     """The ``Source`` for ``corpus`` (default ``cfg.corpus``) from the run config ``cfg``."""
     corpus = corpus or cfg.corpus
-    d, seed = cfg.data, cfg.train.seed
-    if len(d.input_size) != 3 or min(d.input_size) < 1:
-        raise ConfigError(f"data.input_size must be three positive sizes (D, H, W), got {list(d.input_size)}")
-    if corpus == "synthmri":
-        return SynthMRISource(d.synthmri, d.input_size, d.spacing, seed)
-    if corpus == "medical":
-        return MedicalSource(d.medical, d.input_size, d.spacing, seed)
-    if corpus == "video":
-        v = d.video
-        return VideoSource(v.paths, d.input_size, v.stride, v.reader, v.extensions, seed)
-    if corpus == "packed":
-        return PackedSource(d.packed, d.input_size, d.spacing, seed)
-    if corpus == "mixed":
-        weights = {name: float(getattr(d.mixed, name)) for name in ("synthmri", "medical", "video")}  # MixedConfig
-        return MixedSource({k: build_source(cfg, k) for k, w in weights.items() if w > 0}, weights)
-    raise ConfigError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    d = cfg.data
+    if len(d.shape) != 3 or min(d.shape) < 1:
+        raise ConfigError(f"data.shape must be three positive sizes (D, H, W), got {list(d.shape)}")
+    return CORPORA[corpus].build(cfg)
 
 
 def require_covariates(source, needs: tuple[str, ...]) -> None:
@@ -45,4 +83,4 @@ def require_covariates(source, needs: tuple[str, ...]) -> None:
         source.keep_items_with(needs)
 
 
-__all__ = ["CorpusStream", "StreamPosition", "build_source", "make_loader", "require_covariates"]
+__all__ = ["CORPORA", "CorpusStream", "StreamPosition", "build_source", "make_loader", "require_covariates"]

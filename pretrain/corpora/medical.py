@@ -49,13 +49,13 @@ class MedicalSource:
             self.files = [Path(p) for p in self.table["path"]]
         else:
             self.files = find_nifti(cfg.directory)
-        # what covariate() can give: the manifest's covariate columns (pretrain.config.CORPUS_COVARIATES)
+        # what covariate() can give: the manifest's covariate columns (registered in pretrain.corpora.CORPORA)
         self.covariates = tuple(c for c in ("age",) if self.table is not None and c in self.table.columns)
         self.manifest = cfg.manifest
         crop_from = list(cfg.crop_from) if cfg.crop_from is not None else list(input_size)
         if any(c < s for c, s in zip(crop_from, input_size)):
             raise ConfigError(
-                f"data.medical.crop_from {crop_from} must be at least data.input_size {list(input_size)} on every axis"
+                f"data.medical.crop_from {crop_from} must be at least data.shape {list(input_size)} on every axis"
             )
         self.preprocess_cfg = PreprocessConfig(spacing=tuple(spacing), shape=tuple(crop_from), intensity=cfg.intensity)
         self.preprocess = build_preprocess(self.preprocess_cfg)

@@ -6,8 +6,15 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from common.errors import ConfigError
+
+
+def mixture_weights(mixed) -> dict[str, float]:
+    """``data.mixed`` as {corpus: sampling weight}: ``MixedConfig``'s fields are the one list of the corpora a
+    mixture can draw from (a config node or the dataclass itself)."""
+    return {name: float(weight) for name, weight in OmegaConf.create(mixed).items()}
 
 
 class MixedSource:

@@ -32,7 +32,7 @@ class PackedSource:
         self.slack = np.array(packed.shape) - self.size  # room for the random crop, per axis
         if (self.slack < 0).any():
             raise ConfigError(
-                f"{cfg.directory} holds {list(packed.shape)} volumes, smaller than data.input_size "
+                f"{cfg.directory} holds {list(packed.shape)} volumes, smaller than data.shape "
                 f"{list(input_size)}; pack with a --shape at least that large"
             )
         self.flip_prob = float(cfg.flip_prob)

@@ -1,11 +1,9 @@
 """An endless, per-rank sharded, exactly resumable stream of batches from a corpus.
 
-The unit is the batch: batch ``j`` of rank ``r`` out of ``world`` holds the items at positions
-``(j * world + r) * batch_size + slot`` (``batch_positions``), and an item's randomness comes from
-``numpy.random.default_rng([seed, position])``. Ranks never repeat each other, and the batches do not depend on
-the DataLoader worker count: worker ``w`` of ``W`` builds batches ``start + w, start + w + W, ...`` and the
-DataLoader's in-order round-robin hands them over as ``start, start + 1, ...``. Resuming needs only the number of
-batches a rank consumed (``StreamPosition``), so it is exact with 0, 1 or any number of workers.
+The unit is the batch: which positions batch ``j`` of rank ``r`` holds and which batches a DataLoader worker
+makes is ``common.data.stream_order`` (ranks never repeat each other; the batches do not depend on the worker
+count), and an item's randomness comes from ``numpy.random.default_rng([seed, position])``. Resuming needs only
+the number of batches a rank consumed (``StreamPosition``), so it is exact with 0, 1 or any number of workers.
 """
 
 from __future__ import annotations
@@ -19,8 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
+from common.data.stream_order import batch_positions, worker_batches
 from common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class Source(Protocol):
     """A corpus: ``item(position, rng)`` returns a ``(1, D, H, W)`` float32 tensor or raises ``DataError``;
-    corpora with covariates (``pretrain.config.CORPUS_COVARIATES``) also have ``covariate(position, name)``."""
+    corpora with covariates (``covariates`` in ``pretrain.corpora.CORPORA``) also have ``covariate(position, name)``."""
 
     name: str
 
@@ -47,12 +46,6 @@ def file_at(position: int, n: int, seed: int) -> int:
 
 
 FALLBACK_STRIDE = 2**40  # attempt a of a bad item reads position + a * stride: far beyond any real position
-
-
-def batch_positions(rank: int, world_size: int, batch_size: int, batch: int) -> list[int]:
-    """Corpus positions of batch ``batch`` of ``rank``: a pure function, shared by every data path."""
-    first = (batch * world_size + rank) * batch_size
-    return list(range(first, first + batch_size))
 
 
 class CorpusStream(IterableDataset):
@@ -90,16 +83,12 @@ class CorpusStream(IterableDataset):
         self._consecutive = 0  # bad items in a row, in this worker
 
     def __iter__(self):
-        info = get_worker_info()
-        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         self._consecutive = 0
-        j = self.start + worker
-        while True:
+        for j in worker_batches(self.start):
             samples = [self._sample(p) for p in batch_positions(self.rank, self.world_size, self.batch_size, j)]
             for sample in samples:
                 sample["_batch"] = j
             yield default_collate(samples)
-            j += n_workers
 
     def _sample(self, position: int) -> dict[str, Any]:
         """The item at ``position``, or at its first usable fallback position; ``_skipped`` counts the others."""

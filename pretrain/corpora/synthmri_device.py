@@ -1,10 +1,10 @@
 """Synthetic MRI generated in the training process, a batch at a time, on the training device
 (``data.synthmri.device: auto|cpu|cuda``; ``cpu`` keeps the DataLoader-worker path of ``synthmri.py``).
 
-Batch ``j`` of rank ``r`` holds the corpus positions ``stream.batch_positions`` gives, as on the worker path
-(whatever its worker count), so ranks never repeat each other; a batch is ``synth``'s ``Generator.batch`` of
-those positions' subjects, fitted to ``input_size`` by the same seeded crop/pad as the
-worker path. Batches carry the trainer's bookkeeping fields, so resuming is exact as for any corpus.
+Batches come from ``synth``'s ``SyntheticMRIStream`` with a device: the same seeding and order as the worker
+path (batch ``j`` of rank ``r`` holds the same positions' subjects, whatever the worker path's worker count), so
+ranks never repeat each other; each volume is fitted to ``input_size`` by the crop the worker path draws for its
+position. Batches carry the trainer's bookkeeping fields, so resuming is exact as for any corpus.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from common.errors import ConfigError
 from common.precision import DEVICES
-from pretrain.corpora.stream import batch_positions
 from pretrain.corpora.synthmri import SynthMRISource
+from synth.dataset import SyntheticMRIStream
 
 
 def generation_device(setting: str, training_device: torch.device) -> torch.device | None:
@@ -44,28 +44,22 @@ class DeviceSynthStream:
         device: torch.device,
         start: int = 0,
     ):
-        if source.generator is None:
+        if source.subjects is None:
             raise ConfigError("data.synthmri.device generates on the fly; it cannot read data.synthmri.directory")
-        self.source, self.seed, self.rank, self.world = source, seed, rank, world_size
-        self.batch_size, self.device, self.start = batch_size, torch.device(device), start
+        self.source, self.seed, self.start = source, seed, start
+        self.stream = SyntheticMRIStream(
+            source.synth_cfg, seed, batch_size=batch_size, rank=rank, world_size=world_size, start=start, device=device
+        )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        from synth.subject import corpus_plan
-
-        j = self.start
-        while True:
-            positions = batch_positions(self.rank, self.world, self.batch_size, j)
-            plans = [corpus_plan(self.source.synth_cfg, self.seed, p) for p in positions]
-            volumes = self.source.generator.batch(plans, self.device)  # (B, 1, D, H, W) on the device
-            images = []
-            for volume, position in zip(volumes, positions):
-                rng = np.random.default_rng([self.seed, position])  # as CorpusStream seeds an item
-                self.source.fit.set_random_state(seed=int(rng.integers(2**31)))
-                images.append(torch.as_tensor(self.source.fit(volume)))
-            n = len(positions)
+        for j, batch in enumerate(self.stream, self.start):  # in this process: batches start, start + 1, ...
+            images = [
+                self.source.fitted(volume, np.random.default_rng([self.seed, int(position)]))  # as CorpusStream
+                for volume, position in zip(batch["image"], batch["position"])
+            ]
+            n = len(images)
             yield {
-                "image": torch.stack(images).contiguous(),  # (B, 1, *input_size)
+                "image": torch.stack(images),  # (B, 1, *input_size) on the device
                 "_batch": torch.full((n,), j, dtype=torch.long),
                 "_skipped": torch.zeros(n, dtype=torch.long),
             }
-            j += 1

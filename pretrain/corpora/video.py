@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError, DataError
-from pretrain.config import VIDEO_READERS
 from pretrain.corpora.stream import file_at
 
+VIDEO_READERS = ("auto", "decord", "pyav")  # auto: decord when installed, PyAV where it is not or fails
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 grey
 
 

@@ -15,8 +15,9 @@ import torch.nn as nn
 from common.errors import ConfigError
 from common.models.pos_embed import sincos_3d
 from common.models.vit import Block, LayerNorm, ViT3D
-from pretrain.config import MASKINGS
 from pretrain.objectives.base import Objective
+
+MASKINGS = ("random", "tube")  # per token, or one spatial mask repeated along D (VideoMAE's tube)
 
 
 class MaskedAutoencoder(Objective):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.cli import add_print_config, command_parser, print_config, run_command
 from common.config import load_config, parse_with_overrides, to_object
-from common.errors import ConfigError, NeurotransferError, end_of_command
+from common.errors import ConfigError
 from common.precision import DEVICES, PRECISIONS, resolve_device, resolve_precision
 from synth.ldm.config import LDMTrainConfig
 from synth.ldm.covariates import sex_code
@@ -35,6 +35,7 @@ def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
         help="YAML recipe, e.g. configs/synth/ldm_quickstart.yaml (with --resume: defaults to OUT/config.yaml)",
     )
     t.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
+    add_print_config(t)
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train_diffusion.steps=10")
     t.set_defaults(func=run_ldm_train)
 
@@ -67,6 +68,7 @@ def add_ldm_commands(subparsers: argparse._SubParsersAction) -> None:
         help="bf16 autocast or fp32 (auto: bf16 where native)",
     )
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_print_config(s, "the effective settings")
     s.set_defaults(func=run_ldm_sample)
 
 
@@ -80,6 +82,8 @@ def run_ldm_train(args: argparse.Namespace) -> int:
     if args.manifest:
         overrides.append(f"data.manifest={Path(args.manifest).expanduser().resolve()}")
     cfg: LDMTrainConfig = to_object(load_config(LDMTrainConfig, config, overrides))
+    if args.print_config:
+        return print_config(cfg)
     export = train_ldm(cfg, args.out, resume=args.resume)
     print(f"LDM written to {export}")
     return 0
@@ -96,6 +100,11 @@ def run_ldm_sample(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--sex: {e}") from None
     device = resolve_device(args.device, key="--device")
+    precision = resolve_precision(args.precision, device, key="--precision")
+    if args.print_config:  # no config file: the command's own settings, as resolved
+        settings = {"model": str(args.model), "n": args.n, "out": str(args.out), "seed": args.seed}
+        settings.update(covariates=fixed, ddim_steps=args.ddim_steps, batch_size=args.batch_size)
+        return print_config({**settings, "device": str(device), "precision": precision})
     model = load_model(args.model)
     manifest = sample_to_directory(
         model,
@@ -106,7 +115,7 @@ def run_ldm_sample(args: argparse.Namespace) -> int:
         ddim_steps=args.ddim_steps,
         batch_size=args.batch_size,
         device=device,
-        precision=resolve_precision(args.precision, device, key="--precision"),
+        precision=precision,
         show_progress=not args.no_progress,
     )
     print(f"{args.n} volumes listed in {manifest}")
@@ -115,18 +124,12 @@ def run_ldm_sample(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m synth.ldm``: the two LDM commands on their own."""
-    parser = argparse.ArgumentParser(prog="python -m synth.ldm", description=__doc__.splitlines()[0])
+    parser = command_parser("python -m synth.ldm", __doc__.splitlines()[0])
     add_ldm_commands(parser.add_subparsers(dest="command", required=True))
-    args = parse_with_overrides(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
+        args = parse_with_overrides(parser, argv)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
-    except NeurotransferError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command (ldm-train with --resume) to continue", file=sys.stderr)
-        return 130
-    except OSError as e:  # a disk full, a folder not writable: one line naming the file
-        print(end_of_command(e)[0], file=sys.stderr)
-        return 2
+
+    return run_command(run, "rerun the same command (ldm-train with --resume) to continue")

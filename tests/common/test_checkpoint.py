@@ -38,7 +38,7 @@ class TiedNet(nn.Module):
 
 @pytest.fixture
 def tied_registered(monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, "test_tied", TiedNet)
+    monkeypatch.setitem(registry._REGISTRY, "test_tied", (TiedNet, {}))
 
 
 def test_export_roundtrip_rebuilds_identical_model(tmp_path):

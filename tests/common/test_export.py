@@ -13,7 +13,14 @@ from common.export import export_folder, loss_summary
 from common.models import create_backbone
 from common.weights import load_backbone
 
-META = {"spacing": [4.0, 4.0, 4.0], "intensity": "percentile", "corpus": "synthmri", "objective": "mae"}
+META = {
+    "spacing": [4.0, 4.0, 4.0],
+    "intensity": "percentile",
+    "percentiles": [0.5, 99.5],
+    "crop_foreground": False,
+    "corpus": "synthmri",
+    "objective": "mae",
+}
 
 
 @pytest.fixture
@@ -34,16 +41,22 @@ def test_folder_holds_weights_config_and_card(folder):
     assert config["preprocessing"] == {
         "orientation": "RAS",
         "spacing": [4.0, 4.0, 4.0],
+        "interpolation": "trilinear",
+        "crop_foreground": False,
         "shape": [16, 16, 16],
+        "pad_crop": "centred, zero padding",
         "intensity": "percentile",
+        "intensity_mask": "non-zero voxels",
+        "percentiles": [0.5, 99.5],
         "channels": 1,
         "layout": config["preprocessing"]["layout"],
     }
     assert (config["corpus"], config["objective"], config["step"], config["steps"]) == ("synthmri", "mae", 10, 20)
     assert config["package_version"] and config["training"]["lowest"] == {"step": 10, "loss": pytest.approx(1.0)}
     card = (path / "README.md").read_text()
-    assert f'load_export("{path.as_posix()}")' in card and "--init " in card
-    assert "4 × 4 × 4 mm" in card and "`percentile`" in card and "RAS+" in card
+    assert 'load_export("export")' in card and "--init export" in card
+    assert "4 × 4 × 4 mm, trilinear" in card and "`percentile`, statistics over the non-zero voxels" in card
+    assert "RAS+" in card and "| foreground crop | none" in card
     assert "lowest 1 at step 10" in card and "10 optimizer steps of 20 planned" in card
 
 

@@ -20,6 +20,7 @@ from common.models.vit import ViT3D
 from common.torchvision_ops import import_torchvision_without_ops
 from common.weights import load_backbone
 from common.weights.adapt import fold_input_channels, inflate_kernel, resample_kernel
+from common.weights.fit import PATCH_KERNEL
 
 import_torchvision_without_ops()  # timm and transformers import torchvision (common.torchvision_ops says why)
 
@@ -245,7 +246,7 @@ def test_medicalnet_checkpoint_loads_into_the_monai_resnet(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- our own
-def test_export_loads_exactly_and_resamples_position_embedding_to_a_new_size(tmp_path):
+def test_export_loads_exactly_and_resamples_position_embedding_only_when_asked(tmp_path):
     source = create_backbone("vit_tiny_p16", img_size=32, patch_size=8, depth=1, pos_embed="learn")
     path = export_backbone(source, tmp_path / "encoder.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"})
     same = create_backbone("vit_tiny_p16", img_size=32, patch_size=8, depth=1, pos_embed="learn")
@@ -253,8 +254,34 @@ def test_export_loads_exactly_and_resamples_position_embedding_to_a_new_size(tmp
     assert not report.missing and not report.resized and not report.unexpected
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), source.state_dict().values()))
     larger = create_backbone("vit_tiny_p16", img_size=48, patch_size=8, depth=1, pos_embed="learn")
-    report = load_backbone(larger, str(path))
+    before = {k: v.clone() for k, v in larger.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"would resize 1 \(pos_embed grid .* --allow-partial") as err:
+        load_backbone(larger, str(path))
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in larger.state_dict().items())  # refused: nothing loaded
+    report = load_backbone(larger, str(path), allow_partial=True)
     assert "pos_embed" in report.resized and larger.pos_embed.shape == (1, 1 + 6**3, 192)
+
+
+def test_our_own_weights_that_leave_tensors_as_initialised_are_refused_unless_asked(tmp_path):
+    """Twelve blocks built for a one-block export: the load would leave eleven blocks random."""
+    source = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
+    path = export_backbone(source, tmp_path / "e.safetensors", {"spacing": [2, 2, 2], "intensity": "zscore"})
+    deeper = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=12)
+    with pytest.raises(CheckpointError, match=r"would leave 132 tensor\(s\) as initialised \(blocks\.1\."):
+        load_backbone(deeper, str(path))
+    report = load_backbone(deeper, str(path), allow_partial=True)
+    assert len(report.missing) == 132 and not report.resized
+
+
+def test_foreign_weights_are_adapted_without_asking(tmp_path):
+    """A VideoMAE checkpoint has no position table (a fixed sin-cos one) and a 2×8×8 tubelet: adapted by design."""
+    source = create_backbone("vit_tiny_p16", img_size=16, patch_size=[2, 8, 8], depth=1)
+    state = {k: v for k, v in source.state_dict().items() if k != "pos_embed"}
+    torch.save(state, tmp_path / "v.pth")
+    model = create_backbone("vit_tiny_p16", img_size=16, patch_size=8, depth=1)
+    report = load_backbone(model, f"videomae:{tmp_path / 'v.pth'}")
+    assert report.missing == ["pos_embed"] and PATCH_KERNEL in report.resized
 
 
 def _free_port() -> int:

@@ -29,8 +29,11 @@ def test_wrong_values_name_the_problem():
     with pytest.raises(ConfigError, match="backbone 'nope'"):
         validate(cfg)
     cfg = load_experiment_config(SMOKE)
-    cfg.pretrain[0].corpus = "medical"
+    cfg.pretrain[0].corpus = "packed"
     with pytest.raises(ConfigError, match="corpus must be one of"):
+        validate(cfg)
+    cfg.pretrain[0].corpus = "medical"
+    with pytest.raises(ConfigError, match="corpus medical takes its images from `manifest`"):
         validate(cfg)
     with pytest.raises(ConfigError, match="needs synth.ldm_model"):
         load_experiment_config(SMOKE, ["synth.corpus_backend=ldm"])
@@ -40,7 +43,10 @@ def test_wrong_values_name_the_problem():
         load_experiment_config(SMOKE, ["synth.cohorts.ms.n=3"])
     cfg = load_experiment_config(SMOKE)
     cfg.synth.cohorts = {}
-    with pytest.raises(ConfigError, match="synth.cohorts is empty"):
+    with pytest.raises(ConfigError, match="no tasks: list generated cohorts in synth.cohorts.* or your own in cohorts"):
+        validate(cfg)
+    cfg.cohorts = {"brain_age": "m.csv", "classify:handedness": "n.csv", "ad_typo": "o.csv"}
+    with pytest.raises(ConfigError, match="cohorts: unknown task 'ad_typo'"):
         validate(cfg)
     with pytest.raises(ConfigError, match="in_site_scheme must be one of"):
         load_experiment_config(SMOKE, ["in_site_scheme=loso"])
@@ -57,6 +63,7 @@ def test_the_in_site_scheme_reaches_the_grid_and_the_out_of_site_one_stays_ood()
 @pytest.mark.parametrize("key", sorted(OWNED))
 def test_a_field_the_experiment_owns_is_an_error(tmp_path, key):
     value = "{}" if key == "grid.tasks" else "[]" if key.endswith(("inits", "sites", "datasets", "manifests")) else "x"
+    value = "[1.0,1.0,1.0]" if key.endswith("spacing") else value
     with pytest.raises(ConfigError, match=f"command line: {key} is set by the experiment"):
         load_experiment_config(SMOKE, [f"{key}={value}"])
     nested = value
@@ -69,9 +76,8 @@ def test_a_field_the_experiment_owns_is_an_error(tmp_path, key):
 
 
 def test_the_experiment_has_one_entry_point(capsys):
-    with pytest.raises(SystemExit) as stop:
-        finetune_main(["experiment", "--config", str(SMOKE)])
-    assert stop.value.code == 2 and "invalid choice: 'experiment'" in capsys.readouterr().err
+    assert finetune_main(["experiment", "--config", str(SMOKE)]) == 2
+    assert "invalid choice: 'experiment'" in capsys.readouterr().err
 
 
 def _run_cli(capsys, *argv: str) -> str:
@@ -104,8 +110,8 @@ STAGE_MISTAKES = {  # what the tester found running minutes into an experiment, 
     "grid.fractions=[]": "grid.fractions is empty",
     "grid.seeds=[]": "grid.seeds is empty",
     "ood_fractions=[0.0]": r"ood_fractions: every fraction must lie in \(0, 1\]",
-    "synth.ood_sites=[site9]": r"synth.ood_sites: \['site9'\] not among the sites of cohort ad \(\['site0', 'site1'\]",
-    "synth.ood_sites=[site0,site1]": "hold out every site of cohort ad",
+    "ood_sites=[site9]": r"ood_sites: \['site9'\] not among the sites of cohort ad \(\['site0', 'site1'\]",
+    "ood_sites=[site0,site1]": "hold out every site of cohort ad",
     "synth.overrides=[atrophy.max_mm=9]": r"synth.overrides \['atrophy.max_mm=9'\]: .*atrophy.max_mm must lie",
 }
 
@@ -137,7 +143,7 @@ def test_pretrain_entries_and_grid_backbones_are_checked_before_anything_is_writ
 def test_an_empty_experiment_yaml_asks_for_the_cohorts_and_its_defaults_fit_together(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert "synth.cohorts is empty" in _run_cli(capsys, "--config", str(empty), "--out", str(tmp_path / "x"))
+    assert "no tasks: list generated cohorts" in _run_cli(capsys, "--config", str(empty), "--out", str(tmp_path / "x"))
     cfg = load_experiment_config(empty, ["synth.cohorts={ad: {n: 20, sites: 3}}", f"out_dir={tmp_path / 'x'}"])
     Experiment(cfg)  # the default pretrain entry pre-trains the default grid's backbone; every stage's config checks
     cfg.grid.backbones[0].label = "cnn"
@@ -145,3 +151,25 @@ def test_an_empty_experiment_yaml_asks_for_the_cohorts_and_its_defaults_fit_toge
         ConfigError, match=r"pretrain entry 'synthmri_mae': backbone 'vit' is not a label of .*\['cnn'\]"
     ):
         validate(cfg)
+
+
+def test_spacing_has_one_key_and_flows_down_to_every_stage(tmp_path):
+    """spacing decides the corpus's, the cohorts', the pre-training's and the fine-tuning's voxel size; an old
+    YAML stating the same spacing twice (or under synth) still loads (warned), a different one is refused."""
+    cfg = load_experiment_config(SMOKE, [f"out_dir={tmp_path / 'e'}", "spacing=6.0"])
+    experiment = Experiment(cfg)
+    assert experiment.synth_config(corpus=True).spacing == 6.0 == experiment.synth_config(corpus=False).spacing
+    assert all(experiment.pretrain_config(spec).data.spacing == [6.0] * 3 for spec in cfg.pretrain)
+    assert experiment.grid_config(ood=False).base.data.spacing == [6.0] * 3
+    assert load_experiment_config(SMOKE, ["synth.spacing=6.0", "grid.base.data.spacing=[6.0,6.0,6.0]"]).spacing == 6
+    with pytest.raises(ConfigError, match="grid.base.data.spacing is set by the experiment"):
+        load_experiment_config(SMOKE, ["spacing=6.0", "grid.base.data.spacing=[4.0,4.0,4.0]"])
+    with pytest.raises(ConfigError, match="synth.overrides sets spacing.*set spacing instead"):
+        Experiment(load_experiment_config(SMOKE, [f"out_dir={tmp_path / 'f'}", "synth.overrides=[spacing=2]"]))
+
+
+def test_a_pretrain_override_of_what_the_experiment_sets_is_refused(tmp_path):
+    cfg = load_experiment_config(SMOKE, [f"out_dir={tmp_path / 'e'}"])
+    cfg.pretrain[0].overrides = [*cfg.pretrain[0].overrides, "data.shape=[8,8,8]"]
+    with pytest.raises(ConfigError, match=r"sets data.shape, which the experiment sets from grid.base.data.shape"):
+        Experiment(cfg)

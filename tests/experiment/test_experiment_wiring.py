@@ -46,7 +46,7 @@ def test_both_grids_refuse_a_cohort_image_that_is_in_the_pretraining_corpus(tmp_
     exp = Experiment(cfg)
     cohort = _cohort(exp.cohort_dir("ad"))
     # the corpus holds a byte copy of sub-003, a subject of the held-out site (tested in-site and out-of-site)
-    assert cohort.set_index("subject_id").loc["sub-003", "site"] in cfg.synth.ood_sites
+    assert cohort.set_index("subject_id").loc["sub-003", "site"] in cfg.ood_sites
     exp.corpus_dir().mkdir(parents=True)
     shutil.copy(exp.cohort_dir("ad") / "images/sub-003.nii.gz", exp.corpus_dir() / "synth-0.nii.gz")
     pd.DataFrame({"path": ["synth-0.nii.gz"]}).to_csv(exp.corpus_dir() / "manifest.csv", index=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from finetune.classical import fit_predict, voxel_features
+from finetune.classical import L2, fit_predict, voxel_features
 from finetune.config import RunConfig
 from finetune.metrics import regression_metrics
 from finetune.run import CLASSICAL_FILE, run_cell
@@ -33,10 +33,11 @@ def test_ridge_recovers_a_linear_target_and_logistic_a_class():
     _, pred, chosen = fit_predict(x, y, "regression", train, val, test)
     m = regression_metrics(y[test], pred)
     assert m["pearson_r"] > 0.95 and m["mae"] < 5  # the mean predictor's MAE is ~17 y
-    assert chosen["n_features"] == 64 and "alpha" in chosen
+    assert chosen["n_features"] == 64 and chosen["l2"] in L2["regression"]
     labels = (y > 55).astype(int)
     _, prob, chosen = fit_predict(x, labels, "classification", train, val, test)
-    assert prob.shape == (20, 2) and ((prob[:, 1] > 0.5) == labels[test]).mean() >= 0.9 and "C" in chosen
+    assert prob.shape == (20, 2) and ((prob[:, 1] > 0.5) == labels[test]).mean() >= 0.9
+    assert chosen["l2"] in L2["classification"]
 
 
 def test_regularisation_is_chosen_on_validation_not_test():
@@ -52,7 +53,7 @@ def test_regularisation_is_chosen_on_validation_not_test():
 
 def test_cell_scores_the_classical_baseline_on_its_folds(age_cohort, tmp_path):
     cfg = RunConfig(task="brain_age", manifest=str(age_cohort), bootstrap=50)
-    cfg.backbone.name, cfg.backbone.kwargs = "vit_tiny_p16", {"patch_size": 8, "depth": 1}
+    cfg.model.backbone, cfg.model.kwargs = "vit_tiny_p16", {"patch_size": 8, "depth": 1}
     cfg.data.shape, cfg.data.num_workers, cfg.train.mode = [16, 16, 16], 0, "linear"
     cfg.protocol.folds, cfg.protocol.val_fraction = 2, 0.3
     result = run_cell(cfg, tmp_path / "run")
@@ -61,4 +62,4 @@ def test_cell_scores_the_classical_baseline_on_its_folds(age_cohort, tmp_path):
     key = ["subject_id", "fold", "split"]
     assert classical[key].equals(deep[key])  # the same subjects, folds and splits as the deep model
     assert "mae" in result["classical"] and "mae_lo" in result["classical"]
-    assert all("alpha" in f["classical"] for f in result["folds"])
+    assert all(f["classical"]["l2"] in L2["regression"] for f in result["folds"])

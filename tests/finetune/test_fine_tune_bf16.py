@@ -6,7 +6,7 @@ is garbage; without the check, 2 of 7 such runs gave NaN there."""
 import numpy as np
 import pytest
 
-from finetune.config import TrainConfig
+from finetune.config import OptimConfig, TrainConfig
 from finetune.modes.full import fit_predict_full
 from finetune.modes.lora import fit_predict_lora
 from tests.finetune.test_head_init import inputs
@@ -17,7 +17,7 @@ def test_bf16_fine_tuning_of_a_batchnorm_cnn_is_checked_and_stays_finite(mode, f
     caplog.set_level("INFO")
     fold = inputs("classification")  # ResNet-18 x0.25 at 16³: layer2 on sees 2³ and less
     cfg = TrainConfig(mode=mode, epochs=3, batch_size=8, head_init="probe", precision="bf16", device="cpu")
-    val_out, test_out, info = fit(fold, cfg)
+    val_out, test_out, info = fit(fold, cfg, OptimConfig())
     assert info["precision"] == "bf16"
     assert np.isfinite(val_out).all() and np.isfinite(test_out).all()
     assert "fold 0: train.precision bf16 -> bf16: bf16 as asked" in caplog.text

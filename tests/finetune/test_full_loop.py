@@ -6,6 +6,7 @@ linear probe of the ages in years."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import Ridge
 from torch import nn
 
-from finetune.config import TrainConfig
+from finetune.config import OptimConfig, TrainConfig
 from finetune.heads import FineTuneModel
 from finetune.modes import full
 from finetune.modes.common import FoldInputs
@@ -55,9 +56,11 @@ def fold(volumes: torch.Tensor, y: np.ndarray, n_train: int, n_val: int, **kwarg
     )
 
 
-def config(**kwargs) -> TrainConfig:
+def config(**kwargs) -> tuple[TrainConfig, OptimConfig]:
+    """The (train, optim) settings a mode takes."""
     kwargs = {"epochs": 10, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 0, "patience": 3, **kwargs}
-    return TrainConfig(precision="fp32", device="cpu", **kwargs)
+    optim = {k: kwargs.pop(k) for k in [f.name for f in dataclasses.fields(OptimConfig)] if k in kwargs}
+    return TrainConfig(precision="fp32", device="cpu", **kwargs), OptimConfig(**optim)
 
 
 def noise(n: int, seed: int = 0) -> torch.Tensor:
@@ -101,7 +104,7 @@ def test_the_best_validation_epoch_is_restored_not_the_last(monkeypatch):
     states = scripted_validation(monkeypatch, [0.5, 0.6, 0.7, 0.9, 0.8, 0.85, 0.8, 0.99, 0.99, 0.99])
     inputs = classification_fold()
     fitted = fitted_state(inputs)
-    _, _, info = full.fit_predict_full(inputs, config())
+    _, _, info = full.fit_predict_full(inputs, *config())
     assert (info["best_epoch"], info["epochs_run"], info["val_score"]) == (3, 7, 0.9)
     assert len(states) == 7 and len(fitted) == 1
     with pytest.raises(AssertionError):  # training went on after the best epoch: restoring it matters
@@ -114,7 +117,7 @@ def test_warm_up_epochs_are_never_kept_as_the_best(monkeypatch):
     states = scripted_validation(monkeypatch, [0.95, 0.9, 0.6, 0.7, 0.65, 0.6, 0.6, 0.6, 0.6, 0.6])
     inputs = classification_fold()
     fitted = fitted_state(inputs)
-    _, _, info = full.fit_predict_full(inputs, config(warmup_epochs=2))
+    _, _, info = full.fit_predict_full(inputs, *config(warmup_epochs=2))
     assert (info["best_epoch"], info["epochs_run"], info["val_score"]) == (3, 7, 0.7)
     assert_same_state(fitted[0], states[3])
 
@@ -135,7 +138,7 @@ def test_returned_predictions_are_the_fitted_models_in_eval_mode():
     inputs = classification_fold()
     fitted = []
     inputs.on_fitted = lambda model: fitted.append(copy.deepcopy(model))
-    val_out, test_out, _ = full.fit_predict_full(inputs, config(epochs=3, head_dropout=0.5))
+    val_out, test_out, _ = full.fit_predict_full(inputs, *config(epochs=3, head_dropout=0.5))
     model = fitted[0].eval()
     with torch.no_grad():
         probs = torch.softmax(model(inputs.volumes), dim=1).numpy()
@@ -150,10 +153,10 @@ def test_class_weights_balance_an_imbalanced_training_set():
     y = np.array([0, 0, 0, 0, 1] * 12, dtype=np.int64)  # 40 training (32:8), 10 validation, 10 test rows
     volumes = torch.zeros(len(y), 1, 8, 8, 8)
     cfg = config(epochs=20, batch_size=40, lr=0.1)
-    _, test_out, _ = full.fit_predict_full(fold(volumes, y, n_train=40, n_val=10), cfg)
+    _, test_out, _ = full.fit_predict_full(fold(volumes, y, n_train=40, n_val=10), *cfg)
     np.testing.assert_allclose(test_out, 0.5, atol=0.01)
-    cfg.class_weights = False  # the fixture shows the prior when nothing balances it
-    _, test_out, _ = full.fit_predict_full(fold(volumes, y, n_train=40, n_val=10), cfg)
+    cfg[0].class_weights = False  # the fixture shows the prior when nothing balances it
+    _, test_out, _ = full.fit_predict_full(fold(volumes, y, n_train=40, n_val=10), *cfg)
     assert (test_out[:, 0] > 0.7).all()
 
 
@@ -177,8 +180,8 @@ def test_the_test_subjects_ages_do_not_reach_training():
     older[32:] += 30
     assert abs(older.mean() - y.mean()) > 5 and abs(older.std() - y.std()) > 5  # the fixture shows a leak
     cfg = config(epochs=4)
-    val_out, test_out, _ = full.fit_predict_full(age_fold(y), cfg)
-    val_again, test_again, _ = full.fit_predict_full(age_fold(older), cfg)
+    val_out, test_out, _ = full.fit_predict_full(age_fold(y), *cfg)
+    val_again, test_again, _ = full.fit_predict_full(age_fold(older), *cfg)
     np.testing.assert_allclose(val_again, val_out, rtol=0, atol=1e-6)
     np.testing.assert_allclose(test_again, test_out, rtol=0, atol=1e-6)
 
@@ -190,11 +193,24 @@ def test_lp_ft_head_starts_at_the_ridge_probe_of_the_ages_in_years():
     y = ages()
     inputs = age_fold(y)
     cfg = config(epochs=1, lr=0.0, head_init="probe", head_norm="none")
-    val_out, test_out, info = full.fit_predict_full(inputs, cfg)
+    val_out, test_out, info = full.fit_predict_full(inputs, *cfg)
     feats = F.adaptive_avg_pool3d(inputs.volumes, 2).flatten(1).double().numpy()  # Pooled's features, gain 1
     tr = inputs.train_idx
     z = (feats - feats[tr].mean(0)) / feats[tr].std(0)
-    ridge = Ridge(alpha=info["head_probe_strength"]).fit(z[tr], y[tr])
+    ridge = Ridge(alpha=info["head_probe_l2"]).fit(z[tr], y[tr])
     np.testing.assert_allclose(val_out, ridge.predict(z[inputs.val_idx]), atol=1e-3)
     np.testing.assert_allclose(test_out, ridge.predict(z[inputs.test_idx]), atol=1e-3)
     assert np.corrcoef(val_out, y[inputs.val_idx])[0, 1] > 0.8  # the probe reads the planted age
+
+
+def test_lp_ft_chooses_its_head_from_the_linear_probes_grid():
+    """``train.probe_l2`` is LP-FT's grid too: a one-penalty grid is the penalty its head starts from, and another
+    grid starts another head."""
+    inputs = age_fold(ages())
+    starts = {}
+    for l2 in (0.5, 5e4):
+        cfg = config(epochs=1, lr=0.0, head_init="probe", head_norm="none", probe_l2=[l2])
+        val_out, _, info = full.fit_predict_full(inputs, *cfg)
+        assert info["head_probe_l2"] == l2
+        starts[l2] = val_out
+    assert np.abs(starts[0.5] - starts[5e4]).max() > 1.0  # 5e4 shrinks the ridge towards the mean age

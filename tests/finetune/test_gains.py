@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from finetune.gains import compute_gains, paired_gain, seed_metric, verdict
+from finetune.gains import compute_gains, markdown, paired_gain, seed_metric, verdict
 
 
 def _pairs(seeds, y, model, reference, subjects):
@@ -87,7 +87,7 @@ def test_gains_pair_the_seeds_both_inits_have_and_the_classical_baseline_every_s
             _write_cell(tmp_path, run_dir, [subjects[i] for i in order], y[order], prob, rng.uniform(0, 1, 40))
             rows.append({"task": "ad", "backbone": "vit", "fraction": 1.0, "init": init, "seed": seed})
             rows[-1].update(run_dir=run_dir, primary="roc_auc", higher_is_better=True)
-    gains = compute_gains(pd.DataFrame(rows), tmp_path, n_boot=200).set_index(["init", "reference"])
+    gains = compute_gains(pd.DataFrame(rows), tmp_path, 20, n_boot=200).set_index(["init", "reference"])
     assert gains.loc[("pre", "scratch"), "n_seeds"] == 2 and gains.loc[("pre", "classical"), "n_seeds"] == 3
     assert gains.loc[("scratch", "classical"), "n_seeds"] == 2
 
@@ -144,3 +144,62 @@ def test_the_bootstrap_matches_a_plain_one_over_subjects_with_several_sessions_a
     assert g["gain"] == pytest.approx(point)
     assert (g["ci_low"], g["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
     assert g["n_seeds"] == 3 and g["n_subjects"] == 12
+
+
+# ----------------------------------------------------------------------- too_few: no verdict on too little
+def _grid(root, scheme: str, seeds: dict[str, list[int]], n: int) -> pd.DataFrame:
+    """A clearly better init than scratch on ``n`` subjects: ``kfold`` tests every subject once over 3 folds in each
+    seed; ``holdout`` tests a different fifth of them in each seed. Returns the grid's ``results.csv`` frame."""
+    rng = np.random.default_rng(1)
+    subjects = np.array([f"s{i:03d}" for i in range(n)])
+    y = np.arange(n) % 2
+    rows = []
+    for init, skill in (("scratch", 0.5), ("pre", 4.0)):
+        for seed in seeds[init]:
+            if scheme == "kfold":
+                tested, fold = np.arange(n), np.arange(n) % 3
+            else:
+                tested = np.random.default_rng(seed).permutation(n)[: n // 5]
+                fold = np.zeros(len(tested), int)
+            prob = 1 / (1 + np.exp(-(skill * (y[tested] - 0.5) + rng.normal(0, 0.5, len(tested)))))
+            folder = root / init / f"seed{seed}"
+            folder.mkdir(parents=True)
+            table = pd.DataFrame({"subject_id": subjects[tested], "path": [f"{s}.nii.gz" for s in subjects[tested]]})
+            table = table.assign(fold=fold, split="test", y_true=y[tested], prob_1=prob)
+            table.to_csv(folder / "predictions.csv", index=False)
+            table.assign(prob_1=rng.uniform(0, 1, len(tested))).to_csv(
+                folder / "classical_predictions.csv", index=False
+            )
+            rows.append({"task": "ad", "backbone": "vit", "fraction": 1.0, "init": init, "seed": seed})
+            rows[-1].update(run_dir=f"{init}/seed{seed}", primary="roc_auc", higher_is_better=True)
+    return pd.DataFrame(rows)
+
+
+def test_kfold_counts_every_subject_tested_over_its_folds(tmp_path):
+    """30 subjects in 3 folds of 10: 30 test subjects per seed, enough for a verdict at the default minimum."""
+    gains = compute_gains(_grid(tmp_path, "kfold", {"scratch": [0], "pre": [0]}, 30), tmp_path, 20, n_boot=200)
+    row = gains.set_index(["init", "reference"]).loc[("pre", "scratch")]
+    assert row["n_test_subjects"] == 30 and row["verdict"] == "helps"
+    fewer = compute_gains(_grid(tmp_path / "b", "kfold", {"scratch": [0], "pre": [0]}, 18), tmp_path / "b", 20)
+    assert set(fewer["verdict"]) == {"too_few"}  # 18 subjects however clear the gain
+    assert "`too_few`: no verdict — fewer than 20 test subjects" in markdown(fewer, 20)
+    assert "too_few" not in markdown(gains, 20)
+
+
+def test_a_holdout_counts_its_test_split_per_seed_not_the_subjects_pooled_over_seeds(tmp_path):
+    """Three hold-out seeds of 100 subjects test 20 each (about 50 pooled): a verdict at a minimum of 20, none at 25."""
+    results = _grid(tmp_path, "holdout", {"scratch": [0, 1, 2], "pre": [0, 1, 2]}, 100)
+    gains = compute_gains(results, tmp_path, 20, n_boot=200).set_index(["init", "reference"])
+    assert gains.loc[("pre", "scratch"), "n_test_subjects"] == 20 < gains.loc[("pre", "scratch"), "n_subjects"]
+    assert gains.loc[("pre", "scratch"), "verdict"] == "helps"
+    assert set(compute_gains(results, tmp_path, 25, n_boot=200)["verdict"]) == {"too_few"}
+
+
+def test_one_seed_where_the_grid_has_several_gets_no_verdict(tmp_path):
+    """scratch finished seed 0 only: the init's gain over it rests on one of the grid's two seeds (too_few); over
+    the classical baseline, run in the init's own cells, it has both seeds and a verdict."""
+    results = _grid(tmp_path, "kfold", {"scratch": [0], "pre": [0, 1]}, 30)
+    gains = compute_gains(results, tmp_path, 20, n_boot=200).set_index(["init", "reference"])
+    assert gains.loc[("pre", "scratch"), "verdict"] == "too_few"
+    assert gains.loc[("pre", "classical"), "verdict"] == "helps"
+    assert gains.loc[("scratch", "classical"), "verdict"] == "too_few"

@@ -98,13 +98,13 @@ def test_benchmark_config_errors_name_the_key(tmp_path, capsys):
 def test_init_overrides_apply_after_the_backbone_overrides(tmp_path):
     cfg = GridConfig(
         tasks={"ad": "cohort/manifest.csv"},
-        backbones=[GridBackbone("vit", "vit_tiny_p16", overrides=["train.lr=0.001", "train.layer_decay=1.0"])],
-        inits=[InitEntry(name="scratch"), InitEntry(name="mae", overrides=["train.layer_decay=0.75"])],
+        backbones=[GridBackbone("vit", "vit_tiny_p16", overrides=["optim.lr=0.001", "optim.layer_decay=1.0"])],
+        inits=[InitEntry(name="scratch"), InitEntry(name="mae", overrides=["optim.layer_decay=0.75"])],
     )
-    by_init = {cell.init: cell.cfg.train for cell in expand(cfg, tmp_path)}
+    by_init = {cell.init: cell.cfg.optim for cell in expand(cfg, tmp_path)}
     assert (by_init["scratch"].lr, by_init["scratch"].layer_decay) == (0.001, 1.0)
     assert (by_init["mae"].lr, by_init["mae"].layer_decay) == (0.001, 0.75)
-    cfg.inits[1].overrides = ["train.layer_dacay=0.75"]
+    cfg.inits[1].overrides = ["optim.layer_dacay=0.75"]
     with pytest.raises(ConfigError, match="init 'mae'.*layer_dacay"):
         expand(cfg, tmp_path)
 
@@ -125,5 +125,5 @@ def test_a_cells_overrides_keep_a_path_with_dollar_braces_literal():
     from finetune.config import RunConfig
     from finetune.grid import _with_overrides
 
-    run = _with_overrides(RunConfig(manifest="/data/${oops}/m.csv"), ["train.lr=0.001"], "vit", "scratch")
-    assert run.manifest == "/data/${oops}/m.csv" and run.train.lr == 0.001
+    run = _with_overrides(RunConfig(manifest="/data/${oops}/m.csv"), ["optim.lr=0.001"], "vit", "scratch")
+    assert run.manifest == "/data/${oops}/m.csv" and run.optim.lr == 0.001

@@ -10,7 +10,6 @@ from sklearn.preprocessing import StandardScaler
 
 from common.models import create_backbone
 from finetune.heads import FineTuneModel
-from finetune.linear import LOGISTIC_CS, RIDGE_ALPHAS
 from finetune.modes.common import FoldInputs
 from finetune.modes.full import init_head_from_probe
 
@@ -36,22 +35,25 @@ def inputs(kind: str) -> FoldInputs:
     )
 
 
+GRID = [0.1, 1.0, 10.0, 100.0, 1000.0]  # L2 penalties: ridge alpha = λ, logistic C = 1/λ
+
+
 def oracle(feats: np.ndarray, y: np.ndarray, fold: FoldInputs, kind: str) -> tuple[float, np.ndarray]:
-    """The probe fitted directly with scikit-learn on features standardised on the training rows: each grid
-    strength scored on the validation rows (ROC-AUC or minus the MAE, the first best kept); returns that strength
-    and the decision values of all rows (N,)."""
+    """The probe fitted directly with scikit-learn on features standardised on the training rows: each penalty of
+    ``GRID`` scored on the validation rows (ROC-AUC or minus the MAE, the first best kept, alpha and C each
+    ascending); returns that penalty and the decision values of all rows (N,)."""
     tr, va = fold.train_idx, fold.val_idx
     z = StandardScaler().fit(feats[tr]).transform(feats)  # a constant feature (a dead ReLU) is left at 0
     fitted = []
-    for strength in RIDGE_ALPHAS if kind == "regression" else LOGISTIC_CS:
+    for l2 in GRID if kind == "regression" else GRID[::-1]:
         if kind == "regression":
-            decision = Ridge(alpha=strength).fit(z[tr], y[tr]).predict(z)
+            decision = Ridge(alpha=l2).fit(z[tr], y[tr]).predict(z)
             score = -np.mean(np.abs(decision[va] - y[va]))
         else:
-            model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000).fit(z[tr], y[tr])
+            model = LogisticRegression(C=1 / l2, class_weight="balanced", max_iter=3000).fit(z[tr], y[tr])
             decision = model.decision_function(z)
             score = roc_auc_score(y[va], decision[va])
-        fitted.append((score, strength, decision))
+        fitted.append((score, l2, decision))
     best = int(np.argmax([score for score, _, _ in fitted]))
     return fitted[best][1], fitted[best][2]
 
@@ -63,13 +65,13 @@ def test_the_initial_head_is_the_probe(kind, norm):
     fold = inputs(kind)
     out_dim = 2 if kind == "classification" else 1
     model = FineTuneModel(fold.make_backbone(), out_dim, norm=norm)
-    strength = init_head_from_probe(model, fold, fold.y, batch_size=8, device=torch.device("cpu"), precision="fp32")
+    l2 = init_head_from_probe(model, fold, fold.y, 8, torch.device("cpu"), "fp32", GRID)
     model.eval()
     with torch.no_grad():
         feats = model.backbone.forward_features(fold.volumes).double().numpy()
         out = model(fold.volumes).double().numpy()
-    expected_strength, decision = oracle(feats, fold.y, fold, kind)
-    assert strength == pytest.approx(expected_strength)
+    expected_l2, decision = oracle(feats, fold.y, fold, kind)
+    assert l2 == expected_l2
     tol = 1e-3 * np.abs(decision).max()  # a strongly penalised logistic model's decision values are ~1e-3
     if kind == "classification":
         np.testing.assert_allclose(out[:, 1] - out[:, 0], decision, rtol=0, atol=tol)

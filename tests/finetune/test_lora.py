@@ -32,7 +32,8 @@ fractions: [1.0]
 seeds: [0]
 base:
   data: {{shape: [16, 16, 16], num_workers: 0}}
-  train: {{mode: full, epochs: 2, warmup_epochs: 1, lora: {{rank: 4}}}}
+  train: {{mode: full, epochs: 2, lora: {{rank: 4}}}}
+  optim: {{warmup_epochs: 1}}
   protocol: {{folds: 2}}
   bootstrap: 20
 """

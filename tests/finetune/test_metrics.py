@@ -106,8 +106,12 @@ def test_task_labels_and_their_errors():
         label_rows(get_task("pd"), df.assign(diagnosis="HC"), "m.csv")
     with pytest.raises(DataError, match="needs column 'site'"):
         label_rows(get_task("classify:site"), df, "m.csv")
-    with pytest.raises(DataError, match="'age' must be numeric"):
-        label_rows(get_task("brain_age"), df, "m.csv")
+    with pytest.raises(DataError, match="'age' is empty on 1 rows \\(CSV lines 4\\); fill them.*missing=drop"):
+        label_rows(get_task("brain_age"), df, "m.csv", missing="error")
+    age = label_rows(get_task("brain_age"), df, "m.csv")  # missing=drop: the row without an age is left out
+    assert list(age.y) == [70, 71, 60] and age.missing == 1 and list(age.df["subject_id"]) == list("abd")
+    with pytest.raises(DataError, match="'age' must be numeric for task 'brain_age': 'old' on 1 rows \\(CSV lines 3"):
+        label_rows(get_task("brain_age"), df.assign(age=[70, "old", None, 60]), "m.csv")
 
 
 def test_a_site_whose_metrics_raise_keeps_its_row_with_the_reason():

@@ -4,6 +4,8 @@ its own message, and the CLI ends with one ``error:`` line."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.cli import main
-from finetune.config import TrainConfig
+from finetune.config import OptimConfig, TrainConfig
 from finetune.heads import FineTuneModel
 from finetune.modes import full
 from finetune.modes.common import FoldInputs
@@ -60,9 +62,11 @@ def fold(backbone: Pooled, n_train: int = 16) -> FoldInputs:
     )
 
 
-def config(**kwargs) -> TrainConfig:
+def config(**kwargs) -> tuple[TrainConfig, OptimConfig]:
+    """The (train, optim) settings a mode takes."""
     kwargs = {"epochs": 4, "batch_size": 4, "lr": 1e-2, "warmup_epochs": 0, "patience": 10, **kwargs}
-    return TrainConfig(precision="fp32", device="cpu", **kwargs)
+    optim = {k: kwargs.pop(k) for k in [f.name for f in dataclasses.fields(OptimConfig)] if k in kwargs}
+    return TrainConfig(precision="fp32", device="cpu", **kwargs), OptimConfig(**optim)
 
 
 def test_a_nan_step_is_skipped_and_counted_and_leaves_no_nan_behind():
@@ -70,7 +74,7 @@ def test_a_nan_step_is_skipped_and_counted_and_leaves_no_nan_behind():
     kept = {}
     inputs = fold(backbone)
     inputs.on_fitted = lambda model: kept.update(model.state_dict())
-    val_out, test_out, info = full.fit_predict_full(inputs, config())
+    val_out, test_out, info = full.fit_predict_full(inputs, *config())
     assert info["nonfinite_skipped"] == 3 and info["epochs_run"] == 4
     assert np.isfinite(val_out).all() and np.isfinite(test_out).all()
     assert all(torch.isfinite(v).all() for v in kept.values() if v.is_floating_point())  # head BatchNorm included
@@ -80,28 +84,28 @@ def test_a_nan_step_is_skipped_and_counted_and_leaves_no_nan_behind():
 def test_ten_nan_steps_in_a_row_stop_the_fold_with_advice():
     backbone = Pooled(always=True)
     with pytest.raises(full.TrainingDiverged, match="fold 3: the training loss was NaN/Inf for 10 steps in a row") as e:
-        full.fit_predict_full(fold(backbone), config())
-    assert "train.precision=fp32" in str(e.value) and "lower train.lr" in str(e.value)
+        full.fit_predict_full(fold(backbone), *config())
+    assert "train.precision=fp32" in str(e.value) and "lower optim.lr" in str(e.value)
     assert backbone.calls == 10  # stopped at the tenth, not at the end of the fold
 
 
 def test_a_fold_shorter_than_the_streak_with_no_finite_step_is_an_error_too():
     with pytest.raises(full.TrainingDiverged, match="fold 3: the training loss was NaN/Inf at every step \\(4\\)"):
-        full.fit_predict_full(fold(Pooled(always=True)), config(epochs=1))
+        full.fit_predict_full(fold(Pooled(always=True)), *config(epochs=1))
 
 
 def test_lp_ft_on_nan_features_says_so_instead_of_scikit_learns_message():
     inputs = fold(Pooled(always=True))
     model = FineTuneModel(inputs.make_backbone(), 2)
     with pytest.raises(full.TrainingDiverged, match="fold 3: LP-FT .* NaN/Inf for 24 of 24") as e:
-        full.init_head_from_probe(model, inputs, inputs.y, batch_size=4, device=CPU, precision="fp32")
+        full.init_head_from_probe(model, inputs, inputs.y, batch_size=4, device=CPU, precision="fp32", l2=[1.0])
     assert "train.head_init=random" in str(e.value)
 
 
 def test_the_cli_ends_with_one_error_line(ad_cohort, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(FineTuneModel, "forward", lambda self, x: torch.full((len(x), 2), float("nan")))
     overrides = ["train.mode=full", "train.epochs=12", "train.batch_size=4", "train.precision=fp32", "protocol.folds=2"]
-    overrides += ["backbone.name=vit_tiny_p16", "backbone.kwargs={patch_size: 8, depth: 1}", "data.shape=[16,16,16]"]
+    overrides += ["model.backbone=vit_tiny_p16", "model.kwargs={patch_size: 8, depth: 1}", "data.shape=[16,16,16]"]
     overrides += ["data.num_workers=0", "classical_pool=0"]
     argv = ["run", "--task", "ad", "--manifest", str(ad_cohort), "--out", str(tmp_path / "run"), *overrides]
     assert main(argv) == 2

@@ -12,6 +12,7 @@ import finetune.probe
 from common.checkpoint import export_backbone
 from common.errors import DataError
 from common.models import create_backbone
+from finetune.classical import L2
 from finetune.cli import main
 from finetune.config import RunConfig
 from finetune.probe import cross_validated, min_class_subjects, outer_folds, run_probe, score, subject_counts
@@ -21,7 +22,7 @@ CNN = {"widen_factor": 0.25}
 
 def probe_config(manifest, init="scratch") -> RunConfig:
     cfg = RunConfig(manifest=str(manifest), init=init)
-    cfg.backbone.name, cfg.backbone.kwargs = "resnet18", dict(CNN)
+    cfg.model.backbone, cfg.model.kwargs = "resnet18", dict(CNN)
     cfg.data.shape, cfg.data.spacing, cfg.data.intensity, cfg.data.num_workers = [16, 16, 16], [2.0] * 3, "none", 0
     cfg.train.device, cfg.train.precision = "cpu", "fp32"
     return cfg
@@ -63,6 +64,26 @@ def test_probe_recovers_an_encoded_covariate_and_not_a_shuffled_one(age_manifest
     assert (control["mae"] > 0.6 * age_sd).all(), control
 
 
+def test_probe_fits_its_features_with_the_linear_probes_grid_and_voxels_with_the_classical_one(
+    age_manifests, monkeypatch
+):
+    real, _ = age_manifests
+    calls = []
+    fit = finetune.probe.cross_validated
+
+    def spy(x, y, groups, continuous, folds, seed, l2):
+        calls.append((x.shape[1], list(l2)))
+        return fit(x, y, groups, continuous, folds, seed, l2)
+
+    monkeypatch.setattr(finetune.probe, "cross_validated", spy)
+    cfg = probe_config(real)
+    cfg.train.probe_l2 = [3.0, 30.0]
+    run_probe(cfg, ("age",), folds=3)
+    init, random, voxels = calls
+    assert init[1] == random[1] == [3.0, 30.0]
+    assert voxels == (8**3, list(L2["regression"]))  # 16³ pooled by 2
+
+
 def test_probe_of_categorical_covariates_separates_diagnosis_not_site(make_cohort, tmp_path):
     # diagnosis is drawn into the images, site is not: balanced accuracy near 1 vs near 0.5
     manifest = make_cohort(tmp_path / "ad", "ad", n_subjects=24)
@@ -76,7 +97,7 @@ def test_probe_of_categorical_covariates_separates_diagnosis_not_site(make_cohor
 def test_probe_cli_prints_the_table_and_names_a_bad_manifest(age_manifests, tmp_path, capsys):
     real, _ = age_manifests
     args = ["probe", "--init", "scratch", "--manifest", str(real), "--backbone", "resnet18", "--folds", "3"]
-    sets = ["backbone.kwargs={widen_factor: 0.25}", "data.shape=[16,16,16]", "data.intensity=none"]
+    sets = ["model.kwargs={widen_factor: 0.25}", "data.shape=[16,16,16]", "data.intensity=none"]
     assert main([*args, "--covariates", "age", *sets, "train.device=cpu", "train.precision=fp32"]) == 0
     printed = capsys.readouterr().out
     assert "age" in printed and "classical" in printed and "pearson_r" in printed
@@ -118,7 +139,7 @@ def small_cohort(make_cohort, tmp_path_factory):
 
 
 def probe_cli(manifest, *args) -> int:
-    sets = ["backbone.kwargs={widen_factor: 0.25}", "data.shape=[16,16,16]", "data.intensity=none"]
+    sets = ["model.kwargs={widen_factor: 0.25}", "data.shape=[16,16,16]", "data.intensity=none"]
     base = ["probe", "--init", "scratch", "--manifest", str(manifest), "--backbone", "resnet18"]
     return main([*base, *args, *sets, "train.device=cpu", "train.precision=fp32"])
 
@@ -170,10 +191,28 @@ def test_probe_refuses_a_covariate_or_folds_it_cannot_fit_with_one_error_line(ca
         assert words in err[0], err[0]
 
 
+def test_probe_skips_a_covariate_it_cannot_fit_with_the_reason_and_probes_the_others(
+    small_cohort, tmp_path, capsys, caplog
+):
+    df = pd.read_csv(small_cohort)
+    df["path"] = [str(small_cohort.parent / p) for p in df["path"]]
+    df["sex"] = ONE_MALE  # one male: too few for 5 folds
+    manifest = tmp_path / "manifest.csv"
+    df.to_csv(manifest, index=False)
+    assert probe_cli(manifest, "--covariates", "sex,age", "--out", str(tmp_path / "probe")) == 0
+    out = capsys.readouterr()
+    assert "sex: skipped — column 'sex': 1 of its 2 classes has fewer than 5 subjects" in out.out
+    assert "age: init pearson_r=" in out.out
+    assert "probe skips column 'sex'" in caplog.text  # and in the log
+    table = pd.read_csv(tmp_path / "probe" / "probe.csv")
+    assert set(table.loc[table["skipped"].isna(), "covariate"]) == {"age"}
+    assert table.loc[table["covariate"] == "sex", "skipped"].str.contains("M: 1, F: 11").all()
+
+
 @pytest.mark.parametrize("folds", [2, 3, 5])
 def test_probe_fits_a_class_with_the_fewest_subjects_its_folds_allow(folds):
     """The rarest class has ``min_class_subjects(folds)`` subjects, one of them with 4 sessions: every outer
-    training set keeps 2 of them (an inner CV can still choose C) and no subject is split across a fold."""
+    training set keeps 2 of them (an inner CV can still choose a penalty) and no subject is split across a fold."""
     rare = min_class_subjects(folds)
     groups = np.array([f"r{i}" for i in range(rare) for _ in range(4 if i == 0 else 1)] + [f"c{i}" for i in range(16)])
     y = np.array([1 if g.startswith("r") else 0 for g in groups])
@@ -183,6 +222,6 @@ def test_probe_fits_a_class_with_the_fewest_subjects_its_folds_allow(folds):
         assert subject_counts(y[train], groups[train], 2).min() >= 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fold with a missing class, no "least populated class" warning
-        out = cross_validated(x, y, groups, False, folds, seed=0)
+        out = cross_validated(x, y, groups, False, folds, seed=0, l2=RunConfig().train.probe_l2)
     assert np.allclose(out.sum(axis=1), 1.0)
     assert score(y, out, False)["roc_auc"] > 0.9

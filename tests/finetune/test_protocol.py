@@ -8,8 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.checkpoint import export_backbone
+from common.config import load_config
 from common.data import read_manifest
 from common.errors import DataError
+from common.models import create_backbone
+from finetune.config import RunConfig
 from finetune.protocol import (
     ProtocolConfig,
     check_pretrain_overlap,
@@ -19,7 +23,12 @@ from finetune.protocol import (
     splits_frame,
     subject_table,
 )
+from finetune.run import prepare
 from finetune.tasks import get_task, label_rows
+from pretrain.config import PretrainConfig
+from pretrain.provenance import export_metadata
+
+TINY_VIT = {"patch_size": 8, "depth": 1}
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +100,59 @@ def test_site_schemes(sessions_cohort):
     assert set(site[ood[0].test]) == {"site2"} and "site2" not in set(site[ood[0].train])
 
 
-def test_test_image_in_a_pretraining_manifest_is_an_error(sessions_cohort, tmp_path):
+def test_test_image_in_a_pretraining_manifest_is_an_error(sessions_cohort, tmp_path, caplog):
     df = read_manifest(sessions_cohort)
     pretrain = tmp_path / "pretrain.csv"
     shutil.copy(df["path"][3], tmp_path / "copy.nii.gz")  # the same bytes under another name
     pd.DataFrame({"path": ["copy.nii.gz"]}).to_csv(pretrain, index=False)
-    with pytest.raises(DataError, match="byte-identical"):
-        check_pretrain_overlap([df["path"][3]], [pretrain])
-    check_pretrain_overlap([df["path"][4]], [pretrain])  # a different image passes
+    cfg = ProtocolConfig(pretrain_manifests=[str(pretrain)])
+    with pytest.raises(DataError, match="byte-identical.*protocol.allow_pretrain_overlap=true"):
+        check_pretrain_overlap([df["path"][3]], cfg, "scratch")
+    check_pretrain_overlap([df["path"][4]], cfg, "scratch")  # a different image passes
+    cfg.allow_pretrain_overlap = True  # one override for every way the encoder can have seen an image
+    check_pretrain_overlap([df["path"][3]], cfg, "scratch")
+    assert "byte-identical" in caplog.text and "allow_pretrain_overlap=true" in caplog.text
+
+
+# ----------------------------------------------------------------------- leakage against the export's record
+def _pretrained_on(images, tmp_path) -> str:
+    """An export whose pre-training (``pretrain.provenance``) read byte copies of ``images`` from a medical
+    manifest, as a corpus holds them: new names, same bytes."""
+    folder = tmp_path / "corpus"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        shutil.copy(image, folder / f"corpus-{i}.nii.gz")
+    pd.DataFrame({"path": [f"corpus-{i}.nii.gz" for i in range(len(images))]}).to_csv(folder / "m.csv", index=False)
+    corpus = ["corpus=medical", f"data.medical.manifest={folder / 'm.csv'}", "data.shape=[16,16,16]"]
+    pre = load_config(PretrainConfig, overrides=corpus)
+    model = create_backbone("vit_tiny_p16", img_size=16, in_chans=1, **TINY_VIT)
+    return str(export_backbone(model, tmp_path / "encoder.safetensors", export_metadata(pre)))
+
+
+def _cell(manifest, init: str) -> RunConfig:
+    cfg = RunConfig(task="ad", manifest=str(manifest), init=init)
+    cfg.model.backbone, cfg.model.kwargs = "vit_tiny_p16", dict(TINY_VIT)
+    cfg.data.shape, cfg.data.spacing, cfg.data.num_workers = [16, 16, 16], [2.0] * 3, 0
+    cfg.protocol.folds = 3
+    return cfg
+
+
+def test_fine_tuning_refuses_a_test_image_the_export_was_pretrained_on_unless_overridden(make_cohort, tmp_path, caplog):
+    """Nothing set but ``--init``: the export's own record of its pre-training images is checked by default; the
+    error names the test image and the override, and the override runs with a warning."""
+    manifest = make_cohort(tmp_path / "cohort", "ad", n_subjects=12)
+    other = make_cohort(tmp_path / "other", "ad", n_subjects=3, seed=9)  # images the cohort does not hold
+    df = read_manifest(manifest)
+    image = df["path"][5]  # k-fold: every subject is tested in one fold
+    clean = [str(p) for p in read_manifest(other)["path"]]
+    prepare(_cell(manifest, _pretrained_on(clean, tmp_path / "clean")))  # pre-trained on other images: passes
+    cfg = _cell(manifest, _pretrained_on([*clean, image], tmp_path / "leak"))
+    with pytest.raises(
+        DataError,
+        match=f"test image {image} was in the encoder's pre-training data.*protocol.allow_pretrain_overlap=true",
+    ) as refused:
+        prepare(cfg)
+    assert str(refused.value).startswith(str(tmp_path / "leak" / "encoder.safetensors"))
+    cfg.protocol.allow_pretrain_overlap = True
+    prepare(cfg)
+    assert f"test image {image} was in the encoder's pre-training data" in caplog.text

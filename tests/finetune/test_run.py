@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,19 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
+from common.config import load_config, to_object
 from common.errors import CheckpointError, ConfigError, DataError
 from common.models import create_backbone
 from finetune.config import RunConfig
 from finetune.heads import FineTuneModel, LinearHead
 from finetune.modes import full, linear_probe
-from finetune.run import MODES, _correct_bias, run_cell
+from finetune.run import MODES, _correct_bias, check_run_folder, run_cell
 
 TINY_VIT = {"patch_size": 8, "depth": 1}
 
 
 def tiny_config(task: str, manifest, mode: str = "linear", **protocol) -> RunConfig:
     cfg = RunConfig(task=task, manifest=str(manifest), bootstrap=50)
-    cfg.backbone.name, cfg.backbone.kwargs = "vit_tiny_p16", dict(TINY_VIT)
+    cfg.model.backbone, cfg.model.kwargs = "vit_tiny_p16", dict(TINY_VIT)
     cfg.data.shape, cfg.data.num_workers = [16, 16, 16], 0
     cfg.train.mode, cfg.train.epochs, cfg.train.batch_size = mode, 1, 4
     cfg.protocol.folds = 3
@@ -185,7 +187,7 @@ def test_a_finished_run_folder_is_kept_unless_overwrite_replaces_it_whole(broken
     first = run_cell(tiny_config("ad", broken_cohort), out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = tiny_config("ad", broken_cohort)
-    other.seed = 1
+    other.train.seed = 1
     with pytest.raises(ConfigError, match=f"{out}: holds a finished run.*--overwrite"):
         run_cell(other, out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
@@ -195,7 +197,7 @@ def test_a_finished_run_folder_is_kept_unless_overwrite_replaces_it_whole(broken
 
 
 def test_a_failed_run_leaves_no_folder_and_a_file_is_no_run_folder(broken_cohort, tmp_path, monkeypatch):
-    def crash(inputs, cfg):
+    def crash(inputs, cfg, optim):
         raise RuntimeError("late failure")
 
     monkeypatch.setitem(MODES, "linear", crash)
@@ -212,8 +214,8 @@ def test_cli_takes_overrides_after_option_flags_and_names_an_export_init(tmp_pat
     from finetune.cli import _parser
     from finetune.run import check_init_path
 
-    args = parse_with_overrides(_parser(), ["run", "train.epochs=1", "--out", "O", "seed=2", "--overwrite"])
-    assert args.out == "O" and args.overwrite and args.overrides == ["train.epochs=1", "seed=2"]
+    args = parse_with_overrides(_parser(), ["run", "train.epochs=1", "--out", "O", "train.seed=2", "--overwrite"])
+    assert args.out == "O" and args.overwrite and args.overrides == ["train.epochs=1", "train.seed=2"]
     with pytest.raises(CheckpointError, match="names an export source"):
         check_init_path(str(tmp_path / "missing.safetensors"))
 
@@ -243,3 +245,26 @@ def test_on_equal_validation_auc_the_epoch_with_the_lower_loss_is_kept():
     selector = full.EpochSelector(first=0, patience=5)
     assert [selector.update(e, s)[0] for e, s in enumerate(scores)] == [True, True, False]
     assert selector.best_epoch == 1
+
+
+def test_an_unfinished_run_saved_before_the_config_keys_were_renamed_is_taken_up(tmp_path):
+    """``run_config_before_one_vocabulary.yaml`` is a cell's ``config.yaml`` as the previous version saved it
+    (``backbone.name``, top-level ``seed``, ``train.lr``, ``probe_c`` ...): the same settings in today's keys take
+    the folder up; a different seed is still another run."""
+    saved = Path(__file__).parent / "data" / "run_config_before_one_vocabulary.yaml"
+    out = tmp_path / "cell"
+    out.mkdir()
+    (out / "config.yaml").write_text(saved.read_text())
+    same = [
+        "task=ad",
+        "manifest=cohort/manifest.csv",
+        "model.backbone=vit_tiny_p16",
+        "model.kwargs={patch_size: 8, depth: 1}",
+        "train.seed=3",
+        "optim.lr=0.001",
+        "train.epochs=2",
+    ]
+    check_run_folder(out, to_object(load_config(RunConfig, None, same)), overwrite=False)
+    other = to_object(load_config(RunConfig, None, [*same, "train.seed=4"]))
+    with pytest.raises(ConfigError, match=r"unfinished run with other settings \(train\)"):
+        check_run_folder(out, other, overwrite=False)

@@ -29,7 +29,7 @@ TINY_VIT = {"patch_size": 8, "depth": 1}
 
 def cell_config(manifest, task: str = "ad", **protocol) -> RunConfig:
     cfg = RunConfig(task=task, manifest=str(manifest), bootstrap=20)
-    cfg.backbone.name, cfg.backbone.kwargs = "vit_tiny_p16", dict(TINY_VIT)
+    cfg.model.backbone, cfg.model.kwargs = "vit_tiny_p16", dict(TINY_VIT)
     cfg.data.shape, cfg.data.num_workers = [16, 16, 16], 0
     cfg.train.mode, cfg.train.batch_size, cfg.train.device, cfg.train.precision = "linear", 8, "cpu", "fp32"
     cfg.protocol.folds = 3
@@ -43,7 +43,7 @@ def stand_in_mode(monkeypatch, output):
     for the validation and test rows."""
     calls = []
 
-    def mode(inputs, train_cfg):
+    def mode(inputs, train_cfg, optim):
         calls.append(inputs)
         return output(inputs, inputs.val_idx, "val"), output(inputs, inputs.test_idx, "test"), {}
 
@@ -56,7 +56,7 @@ def probabilities(p1: np.ndarray) -> np.ndarray:
 
 
 def subjects_of(prep, rows) -> set[str]:
-    return set(prep.df["subject_id"].astype(str).to_numpy()[rows])
+    return set(prep.data.df["subject_id"].astype(str).to_numpy()[rows])
 
 
 def fold_side(splits: pd.DataFrame, fold: int, side: str) -> set[str]:
@@ -81,7 +81,7 @@ def test_prepare_refuses_a_test_image_of_any_fold_that_is_in_a_pretraining_manif
     prep = prepare(cfg)
     # k-fold: a subject tested in the last fold, not in fold 0; hold-out: a test subject, never a training one
     subject = prep.folds[-1].test[0]
-    image = prep.df.loc[prep.df["subject_id"] == subject, "path"].iloc[0]
+    image = prep.data.df.loc[prep.data.df["subject_id"] == subject, "path"].iloc[0]
     clean = [other.parent / "images" / f"sub-{i:03d}_ses-0.nii.gz" for i in range(4)]
     cfg.protocol.pretrain_manifests = [_corpus_manifest(tmp_path / "clean", clean)]
     prepare(cfg)  # a corpus of other images passes
@@ -153,6 +153,20 @@ def test_linear_probe_features_are_cached_per_init_weights(ad_cohort, tmp_path, 
     np.testing.assert_allclose(again["prob_1"], predictions["a"]["prob_1"])
 
 
+def test_linear_probe_features_are_cached_per_precision(ad_cohort, tmp_path, monkeypatch):
+    """bf16 features are not fp32 features: a fp32 run after a bf16 one on the same init extracts its own (else its
+    predictions are the bf16 run's, and its saved model does not reproduce them)."""
+    monkeypatch.setattr(linear_probe, "_FEATURES", {})
+    extracted = []
+    real = linear_probe.extract_features
+    monkeypatch.setattr(linear_probe, "extract_features", lambda *a, **k: extracted.append(a[-1]) or real(*a, **k))
+    for precision in ("bf16", "fp32", "bf16"):
+        cfg = cell_config(ad_cohort, folds=2)
+        cfg.train.precision, cfg.cache_dir, cfg.classical_pool = precision, str(tmp_path / "cache"), 0
+        run_cell(cfg, tmp_path / precision, overwrite=True)
+    assert extracted == ["bf16", "fp32"] and len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
+
+
 def test_classical_fits_are_shared_only_by_the_same_voxels_labels_and_rows(monkeypatch):
     """A grid's cells share a classical fit when voxels, labels and fold rows agree; a smaller training fraction
     (other training rows) or another task's labels is a fit of its own."""
@@ -188,9 +202,9 @@ def test_the_linear_probe_chooses_its_strength_on_the_folds_validation_rows(monk
     y[test] = y[train].mean()
     monkeypatch.setattr(linear_probe, "cached_features", lambda *a: torch.as_tensor(x))
     inputs = FoldInputs(None, None, train, val, test, y, "regression", 0, 0, "")
-    cfg = SimpleNamespace(batch_size=1, device="cpu", precision="fp32", probe_alpha=[1e-3, 1.0, 1e7], probe_c=[])
+    cfg = SimpleNamespace(batch_size=1, device="cpu", precision="fp32", probe_l2=[1e-3, 1.0, 1e7])
     val_out, test_out, info = linear_probe.fit_predict_linear(inputs, cfg)
-    assert info["probe_param"] == 1.0  # validation MAE 1.45 (1e-3: 1.56, 1e7: 3.7)
+    assert info["probe_l2"] == 1.0  # validation MAE 1.45 (1e-3: 1.56, 1e7: 3.7)
     assert info["val_score"] == pytest.approx(-np.mean(np.abs(val_out - y[val])))
     assert np.mean(np.abs(test_out - y[test])) > 1.0  # alpha 1e7 would predict these almost exactly
 
@@ -229,7 +243,7 @@ def test_the_trivial_baseline_predicts_the_mean_age_of_each_folds_training_subje
     prep = prepare(cfg)
     result = run_cell(cfg, tmp_path / "run", prep)
     splits = pd.read_csv(tmp_path / "run" / "splits.csv", dtype={"subject_id": str})
-    age = pd.Series(prep.y, index=prep.df["subject_id"].astype(str))
+    age = pd.Series(prep.data.y, index=prep.data.df["subject_id"].astype(str))
 
     def mae(train_side) -> float:
         errors = []
@@ -252,7 +266,7 @@ def test_the_trivial_baseline_predicts_the_mean_age_of_each_folds_training_subje
 def test_repeated_kfold_reshuffles_each_repeat(ad_cohort):
     prep = prepare(cell_config(ad_cohort, repeats=3))
     assert [f.fold for f in prep.folds] == list(range(9))
-    subjects = set(prep.df["subject_id"].astype(str))
+    subjects = set(prep.data.df["subject_id"].astype(str))
     partitions = []
     for r in range(3):
         tests = [frozenset(map(str, f.test)) for f in prep.folds[3 * r : 3 * r + 3]]

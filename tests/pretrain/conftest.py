@@ -14,7 +14,7 @@ def tiny_config(**sections) -> dict:
     """A run config dict: 16³ volumes, a 2-block 32-wide ViT, 4 steps."""
     cfg = {
         "data": {
-            "input_size": [16, 16, 16],
+            "shape": [16, 16, 16],
             "spacing": [4.0, 4.0, 4.0],
             "batch_size": 2,
             "num_workers": 1,

@@ -1,4 +1,5 @@
-"""A few bf16 steps of every objective on both backbones, through the engine (DeepSpeed's bf16 autocast) after
+"""A few bf16 steps of every objective on both backbones, through the engine (bf16 weights with fp32 masters under
+DeepSpeed's autocast) after
 ``pretrain.engine.train_precision``'s checks: the losses stay finite and close to fp32's from the same start. On a
 CPU with native bf16 the CNNs' deepest convolutions hit oneDNN's faulty bf16 weight gradient (docs/precision.md),
 which without the check sends these losses to NaN or far off within three steps."""

@@ -231,3 +231,8 @@ def test_synthmri_on_the_fly_and_from_a_generated_folder_give_input_sized_volume
     assert padded.shape == (1, 48, 16, 16) and padded[0, :2].abs().max() == 0  # 40 -> 48: zero rows
     with pytest.raises(ConfigError, match="isotropic"):
         SynthMRISource(SynthMRIConfig(), [16, 16, 16], [4.0, 4.0, 2.0])
+    # a folder is read as written: pre-training it at another spacing would record one its encoder never saw
+    with pytest.raises(
+        ConfigError, match=r"holds volumes at \[4.0, 4.0, 4.0\] mm .* data.spacing is \[2.0, 2.0, 2.0\]"
+    ):
+        SynthMRISource(SynthMRIConfig(directory=str(folder)), [16, 16, 16], [2.0, 2.0, 2.0])

@@ -24,7 +24,7 @@ def manifest_with_ages(nifti_dir, path, ages) -> str:
 
 
 def medical(manifest: str) -> PretrainConfig:
-    settings = {"data.medical.manifest": manifest, "data.input_size": "[16,16,16]", "data.spacing": "[4,4,4]"}
+    settings = {"data.medical.manifest": manifest, "data.shape": "[16,16,16]", "data.spacing": "[4,4,4]"}
     return load_config(PretrainConfig, None, ["corpus=medical"] + [f"{k}={v}" for k, v in settings.items()])
 
 
@@ -47,7 +47,7 @@ def test_a_manifest_without_any_age_is_refused_before_the_run_writes(nifti_dir, 
     objective = {"name": "yaware", "contrastive": {"proj_hidden": 32, "proj_dim": 16, "sigma": 10.0}}
     recipe = tiny_config(data={"medical": {"manifest": manifest}, "num_workers": 0}, objective=objective)
     out = tmp_path / "run"
-    assert main(["--corpus", "medical", "--config", write_yaml(tmp_path / "r.yaml", recipe), "--output", str(out)]) == 2
+    assert main(["--corpus", "medical", "--config", write_yaml(tmp_path / "r.yaml", recipe), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error") and "m.csv: no row has a number in age" in err[-1]
     assert not out.exists()

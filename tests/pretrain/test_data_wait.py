@@ -10,11 +10,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from common.config import load_config
 from common.models import create_backbone
-from pretrain.cli import export_metadata
 from pretrain.config import PretrainConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.engine import Engine, build_ds_config, init_distributed
 from pretrain.objectives import build_objective
+from pretrain.provenance import export_metadata
 from pretrain.trainer import Trainer
 from tests.pretrain.conftest import TINY_VIT, tiny_config, write_yaml
 

@@ -38,7 +38,7 @@ def run_specs(tmp, nifti_dir, video_dir):
         "medical": (tiny_config(data=medical, objective={"name": "simclr"}), "zero1.json"),
         "video": (
             tiny_config(
-                data={**video, "input_size": [8, 16, 16]},
+                data={**video, "shape": [8, 16, 16]},
                 model=tube_vit,
                 objective={
                     "name": "mae",
@@ -68,7 +68,7 @@ def two_rank_runs(tmp_path_factory, nifti_dir, video_dir):
                 corpus,
                 "--config",
                 write_yaml(tmp / f"{corpus}.yaml", cfg),
-                "--output",
+                "--out",
                 str(tmp / corpus),
                 "--deepspeed_config",
                 str(REPO / "configs/deepspeed" / ds_json),

@@ -69,7 +69,7 @@ def test_rerun_resumes_and_other_settings_are_refused(tmp_path, manifest):
 def test_pack_command_errors_are_one_line(tmp_path, manifest, capsys):
     argv = ["--manifest", str(manifest), "--out", str(tmp_path / "p"), "--spacing", "4", "--shape", "20", "20", "20"]
     assert pack_main([*argv, "--intensity", "zscore", "--dtype", "uint8"]) == 2
-    assert capsys.readouterr().err.startswith("pretrain.pack: error: uint8 packing stores [0, 1]")
+    assert capsys.readouterr().err.startswith("error: uint8 packing stores [0, 1]")
     assert not (tmp_path / "p").exists()  # checked before anything is written
     argv[3] = str(tmp_path / "none")
     assert pack_main([*argv, "--intensity", "none", "--dtype", "uint8"]) == 2  # values up to 1.5: all skipped
@@ -85,7 +85,7 @@ def test_packed_corpus_crops_and_trains(tmp_path, manifest):
     source = PackedSource(PackedConfig(directory=str(tmp_path / "pack"), flip_prob=0.0), [16] * 3, [4.0] * 3)
     item = source.item(5, np.random.default_rng(0))
     assert item.shape == (1, 16, 16, 16) and item.dtype == torch.float32
-    with pytest.raises(ConfigError, match="smaller than data.input_size"):
+    with pytest.raises(ConfigError, match="smaller than data.shape"):
         PackedSource(PackedConfig(directory=str(tmp_path / "pack")), [24] * 3, [4.0] * 3)
     with pytest.raises(ConfigError, match="spacing"):
         PackedSource(PackedConfig(directory=str(tmp_path / "pack")), [16] * 3, [2.0] * 3)
@@ -93,5 +93,5 @@ def test_packed_corpus_crops_and_trains(tmp_path, manifest):
         data={"num_workers": 0, "packed": {"directory": str(tmp_path / "pack")}},
         train={"steps": 2, "image_every": 0, "checkpoint_every": 0},
     )
-    args = ["--corpus", "packed", "--config", write_yaml(tmp_path / "c.yaml", run), "--output", str(tmp_path / "run")]
+    args = ["--corpus", "packed", "--config", write_yaml(tmp_path / "c.yaml", run), "--out", str(tmp_path / "run")]
     assert main(args) == 0

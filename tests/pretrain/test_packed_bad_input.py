@@ -64,7 +64,7 @@ def test_interrupt_is_one_line_and_the_rerun_resumes(tmp_path, nifti_dir, monkey
     out = tmp_path / "pack"
     assert pack_main([*_pack_argv(manifest, out), "--per-shard", "1"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == "pretrain.pack: interrupted; finished shards are kept, rerun the same command to resume"
+    assert err == "interrupted; finished shards are kept, rerun the same command to resume"
     assert sorted(p.name for p in out.iterdir()) == ["pack.json", "shard-00000.csv", "shard-00000.npy"]
     assert pack_main([*_pack_argv(manifest, out), "--per-shard", "1"]) == 0 and len(calls) == 3  # shard 0 kept
     assert len(PackedVolumes(out)) == 2
@@ -137,7 +137,7 @@ def test_training_on_a_damaged_pack_is_one_error_line(tmp_path, pack_dir, capsys
     shutil.copytree(pack_dir, folder)
     (folder / "index.csv").write_text("path,subject_id,shard,offset\n")  # empty: was a ZeroDivisionError
     run = tiny_config(data={"num_workers": 0, "packed": {"directory": str(folder)}}, train={"steps": 1})
-    args = ["--corpus", "packed", "--config", write_yaml(tmp_path / "c.yaml", run), "--output", str(tmp_path / "run")]
+    args = ["--corpus", "packed", "--config", write_yaml(tmp_path / "c.yaml", run), "--out", str(tmp_path / "run")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "index.csv: lists no volumes" in err
@@ -149,4 +149,4 @@ def test_rerun_over_a_damaged_pack_json_is_one_error_line(tmp_path, pack_dir, ni
     (folder / "pack.json").write_text("{")
     manifest = _manifest(tmp_path / "m.csv", [str(nifti_dir / "s1.nii.gz")])
     assert pack_main(_pack_argv(manifest, folder)) == 2
-    assert capsys.readouterr().err.startswith(f"pretrain.pack: error: {folder / 'pack.json'}: is not valid JSON")
+    assert capsys.readouterr().err.startswith(f"error: {folder / 'pack.json'}: is not valid JSON")

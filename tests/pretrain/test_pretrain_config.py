@@ -23,7 +23,7 @@ from pretrain.objectives import build_objective
         ("objective.contrastive.temperature=0", "objective.contrastive.temperature must be > 0"),
         ("objective.contrastive.crop_scale=[0.5,1.5]", "objective.contrastive.crop_scale"),
         ("data.video.reader=opencv", "data.video.reader must be one of"),
-        ("data.input_size=[8,8]", "data.input_size must be three"),
+        ("data.shape=[8,8]", "data.shape must be three"),
         ("train.precision=on", "train.precision must be one of"),
         ("model.attn_backend=flash", "model.attn_backend must be one of"),
         ("train.steps=0", "train.steps and data.batch_size must be >= 1"),

@@ -1,6 +1,7 @@
 """synthmri generated in the training process a batch at a time: the same items as the worker path for the
-same positions, exact resume, and the device setting's checks."""
+same positions (both synth's ``SyntheticMRIStream``), exact resume, and the device setting's checks."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from pretrain.config import SynthMRIConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.corpora.synthmri import SynthMRISource
 from pretrain.corpora.synthmri_device import DeviceSynthStream, generation_device
+from synth.dataset import SyntheticMRIStream
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +27,12 @@ def test_batches_equal_the_worker_path_items_and_resume_exactly(source):
     assert first["image"].shape == (2, 1, 32, 32, 32) and first["_batch"].tolist() == [0, 0]
     workers = iter(make_loader(CorpusStream(source, 0, 0, 1, batch_size=4), num_workers=0, prefetch_factor=2))
     reference = next(workers)["image"]  # positions 0..3, generated one volume at a time
+    subjects = next(iter(SyntheticMRIStream(source.synth_cfg, 0, batch_size=4)))  # synth's subjects 0..3
+    crops = [np.random.default_rng([0, p]) for p in subjects["position"].tolist()]  # as CorpusStream seeds an item
+    assert torch.equal(torch.stack([source.fitted(v, r) for v, r in zip(subjects["image"], crops)]), reference)
     assert torch.allclose(torch.cat([first["image"], second["image"]]), reference, rtol=0, atol=1e-5)
     resumed = next(iter(DeviceSynthStream(source, 0, 0, 1, 2, "cpu", start=1)))
-    assert torch.equal(resumed["image"], second["image"])
+    assert torch.equal(resumed["image"], second["image"]) and resumed["_batch"].tolist() == [1, 1]
     other_rank = next(iter(DeviceSynthStream(source, 0, rank=1, world_size=2, batch_size=2, device="cpu")))
     assert not torch.allclose(other_rank["image"], first["image"])  # rank 1 takes positions 2, 3
 
@@ -58,6 +63,6 @@ def test_a_run_trains_on_in_process_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "generation_device", lambda setting, device: torch.device("cpu"))
     monkeypatch.setattr(module, "DeviceSynthStream", Counting)
     cfg = tiny_config(data={"num_workers": 0}, train={"steps": 2, "image_every": 0, "checkpoint_every": 0})
-    args = ["--corpus", "synthmri", "--config", write_yaml(tmp_path / "c.yaml", cfg), "--output", str(tmp_path / "r")]
+    args = ["--corpus", "synthmri", "--config", write_yaml(tmp_path / "c.yaml", cfg), "--out", str(tmp_path / "r")]
     assert main(args) == 0
     assert made[:2] == [[0, 0], [1, 1]]  # batches 0 and 1 of rank 0

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 from common.config import load_config, save_config
 from common.errors import ConfigError
 from common.models import create_backbone
-from pretrain.cli import export_metadata, main, parse_args
+from pretrain.cli import main, parse_args
 from pretrain.config import PretrainConfig
 from pretrain.corpora.stream import CorpusStream, make_loader
 from pretrain.engine import Engine, build_ds_config, init_distributed, param_groups
 from pretrain.objectives import build_objective
+from pretrain.provenance import export_metadata
 from pretrain.trainer import Trainer, TrainingDiverged
 from tests.common.test_weights import hostile_deepspeed_folder
 from tests.pretrain.conftest import TINY_VIT, tiny_config, write_yaml
@@ -38,7 +39,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
         tiny_config(train={"steps": 6, "checkpoint_every": 2, "log_every": 1, "image_every": 0, "precision": "fp32"}),
     )
     args = ["--corpus", "synthmri", "--config", cfg]
-    assert main(args + ["--output", str(tmp_path / "ref")]) == 0  # uninterrupted reference
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0  # uninterrupted reference
 
     killed = tmp_path / "killed"
     # a fresh process of its own (this one may already hold a world of one: drop its rendezvous variables),
@@ -49,7 +50,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     runs = tmp_path / "runs.json"
-    runs.write_text(json.dumps([{"argv": [*args, "--output", str(killed)], "kill_at": "step00000002"}]))
+    runs.write_text(json.dumps([{"argv": [*args, "--out", str(killed)], "kill_at": "step00000002"}]))
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests/pretrain/ds_driver.py"), str(runs)], cwd=REPO, env=env, timeout=600
     )
@@ -59,14 +60,14 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_
 
     # resumed with another DataLoader worker count: the stream position, not the workers, decides the batches
     args += ["data.num_workers=2"]
-    assert main(args + ["--output", str(killed), "--resume", "auto"]) == 0
+    assert main(args + ["--out", str(killed), "--resume", "auto"]) == 0
     resumed, ref = losses(killed), losses(tmp_path / "ref")
     assert [step for step, _ in resumed] == [step for step, _ in ref]  # each step once, none twice
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in ref], abs=1e-6)
     a = load_file(tmp_path / "ref" / "export" / "encoder.safetensors")
     b = load_file(killed / "export" / "encoder.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert main(args + ["--output", str(killed)]) == 2  # a fresh run refuses a folder with checkpoints
+    assert main(args + ["--out", str(killed)]) == 2  # a fresh run refuses a folder with checkpoints
 
 
 class NaNSource:
@@ -141,8 +142,8 @@ def test_warm_up_trains_from_the_first_step_and_the_logged_lr_is_the_lr_used(tmp
 def test_an_output_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "out").write_text("not a folder")
     cfg = write_yaml(tmp_path / "c.yaml", tiny_config())
-    assert main(["--corpus", "synthmri", "--config", cfg, "--output", str(tmp_path / "out")]) == 2
-    assert f"{tmp_path / 'out'}: --output is a file" in capsys.readouterr().err
+    assert main(["--corpus", "synthmri", "--config", cfg, "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'out'}: --out is a file" in capsys.readouterr().err
 
 
 def test_a_resume_with_other_architecture_or_data_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -151,7 +152,7 @@ def test_a_resume_with_other_architecture_or_data_is_refused_before_anything_is_
     (out / "checkpoints" / "latest").write_text("step00000002")
     save_config(load_config(PretrainConfig, write_yaml(tmp_path / "c.yaml", tiny_config())), out / "config.yaml")
     before = (out / "config.yaml").read_bytes()
-    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--output", str(out), "--resume", "auto"]
+    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--resume", "auto"]
     assert main(args + ["model.kwargs.depth=3", "data.spacing=[2.0,2.0,2.0]"]) == 2
     err = capsys.readouterr().err
     assert "model.kwargs.depth: 2 -> 3" in err and "data.spacing" in err and "train.steps" not in err
@@ -174,7 +175,7 @@ def test_a_resume_with_other_objective_settings_is_refused_naming_the_key(tmp_pa
     (out / "checkpoints" / "step00000002").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text("step00000002")
     save_config(load_config(PretrainConfig, write_yaml(tmp_path / "c.yaml", tiny_config())), out / "config.yaml")
-    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--output", str(out), "--resume", "auto"]
+    args = ["--corpus", "synthmri", "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--resume", "auto"]
     assert main([*args, change]) == 2
     err = capsys.readouterr().err
     assert "trained with other settings" in err and named in err, err
@@ -186,20 +187,20 @@ def test_a_resume_from_a_checkpoint_that_needs_code_runs_none_and_writes_nothing
     bad = hostile_deepspeed_folder(tmp_path / "hostile", marker, zero_shards=False)
     cfg = write_yaml(tmp_path / "c.yaml", tiny_config())
     out = tmp_path / "run"
-    code = main(["--corpus", "synthmri", "--config", cfg, "--output", str(out), "--resume", str(tmp_path / "hostile")])
+    code = main(["--corpus", "synthmri", "--config", cfg, "--out", str(out), "--resume", str(tmp_path / "hostile")])
     assert code == 2 and f"{bad}: this file needs full pickle" in capsys.readouterr().err
     assert not marker.exists() and not out.exists()
 
 
 def test_overrides_may_follow_option_flags():
-    args = parse_args(["--corpus", "synthmri", "optim.lr=1e-4", "--output", "O", "train.steps=3"])
-    assert args.output == "O" and args.overrides == ["optim.lr=1e-4", "train.steps=3"]
+    args = parse_args(["--corpus", "synthmri", "optim.lr=1e-4", "--out", "O", "train.steps=3"])
+    assert args.out == "O" and args.overrides == ["optim.lr=1e-4", "train.steps=3"]
 
 
 def test_too_many_unreadable_items_stop_the_run(tmp_path, video_dir, capsys):
     cfg = tiny_config(
         data={
-            "input_size": [8, 16, 16],
+            "shape": [8, 16, 16],
             "max_bad_share": 0.1,
             "min_items_for_bad_share": 4,
             "video": {
@@ -218,7 +219,7 @@ def test_too_many_unreadable_items_stop_the_run(tmp_path, video_dir, capsys):
             "video",
             "--config",
             write_yaml(tmp_path / "c.yaml", cfg),
-            "--output",
+            "--out",
             str(tmp_path / "run"),
         ]
     )
@@ -258,7 +259,7 @@ def test_weight_decay_is_off_for_norms_biases_and_position_embeddings():
     assert "decoder_pos_embed" not in off | {names[id(p)] for p in decay["params"]}
 
 
-def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights():
+def test_bf16_runs_the_matmuls_in_bf16_with_bf16_weights_and_fp32_masters():
     init_distributed()
     cfg = load_config(
         PretrainConfig,
@@ -284,5 +285,25 @@ def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights():
         loss = engine(batch)["loss"]
         engine.backward(loss)
         engine.step()
-    assert dtypes[0] == torch.bfloat16 and net[0].weight.dtype == torch.float32
+    assert dtypes[0] == torch.bfloat16 and net[0].weight.dtype == torch.bfloat16
+    assert engine.masters[net[0].weight].dtype == torch.float32
     assert engine(batch)["loss"].item() < first
+
+
+OLD = Path(__file__).parent / "data"  # written by the code before pretrain and finetune spoke one vocabulary
+
+
+def test_a_run_saved_before_the_config_keys_were_renamed_resumes(tmp_path, capsys, caplog):
+    """``run_config_before_one_vocabulary.yaml`` is the ``config.yaml`` the previous version saved for
+    ``recipe_before_one_vocabulary.yaml`` (``data.input_size``, now ``data.shape``): its run resumes, and a real
+    change of a renamed key is still refused."""
+    out = tmp_path / "run"
+    args = ["--corpus", "synthmri", "--config", str(OLD / "recipe_before_one_vocabulary.yaml"), "--out", str(out)]
+    assert main(args) == 0
+    assert "'data.input_size' is deprecated; it now reads 'data.shape'" in caplog.text
+    (out / "config.yaml").write_text((OLD / "run_config_before_one_vocabulary.yaml").read_text())
+    capsys.readouterr()
+    assert main([*args, "--resume", "auto", "data.shape=[8,8,8]"]) == 2
+    assert "data.shape: [16, 16, 16] -> [8, 8, 8]" in capsys.readouterr().err
+    assert main([*args, "--resume", "auto", "train.steps=3"]) == 0
+    assert [step for step, _ in losses(out)] == [1, 2, 3]

@@ -82,7 +82,7 @@ def first_batch(cfg, covariates=("age",)) -> dict:
 
 
 def test_synthmri_batches_carry_the_subject_plans_age():
-    cfg = config(corpus="synthmri", **{"data.spacing": "[6.0,6.0,6.0]", "data.input_size": "[16,16,16]"})
+    cfg = config(corpus="synthmri", **{"data.spacing": "[6.0,6.0,6.0]", "data.shape": "[16,16,16]"})
     source = build_source(cfg)
     batch = first_batch(cfg)
     expected = [corpus_plan(source.synth_cfg, cfg.train.seed, p).age for p in (0, 1)]
@@ -96,7 +96,7 @@ def test_medical_batches_carry_the_manifests_age_and_skip_rows_without(nifti_dir
     pd.DataFrame({"path": [str(f) for f in files], "subject_id": ["a", "b", "c"], "age": [30, 50, 70]}).to_csv(
         manifest, index=False
     )
-    settings = {"data.medical.manifest": str(manifest), "data.input_size": "[16,16,16]", "data.spacing": "[4,4,4]"}
+    settings = {"data.medical.manifest": str(manifest), "data.shape": "[16,16,16]", "data.spacing": "[4,4,4]"}
     cfg = config(corpus="medical", **settings)
     source = build_source(cfg)
     batch = first_batch(cfg)
@@ -122,7 +122,7 @@ def test_a_yaware_run_and_a_queued_simclr_run_train_through_the_cli(nifti_dir, t
     for name, objective in runs.items():
         cfg = write_yaml(tmp_path / f"{name}.yaml", tiny_config(data=medical, objective=objective))
         out = tmp_path / name
-        assert main(["--corpus", "medical", "--config", cfg, "--output", str(out)]) == 0, capsys.readouterr().err
+        assert main(["--corpus", "medical", "--config", cfg, "--out", str(out)]) == 0, capsys.readouterr().err
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["step"] == 4 and math.isfinite(result["loss"]) and result["bad_items"] == 0
         assert (out / "export" / "model.safetensors").is_file()

@@ -100,7 +100,7 @@ def test_bad_arguments_give_one_line_and_keep_outputs(ad_cohort, capsys, argv, m
     code = main([*argv, "--out", str(ad_cohort)])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("synth: error: ") and err.count("\n") == 1 and message in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert sorted(p.relative_to(ad_cohort) for p in ad_cohort.rglob("*")) == before
 
 

@@ -1,4 +1,5 @@
-"""On-the-fly stream (seeding per rank and worker) and the dataset over a generated folder."""
+"""The synthetic stream (its seeding rule: subject per position, split over ranks, workers and batches) and
+the dataset over a generated folder."""
 
 from __future__ import annotations
 
@@ -10,41 +11,42 @@ from torch.utils.data import DataLoader
 from common.config import load_config, to_object
 from synth.config import SynthConfig
 from synth.dataset import GeneratedDirectory, SyntheticMRIStream
+from synth.generator import Generator
+from synth.subject import corpus_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fingerprints(batches) -> list[float]:
-    return sorted(round(float(x.sum()), 3) for x in batches)
+def test_stream_batches_are_the_corpus_subjects_at_their_positions(cfg4):
+    stream = SyntheticMRIStream(cfg4, seed=1, batch_size=2, length=1)
+    (batch,) = list(stream)
+    assert len(stream) == 1 and batch["image"].shape == (2, 1, 40, 48, 40) and batch["image"].dtype == torch.float32
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+    assert batch["position"].tolist() == [0, 1]
+    # position p is subject p of the corpus of that seed (as `python -m synth generate --seed 1` writes it)
+    plan = corpus_plan(cfg4, 1, 1)
+    assert torch.equal(batch["image"][1], Generator(cfg4)(plan).image)
+    assert batch["age"].dtype == torch.float32 and batch["age"][1] == pytest.approx(plan.age)
 
 
-def test_stream_yields_unit_range_volumes(cfg4):
-    stream = SyntheticMRIStream(cfg4, seed=1, length=2)
-    items = list(stream)
-    assert len(items) == 2 and len(stream) == 2
-    for x in items:
-        assert x.shape == (1, 40, 48, 40) and x.dtype == torch.float32
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
-    assert not torch.equal(items[0], items[1])
+def test_ranks_split_the_positions_and_workers_or_a_resume_give_the_same_batches(cfg4):
+    rank0 = list(SyntheticMRIStream(cfg4, seed=1, rank=0, world_size=2, length=2))
+    rank1 = list(SyntheticMRIStream(cfg4, seed=1, rank=1, world_size=2, length=2))
+    assert [b["position"].tolist() for b in rank0 + rank1] == [[0], [2], [1], [3]]
+    assert not torch.equal(rank0[0]["image"], rank1[0]["image"])
+    stream = SyntheticMRIStream(cfg4, seed=1, rank=0, world_size=2, length=2)
+    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    for a, b in zip(loader, rank0, strict=True):  # two workers: the same batches, in the same order
+        assert torch.equal(a["image"], b["image"])
+    (resumed,) = list(SyntheticMRIStream(cfg4, seed=1, rank=0, world_size=2, start=1, length=1))
+    assert torch.equal(resumed["image"], rank0[1]["image"])
 
 
-def test_ranks_differ_and_workers_split_without_repeats(cfg4):
-    rank0 = list(SyntheticMRIStream(cfg4, seed=1, length=4, rank=0))
-    rank1 = list(SyntheticMRIStream(cfg4, seed=1, length=4, rank=1))
-    assert not set(_fingerprints(rank0)) & set(_fingerprints(rank1))
-    loader = DataLoader(SyntheticMRIStream(cfg4, seed=1, length=4, rank=0), batch_size=None, num_workers=2)
-    from_workers = list(loader)
-    # two workers make the same four volumes as one process, none twice
-    assert _fingerprints(from_workers) == _fingerprints(rank0)
-    assert len(set(_fingerprints(from_workers))) == 4
-
-
-def test_stream_covariates_and_epochs(cfg4):
-    stream = SyntheticMRIStream(cfg4, seed=2, length=1, return_covariates=True)
-    first = next(iter(stream))
-    assert {"image", "age", "sex", "diagnosis"} <= set(first) and 20 <= first["age"] <= 90
-    stream.set_epoch(1)
-    assert not torch.equal(next(iter(stream))["image"], first["image"])
+def test_batched_on_a_device_equals_one_volume_at_a_time(cfg4):
+    one_by_one = next(iter(SyntheticMRIStream(cfg4, seed=4, batch_size=2)))
+    batched = next(iter(SyntheticMRIStream(cfg4, seed=4, batch_size=2, device="cpu")))
+    assert torch.equal(batched["position"], one_by_one["position"]) and torch.equal(batched["age"], one_by_one["age"])
+    assert torch.allclose(batched["image"], one_by_one["image"], rtol=0, atol=1e-5)
 
 
 def test_generated_directory(ad_cohort):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from synth.anatomy import anatomy_at, load_templates, output_affine
+from synth.atrophy import atrophy_basis
 from synth.config import SynthConfig
-from synth.generator import Generator
+from synth.generator import Generator, warm_up
 from synth.regions import LABELS, REGION_LABELS
 from synth.subject import cohort_plan, corpus_plan
 
@@ -30,6 +31,15 @@ def test_templates_read_from_nilearn_package_without_network(monkeypatch):
     assert np.allclose(t.csf + t.gm + t.wm, t.brain, atol=1e-4)
     present = set(np.unique(t.regions).tolist())
     assert set(REGION_LABELS.values()) <= present
+
+
+def test_warm_up_builds_every_cache_a_generator_reads(cfg4):
+    anatomy_at.cache_clear()
+    atrophy_basis.cache_clear()
+    warm_up(cfg4)  # before forking workers: they then build nothing
+    built = anatomy_at.cache_info().misses, atrophy_basis.cache_info().misses
+    Generator(cfg4)
+    assert (anatomy_at.cache_info().misses, atrophy_basis.cache_info().misses) == built
 
 
 @pytest.mark.parametrize("spacing, shape", [(2.0, (80, 96, 80)), (4.0, (40, 48, 40)), (1.0, (160, 192, 160))])

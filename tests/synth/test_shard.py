@@ -55,7 +55,7 @@ def test_union_of_shards_is_byte_identical_to_the_unsharded_run(tmp_path, capsys
 def test_bad_shard_is_one_line(tmp_path, capsys, shard):
     assert _cohort(tmp_path / "x", "--shard", shard) == 2
     err = capsys.readouterr().err
-    assert err.startswith("synth: error: --shard") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --shard") and len(err.strip().splitlines()) == 1
 
 
 def _copy_shard(source, target, k: int, count: int, *suffixes: str) -> None:
