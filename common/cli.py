@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -39,6 +40,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is logged: a CLI called in-process (tests,
+    notebooks) must not keep a stream that its caller has since closed or replaced."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ sets it
+        pass
+
+
+def log_to_stderr(
+    level: int = logging.INFO, fmt: str = "%(asctime)s %(name)s %(levelname)s %(message)s", force: bool = False
+) -> None:
+    """The CLIs' logging: ``level`` and up to the current stderr (``logging.basicConfig``: nothing changes where
+    the root logger has handlers already, unless ``force``, which replaces them)."""
+    logging.basicConfig(level=level, format=fmt, handlers=[_CurrentStderr()], force=force)
 
 
 def command_parser(prog: str, description: str, **kwargs: Any) -> Parser:

@@ -8,9 +8,8 @@ Bad input ends with one ``error:`` line naming the file or key, and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 
-from common.cli import add_print_config, command_parser, print_config, run_command
+from common.cli import add_print_config, command_parser, log_to_stderr, print_config, run_command
 from common.config import parse_with_overrides
 from experiment.config import OWNED, load_experiment_config
 from experiment.stages import run_experiment
@@ -29,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str] | None) -> int:
     args = parse_with_overrides(_parser(), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to_stderr()
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     cfg = load_experiment_config(args.config, overrides)
     if args.print_config:  # the OWNED fields are the experiment's to fill: a config that set them would be refused

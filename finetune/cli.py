@@ -10,11 +10,10 @@ is written into the output directory (``--print-config`` prints it and runs noth
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 from pathlib import Path
 
-from common.cli import add_print_config, command_parser, print_config, run_command
+from common.cli import add_print_config, command_parser, log_to_stderr, print_config, run_command
 from common.config import load_config, parse_with_overrides, to_object
 from common.errors import UsageError
 from finetune.arch import resolve_arch
@@ -164,7 +163,7 @@ def _predict(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         args = parse_with_overrides(_parser(), argv)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        log_to_stderr()
         commands = {"run": _run, "benchmark": _benchmark, "probe": _probe, "manifest": _manifest, "predict": _predict}
         commands[args.command](args)
         return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from common.cli import add_print_config, add_renamed_option, command_parser, print_config, run_command
+from common.cli import add_print_config, add_renamed_option, command_parser, log_to_stderr, print_config, run_command
 from common.config import load_config, parse_with_overrides, save_config
 from common.distributed import seed_everything
 from common.errors import ConfigError
@@ -66,11 +66,8 @@ def load(args: argparse.Namespace) -> DictConfig:
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        force=True,
-    )
+    fmt = f"%(asctime)s [rank {rank}] %(name)s: %(message)s"
+    log_to_stderr(logging.INFO if rank == 0 else logging.WARNING, fmt, force=True)
 
 
 def build_model(cfg) -> nn.Module:

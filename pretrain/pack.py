@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Sequence
 
-from common.cli import add_print_config, command_parser, print_config, run_command
+from common.cli import add_print_config, command_parser, log_to_stderr, print_config, run_command
 from common.data.packed import PACK_DTYPES, pack_manifest
 from common.data.volume import INTENSITY_MODES, PreprocessConfig
 from common.errors import UsageError
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    log_to_stderr(fmt="%(name)s: %(message)s")
     spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
     if len(spacing) != 3:
         raise UsageError(f"--spacing takes one value or three, got {len(args.spacing)}")

@@ -24,6 +24,21 @@ def _no_rendezvous_environment_left():
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _no_logging_setup_left():
+    """A CLI called in-process sets up the root logger (pretrain replaces its handlers): a later test, whatever the
+    order, must find it as pytest left it, or its stderr holds another test's log lines."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:  # pytest adds and removes its own capture handlers around each phase
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_process_group_left():
     """The world of one those runs join is destroyed when the session ends. Not after each test: DeepSpeed

@@ -7,11 +7,10 @@ python -m synth ldm-sample --model runs/ldm --n 100 --out corpora/ldm --age 70 -
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import add_print_config, command_parser, print_config, run_command
+from common.cli import add_print_config, command_parser, log_to_stderr, print_config, run_command
 from common.config import load_config, parse_with_overrides, to_object
 from common.errors import ConfigError
 from common.precision import DEVICES, PRECISIONS, resolve_device, resolve_precision
@@ -129,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         args = parse_with_overrides(parser, argv)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        log_to_stderr(fmt="%(levelname)s %(name)s: %(message)s")
         return args.func(args)
 
     return run_command(run, "rerun the same command (ldm-train with --resume) to continue")
