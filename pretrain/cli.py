@@ -29,8 +29,8 @@ from common.distributed import seed_everything
 from common.errors import ConfigError
 from common.io import atomic_write
 from common.models import create_backbone
-from pretrain.config import CORPORA, PretrainConfig, validate
-from pretrain.corpora import CorpusStream, build_source, make_loader, require_covariates, synthmri_device
+from pretrain.config import PretrainConfig, validate
+from pretrain.corpora import CORPORA, CorpusStream, build_source, make_loader, require_covariates, synthmri_device
 from pretrain.engine import Engine, add_launcher_arguments, build_ds_config, init_distributed
 from pretrain.objectives import build_objective
 from pretrain.precision import run_precision

@@ -55,7 +55,8 @@ def cached_features(inputs: FoldInputs, batch_size: int, device: torch.device, p
 
 def fit_predict_linear(inputs: FoldInputs, cfg, optim=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit the probe on the training rows, choose its L2 penalty from ``cfg.probe_l2`` on validation, predict
-    validation and test; ``inputs.on_fitted`` gets the frozen backbone with the probe as its head."""
+    validation and test; ``inputs.on_fitted`` gets the frozen backbone with the probe as its head. ``optim`` is
+    the modes' common signature (``finetune.modes.MODES``): a closed-form probe has no optimizer."""
     device = resolve_device(cfg.device, key="train.device")
     precision = resolve_precision(cfg.precision, device, key="train.precision")
     feats = cached_features(inputs, cfg.batch_size, device, precision).numpy().astype(np.float64)
