@@ -20,14 +20,16 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from synth.regions import VENTRICLES, build_regions, temporal_weight
+from synth.config import AD_PATTERNS
+from synth.regions import VENTRICLES, build_regions, posterior_weight, temporal_weight
 
 # The template box the generator samples from (MNI mm, inclusive): the brain plus a margin.
 BOX_MIN_MM = np.array([-80.0, -116.0, -72.0])
 BOX_MAX_MM = np.array([80.0, 82.0, 90.0])
 # Centre of the brain's bounding box in MNI mm; the output field of view is centred on it.
 BRAIN_CENTRE_MM = np.array([0.0, -17.0, 5.0])
-SOURCE_CHANNELS = ("csf", "gm", "wm", "gm_at_csf", "gm_at_csf_temporal")
+# gm_at_csf_ad: the CSF-facing grey matter of the AD pattern's lobes (AtrophyConfig.ad_pattern)
+SOURCE_CHANNELS = ("csf", "gm", "wm", "gm_at_csf", "gm_at_csf_ad")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Templates:
     wm: np.ndarray
     brain: np.ndarray  # soft brain mask (partial volume at the brain's outer edge)
     gm_at_csf: np.ndarray  # grey matter next to sulcal CSF: what cortical thinning turns into CSF
-    temporal: np.ndarray  # temporal-lobe weight in [0, 1]
+    lobes: dict[str, np.ndarray]  # each AD pattern's lobe weight in [0, 1] (AD_PATTERNS: temporal, posterior)
     regions: np.ndarray  # uint8 region labels (synth.regions.REGION_LABELS)
     origin_mm: np.ndarray  # MNI mm of voxel (0, 0, 0)
 
@@ -91,7 +93,7 @@ def load_templates() -> Templates:
         wm=wm,
         brain=brain,
         gm_at_csf=gm_at_csf.astype(np.float32),
-        temporal=temporal_weight(axes),
+        lobes={"temporal": temporal_weight(axes), "posterior": posterior_weight(axes)},
         regions=regions,
         origin_mm=origin.astype(np.float64),
     )
@@ -121,10 +123,12 @@ def _resample(volume: np.ndarray, factor: float, order: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def anatomy_at(spacing: float) -> Anatomy:
-    """The anatomy sampled at ``spacing`` mm (cached per process)."""
+def anatomy_at(spacing: float, ad_pattern: str = "temporal") -> Anatomy:
+    """The anatomy sampled at ``spacing`` mm, its last channel the ``ad_pattern``'s cortex (cached per process)."""
+    if ad_pattern not in AD_PATTERNS:
+        raise ValueError(f"ad_pattern must be one of {AD_PATTERNS}, got {ad_pattern!r}")
     t = load_templates()
-    channels = [t.csf, t.gm, t.wm, t.gm_at_csf, t.gm_at_csf * t.temporal]
+    channels = [t.csf, t.gm, t.wm, t.gm_at_csf, t.gm_at_csf * t.lobes[ad_pattern]]
     source = np.stack([_resample(c, spacing, 1) for c in channels]).astype(np.float32)
     return Anatomy(
         spacing=float(spacing),

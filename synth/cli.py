@@ -1,10 +1,11 @@
 """``python -m synth``: write a synthetic pre-training corpus or a labelled cohort to a folder.
 
     python -m synth generate --out DIR --n N --seed S [--spacing MM] [--contrast t1|random] [--workers W]
-        [key=value ...]
+        [--renderings K] [key=value ...]
     python -m synth cohort --task ad|pd|brain_age --out DIR --n N --sites K --seed S [--spacing MM] [...]
     python -m synth generate|cohort ... --shard K/N     # one job of an array; then: python -m synth merge --out DIR
     python -m synth calibrate --n N --spacing MM [--seed S] [--sites K] [key=value ...]
+    python -m synth gap --a DIR_A --b DIR_B [--out FILE]   # how well a classifier tells two folders apart
 
 ``key=value`` overrides any ``SynthConfig`` field (e.g. ``atrophy.hippocampus_ad_mm=2``); ``--config FILE``
 reads a YAML first (``configs/synth/default.yaml`` holds the defaults); ``--print-config`` prints the merged
@@ -14,11 +15,13 @@ config and generates nothing. Mistakes give one ``error:`` line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 
 from common.cli import add_print_config, command_parser, print_config, run_command
 from common.config import load_config, parse_with_overrides, to_object
 from common.errors import ConfigError, NeurotransferError, UsageError
+from common.io import atomic_write_text
 from synth.config import CONTRASTS, TASKS, SynthConfig
 from synth.ldm.cli import add_ldm_commands
 
@@ -42,13 +45,27 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("python -m synth", __doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("generate", help="unlabelled pre-training corpus (ages 20-90, CN with some AD/PD)"))
+    generate = sub.add_parser("generate", help="unlabelled pre-training corpus (ages 20-90, CN with some AD/PD)")
+    generate.add_argument(
+        "--renderings",
+        type=int,
+        default=1,
+        metavar="K",
+        help="volumes per subject: the same anatomy by K scanners (K >= 2: rescan views for contrastive pre-training)",
+    )
+    _common(generate)
     cohort = sub.add_parser("cohort", help="labelled cohort for a downstream task, over K sites")
     cohort.add_argument("--task", required=True, choices=TASKS, help="ad: CN/AD, pd: HC/PD, brain_age: CN 20-90")
     cohort.add_argument("--sites", type=int, default=1, help="number of sites (scanners); each gets both classes")
     _common(cohort)
     merge = sub.add_parser("merge", help="join the shard manifests of a folder into manifest.csv")
     merge.add_argument("--out", required=True, help="the folder the shards wrote")
+    gap = sub.add_parser("gap", help="domain gap: classifiers telling folder A's volumes from folder B's")
+    gap.add_argument("--a", required=True, help="a generated folder (manifest.csv with a path column)")
+    gap.add_argument("--b", required=True, help="the other folder")
+    gap.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    gap.add_argument("--seed", type=int, default=0, help="the folds' (and any subsample's) seed")
+    gap.add_argument("--max-per-side", type=int, default=200, help="volumes read per folder at most")
     cal = sub.add_parser("calibrate", help="measure the defaults' effect sizes against synth.targets (exit 1 on fail)")
     cal.add_argument("--n", type=int, default=120, help="subjects per cohort (AD, PD, brain age)")
     cal.add_argument("--seed", type=int, default=0)
@@ -90,6 +107,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         print(merge(args.out))
         return 0
+    if args.command == "gap":
+        return _gap(args)
     cfg = load(args)
     if args.print_config:
         return print_config(cfg)
@@ -100,12 +119,27 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     shard = None if args.shard is None else Shard.parse(args.shard)
 
-    job = Job(seed=args.seed) if args.command == "generate" else Job(seed=args.seed, task=args.task, sites=args.sites)
+    if args.command == "generate":
+        job = Job(seed=args.seed, renderings=args.renderings)
+    else:
+        job = Job(seed=args.seed, task=args.task, sites=args.sites)
     workers = default_workers() if args.workers is None else args.workers
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
     manifest = generate(args.out, cfg, job, args.n, workers=workers, show_progress=not args.no_progress, shard=shard)
     print(manifest)
+    return 0
+
+
+def _gap(args: argparse.Namespace) -> int:
+    if args.max_per_side < 2:
+        raise UsageError(f"--max-per-side must be >= 2, got {args.max_per_side}")
+    from synth.gap import describe, domain_gap
+
+    gap = domain_gap(args.a, args.b, seed=args.seed, max_per_side=args.max_per_side)
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(gap, indent=1))
+    print(describe(gap))
     return 0
 
 

@@ -1,10 +1,12 @@
 """Write a synthetic corpus or labelled cohort to a folder: parallel, resumable, deterministic.
 
 Layout: ``DIR/images/<subject>.nii.gz`` (float32, [0, 1]), ``DIR/labels/<subject>.nii.gz`` (uint8,
-``synth.regions.LABELS``), ``DIR/manifest.csv`` (the project's manifest columns + seed, effects, scanner,
-measured volumes) and ``DIR/synth.yaml`` (the settings; a resumed run must use the same ones). A subject is
-finished when both its files exist; each file is written atomically, so a killed run leaves no half file, and
-a rerun skips finished subjects. The manifest is rewritten (atomically) at the end from all subjects.
+``synth.regions.LABELS``), ``DIR/manifest.csv`` (the project's manifest columns + rendering, seed, effects,
+scanner, measured volumes) and ``DIR/synth.yaml`` (the settings; a resumed run must use the same ones). With K
+renderings per subject (``Job.renderings``, ``generate --renderings K``: the same anatomy by K scanners,
+``synth.subject.rendering``) rendering r is session ``ses-<r+1>``: ``<subject>_ses-<r+1>.nii.gz``, one manifest
+row each. A volume is finished when both its files exist; each file is written atomically, so a killed run leaves
+no half file, and a rerun skips finished volumes. The manifest is rewritten (atomically) at the end from all rows.
 """
 
 from __future__ import annotations
@@ -34,25 +36,36 @@ from synth.config import TASKS, SynthConfig
 from synth.generator import Generator, head_scale, warm_up
 from synth.regions import label_volumes
 from synth.shard import Shard, differences, write_settings
-from synth.subject import SubjectPlan, cohort_plan, corpus_plan
+from synth.subject import SubjectPlan, cohort_plan, corpus_plan, rendering
 
 
 @dataclass(frozen=True)
 class Job:
-    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over ``sites``."""
+    """What is generated: a pre-training corpus (``task=None``) or a labelled cohort of ``task`` over ``sites``,
+    ``renderings`` volumes per subject (the same anatomy by that many scanners)."""
 
     seed: int
     task: str | None = None
     sites: int = 1
+    renderings: int = 1
 
     @property
     def dataset(self) -> str:
         return f"synth_{self.task}" if self.task else "synth_mri"
 
-    def plan(self, cfg: SynthConfig, index: int) -> SubjectPlan:
+    def plan(self, cfg: SynthConfig, index: int, r: int = 0) -> SubjectPlan:
+        """Rendering ``r`` of subject ``index``."""
         if self.task is None:
-            return corpus_plan(cfg, self.seed, index)
-        return cohort_plan(cfg, self.task, self.seed, index, self.sites)
+            return rendering(cfg, corpus_plan(cfg, self.seed, index), r)
+        return rendering(cfg, cohort_plan(cfg, self.task, self.seed, index, self.sites), r)
+
+    def volumes(self, indices: range) -> list[tuple[int, int]]:
+        """The (index, rendering) pairs of ``indices``' subjects, in manifest order."""
+        return [(i, r) for i in indices for r in range(self.renderings)]
+
+    def stem(self, plan: SubjectPlan) -> str:
+        """A volume's file name without extension: the subject, and its session when there are several."""
+        return plan.subject_id if self.renderings == 1 else f"{plan.subject_id}_ses-{plan.rendering + 1}"
 
 
 def check_job(job: Job, n: int) -> None:
@@ -63,14 +76,18 @@ def check_job(job: Job, n: int) -> None:
         raise ConfigError(f"unknown task {job.task!r}: choose one of {', '.join(TASKS)}")
     if job.sites < 1:
         raise ConfigError(f"--sites must be >= 1, got {job.sites}")
+    if job.renderings < 1:
+        raise ConfigError(f"--renderings must be >= 1, got {job.renderings}")
 
 
 def _settings(cfg: SynthConfig, job: Job):
-    """What decides the folder's volumes: the job and the full config (``synth.yaml``, each shard's record)."""
-    return OmegaConf.create({"job": asdict(job), "config": OmegaConf.structured(cfg)})
+    """What decides the folder's volumes: the job and the full config (``synth.yaml``, each shard's record).
+    ``renderings`` is recorded where it is not 1, so a folder made before renderings existed still resumes."""
+    record = {k: v for k, v in asdict(job).items() if not (k == "renderings" and v == 1)}
+    return OmegaConf.create({"job": record, "config": OmegaConf.structured(cfg)})
 
 
-def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
+def _prepare(out: Path, cfg: SynthConfig, job: Job, stems: set[str]) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(out, "the output path is a file, not a folder; give a folder with --out")
     settings = OmegaConf.to_yaml(_settings(cfg, job))
@@ -85,9 +102,9 @@ def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
     try:
         for sub in ("images", "labels"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-            # temporary files of a killed run, never outputs; only our own subjects' (other shards may be writing)
+            # temporary files of a killed run, never outputs; only our own volumes' (other shards may be writing)
             for stale in (out / sub).glob(".tmp-*.nii.gz"):
-                if stale.name.split("-", 2)[-1].removesuffix(".nii.gz") in subjects:
+                if stale.name.split("-", 2)[-1].removesuffix(".nii.gz") in stems:
                     stale.unlink(missing_ok=True)
         if not record.is_file():
             with atomic_write(record) as tmp:
@@ -96,8 +113,8 @@ def _prepare(out: Path, cfg: SynthConfig, job: Job, subjects: set[str]) -> None:
         raise DataError(out, f"cannot create the output folder: {e.strerror or e}") from None
 
 
-def _paths(out: Path, subject_id: str) -> tuple[Path, Path]:
-    return out / "images" / f"{subject_id}.nii.gz", out / "labels" / f"{subject_id}.nii.gz"
+def _paths(out: Path, stem: str) -> tuple[Path, Path]:
+    return out / "images" / f"{stem}.nii.gz", out / "labels" / f"{stem}.nii.gz"
 
 
 def _bytes_per_subject(cfg: SynthConfig) -> int:
@@ -111,13 +128,13 @@ def _check_space(out: Path, cfg: SynthConfig, todo: int) -> None:
     if need > free:
         raise DataError(
             out,
-            f"not enough disk space: {todo} more subjects need about {need / 1e9:.2f} GB, "
+            f"not enough disk space: {todo} more volumes need about {need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB are free; free space or lower --n",
         )
 
 
 def _row(cfg: SynthConfig, job: Job, plan: SubjectPlan, volumes: dict[str, float]) -> dict[str, object]:
-    image, label = (f"{sub}/{plan.subject_id}.nii.gz" for sub in ("images", "labels"))
+    image, label = (f"{sub}/{job.stem(plan)}.nii.gz" for sub in ("images", "labels"))
     row = {
         "path": image,
         **plan.row(),
@@ -139,11 +156,11 @@ def _init_worker(cfg: SynthConfig, job: Job, out: Path, threads: int) -> None:
     _WORKER.update(cfg=cfg, job=job, out=out, generator=Generator(cfg))
 
 
-def _make(index: int) -> dict[str, object]:
+def _make(volume: tuple[int, int]) -> dict[str, object]:
     cfg, job, out, gen = _WORKER["cfg"], _WORKER["job"], _WORKER["out"], _WORKER["generator"]
-    plan = job.plan(cfg, index)
+    plan = job.plan(cfg, *volume)
     vol = gen(plan, with_labels=True)
-    image_path, label_path = _paths(out, plan.subject_id)
+    image_path, label_path = _paths(out, job.stem(plan))
     spacing = (cfg.spacing,) * 3
     try:
         write_nifti(vol.image, image_path, spacing=spacing, affine=vol.affine)
@@ -157,9 +174,9 @@ def _make(index: int) -> dict[str, object]:
     return _row(cfg, job, plan, label_volumes(vol.labels.numpy(), cfg.spacing))
 
 
-def _finished_row(cfg: SynthConfig, job: Job, out: Path, index: int) -> dict[str, object] | None:
-    plan = job.plan(cfg, index)
-    image_path, label_path = _paths(out, plan.subject_id)
+def _finished_row(cfg: SynthConfig, job: Job, out: Path, volume: tuple[int, int]) -> dict[str, object] | None:
+    plan = job.plan(cfg, *volume)
+    image_path, label_path = _paths(out, job.stem(plan))
     if not (image_path.is_file() and label_path.is_file()):
         return None
     try:
@@ -169,11 +186,13 @@ def _finished_row(cfg: SynthConfig, job: Job, out: Path, index: int) -> dict[str
     return _row(cfg, job, plan, label_volumes(labels, cfg.spacing))
 
 
-def _run(todo: list[int], cfg: SynthConfig, job: Job, out: Path, workers: int) -> Iterator[dict[str, object]]:
+def _run(
+    todo: list[tuple[int, int]], cfg: SynthConfig, job: Job, out: Path, workers: int
+) -> Iterator[dict[str, object]]:
     if workers <= 1 or len(todo) <= 1:
         _init_worker(cfg, job, out, torch.get_num_threads())
-        for i in todo:
-            yield _make(i)
+        for volume in todo:
+            yield _make(volume)
         return
     # Build the template caches here, then fork: workers inherit them and start at once (as DataLoader workers
     # do). Where fork does not exist, spawned workers build their own.
@@ -183,7 +202,7 @@ def _run(todo: list[int], cfg: SynthConfig, job: Job, out: Path, workers: int) -
     with ProcessPoolExecutor(
         workers, mp_context=get_context(method), initializer=_init_worker, initargs=(cfg, job, out, 1)
     ) as pool:
-        futures = [pool.submit(_make, i) for i in todo]
+        futures = [pool.submit(_make, volume) for volume in todo]
         try:
             for f in as_completed(futures):
                 yield f.result()
@@ -202,7 +221,8 @@ def generate(
     show_progress: bool = True,
     shard: Shard | None = None,
 ) -> Path:
-    """Make subjects ``0 .. n-1`` under ``out`` (skipping finished ones) and write ``out/manifest.csv``.
+    """Make subjects ``0 .. n-1`` (``job.renderings`` volumes each) under ``out``, skipping finished volumes, and
+    write ``out/manifest.csv``.
 
     With ``shard`` only that shard's index range is made and its rows go to ``out/manifest.shard-K-of-N.csv``
     (``synth.shard.merge`` joins them)."""
@@ -211,21 +231,22 @@ def generate(
         raise ConfigError(f"--shard {shard.k}/{shard.count}: more shards than subjects (--n {n})")
     indices = range(n) if shard is None else shard.indices(n)
     out = Path(out).expanduser()
-    _prepare(out, cfg, job, {job.plan(cfg, i).subject_id for i in indices})
-    rows = {i: r for i in indices if (r := _finished_row(cfg, job, out, i)) is not None}
-    todo = [i for i in indices if i not in rows]
+    volumes = job.volumes(indices)
+    _prepare(out, cfg, job, {job.stem(job.plan(cfg, *v)) for v in volumes})
+    rows = {v: row for v in volumes if (row := _finished_row(cfg, job, out, v)) is not None}
+    todo = [v for v in volumes if v not in rows]
     _check_space(out, cfg, len(todo))
     desc = f"synth {job.dataset}" + ("" if shard is None else f" {shard.k}/{shard.count}")
-    bar = progress(total=len(indices), initial=len(rows), desc=desc, unit="vol", disable=not show_progress)
+    bar = progress(total=len(volumes), initial=len(rows), desc=desc, unit="vol", disable=not show_progress)
     with bar:
         for row in _run(todo, cfg, job, out, workers):
-            rows[int(row["index"])] = row
+            rows[int(row["index"]), int(row["rendering"])] = row
             bar.update(1)
     if shard is not None:  # merge refuses shards made with other settings than the rest
         write_settings(out, shard, n, OmegaConf.to_container(_settings(cfg, job)))
     manifest = out / ("manifest.csv" if shard is None else shard.manifest_name)
     with atomic_write(manifest) as tmp:
-        pd.DataFrame([rows[i] for i in indices]).to_csv(tmp, index=False)
+        pd.DataFrame([rows[v] for v in volumes]).to_csv(tmp, index=False)
     return manifest
 
 

@@ -14,10 +14,13 @@ CONTRASTS = ("t1", "random")
 TASKS = ("ad", "pd", "brain_age")
 NOISE_TYPES = ("rician", "gaussian")
 PIPELINES = ("t1-linear", "raw")
+AGE_CURVES = ("power", "late")
+AD_PATTERNS = ("temporal", "posterior")
 MIN_SPACING_MM = 0.5  # output voxel size range; the upper end is the field of view / MIN_VOXELS
 MIN_VOXELS = 8  # fewest voxels per axis a volume keeps (the template's structures still show)
 MAX_FOV_MM = 512  # largest field of view (and lattice spacing) per axis
 MIN_LATTICE_MM = 1.0  # finest deformation / bias lattice
+MAX_STRIP_ERROR_MM = 10.0  # largest skull-stripping error: beyond it the mask is no longer a brain mask
 
 
 def _tuples(obj: object, names: tuple[str, ...]) -> None:
@@ -55,14 +58,20 @@ class AtrophyConfig:
 
     The defaults pass ``python -m synth calibrate`` (effect sizes of real T1 cohorts, ``synth/targets.py``).
 
-    Ageing effects scale with ``((age - age_onset) / (age_max - age_onset)) ** age_exponent`` (0 at onset,
-    1 at ``age_max``, accelerating); disease effects add on top. Each subject's effects are multiplied by a
-    log-normal factor with sd ``individual_sd``, so two subjects with the same covariates differ.
+    Ageing effects scale with an age factor, 0 at ``age_onset`` and 1 at ``age_max``: ``power`` is
+    ``((age - age_onset) / (age_max - age_onset)) ** age_exponent`` (accelerating); ``late`` is two straight
+    pieces, ``age_knee_share`` reached at ``age_knee`` and the rest after it (flat-ish, then steep). Disease
+    effects add on top. Each subject's effects are multiplied by a log-normal factor with sd ``individual_sd``,
+    and its hippocampi, ventricles and AD-pattern cortex get offsets of their own (``*_sd_mm``, ``pattern_sd``;
+    independent of age and diagnosis), so two subjects with the same covariates differ.
     """
 
     age_onset: float = 20.0
     age_max: float = 90.0
-    age_exponent: float = 1.5
+    age_curve: str = "power"  # power | late: the shape of the age factor between onset and age_max
+    age_exponent: float = 1.5  # power curve: the exponent
+    age_knee: float = 60.0  # late curve: the age after which ageing steepens (Raz et al. 2005, Fjell et al. 2013)
+    age_knee_share: float = 0.2  # late curve: share of the age_max effect reached at age_knee
     ventricle_young_mm: float = -2.5  # lateral-ventricle boundary at age_onset (< 0: smaller than the template's)
     ventricle_age_mm: float = 4.5  # lateral-ventricle boundary reached at age_max (from ventricle_young_mm at onset)
     ventricle_ad_mm: float = 2.5  # extra enlargement in AD
@@ -71,10 +80,14 @@ class AtrophyConfig:
     hippocampus_ad_mm: float = 0.85  # extra hippocampal (medial-temporal) shrinkage in AD
     cortical_thinning_age: float = 0.65  # share of boundary grey matter turned to CSF at age_max
     cortical_thinning_ad: float = 0.1  # extra global thinning in AD
-    temporal_thinning_ad: float = 0.35  # extra thinning of temporal-lobe cortex in AD
+    ad_pattern: str = "temporal"  # temporal | posterior: the cortex AD thins extra (typical AD, or PCA-like)
+    pattern_thinning_ad: float = 0.35  # extra thinning of the ad_pattern's cortex in AD
     midbrain_pd_mm: float = 0.12  # midbrain / substantia-nigra shrinkage in PD
     putamen_pd_mm: float = 0.09  # putamen shrinkage in PD
     individual_sd: float = 0.25  # log-normal sd of each subject's effect multiplier
+    hippocampus_sd_mm: float = 0.65  # sd of each subject's own hippocampal boundary offset (anatomy, not age)
+    ventricle_sd_mm: float = 0.0  # sd of each subject's own lateral-ventricle boundary offset
+    pattern_sd: float = 0.22  # half-normal sd of each subject's own thinning of the ad_pattern's cortex (any diagnosis)
     max_mm: float = 4.5  # cap on any boundary movement: keeps the (not integrated) atrophy warp fold-free
 
 
@@ -105,9 +118,13 @@ class ScannerConfig:
     inplane_mm: tuple[float, float] = (0.9, 1.4)  # acquired in-plane resolution (not finer than output)
     slice_mm: tuple[float, float] = (1.0, 3.5)  # acquired slice thickness along one axis
     subject_noise_log_sd: float = 0.08  # each subject's noise sd varies around the site's by this log-sd
+    ringing_probability: float = 0.0  # share of sites whose k-space is truncated along phase encoding (Gibbs)
+    ringing_mm: tuple[float, float] = (2.0, 3.0)  # resolution that truncated k-space reaches (a ringing site's)
+    ghost_probability: float = 0.0  # share of subjects who move: attenuated replicas along phase encoding
+    ghost_amplitude: tuple[float, float] = (0.05, 0.2)  # a moving subject's ghost intensity / the image's
 
     def __post_init__(self) -> None:
-        _tuples(self, ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"))
+        _tuples(self, ("bias_sd", "noise_sd", "inplane_mm", "slice_mm", "ringing_mm", "ghost_amplitude"))
 
 
 @dataclass
@@ -122,6 +139,10 @@ class PipelineConfig:
     translation_mm: float = 1.0  # residual |shift| per axis
     scaling: float = 0.01  # residual per-axis scale 1 ± scaling (head size itself is normalised away)
     bias_residual: float = 0.1  # share of the scanner's log bias field N4 leaves
+    strip_error_mm: tuple[float, float] = (0.0, 0.0)  # range of a subject's brain-mask error: < 0 cuts, > 0 leaves
+
+    def __post_init__(self) -> None:
+        _tuples(self, ("strip_error_mm",))
 
 
 @dataclass
@@ -208,11 +229,38 @@ def validate(cfg: SynthConfig) -> None:
         )
     if not -cfg.atrophy.max_mm <= cfg.atrophy.ventricle_young_mm <= cfg.atrophy.max_mm:
         raise ConfigError("synth config: atrophy.ventricle_young_mm must lie in [-max_mm, max_mm]")
+    a = cfg.atrophy
+    if a.age_curve not in AGE_CURVES:
+        raise ConfigError(f"synth config: atrophy.age_curve must be one of {AGE_CURVES}, got {a.age_curve!r}")
+    if a.ad_pattern not in AD_PATTERNS:
+        raise ConfigError(f"synth config: atrophy.ad_pattern must be one of {AD_PATTERNS}, got {a.ad_pattern!r}")
+    if not a.age_onset < a.age_max:
+        raise ConfigError(f"synth config: atrophy.age_onset must be < age_max, got {a.age_onset} and {a.age_max}")
+    if a.age_curve == "late" and not a.age_onset < a.age_knee < a.age_max:
+        raise ConfigError(f"synth config: atrophy.age_knee must lie between age_onset and age_max, got {a.age_knee}")
+    if not 0 <= a.age_knee_share <= 1:
+        raise ConfigError(f"synth config: atrophy.age_knee_share must lie in [0, 1], got {a.age_knee_share}")
+    for name in ("hippocampus_sd_mm", "ventricle_sd_mm"):
+        if not 0 <= getattr(a, name) <= a.max_mm:
+            raise ConfigError(f"synth config: atrophy.{name} must lie in [0, max_mm], got {getattr(a, name)}")
+    if not 0 <= a.pattern_sd <= 0.9:
+        raise ConfigError(f"synth config: atrophy.pattern_sd must lie in [0, 0.9] (a share), got {a.pattern_sd}")
     if cfg.nonlinear.integration_steps < 0:
         raise ConfigError("synth config: nonlinear.integration_steps must be >= 0")
     s = cfg.scanner
     for name in ("bias_sd", "noise_sd", "inplane_mm", "slice_mm"):
         _range(f"scanner.{name}", getattr(s, name))
+    _range("scanner.ringing_mm", s.ringing_mm, low=MIN_SPACING_MM)
+    _range("scanner.ghost_amplitude", s.ghost_amplitude)
+    for name in ("ringing_probability", "ghost_probability", "rician_probability"):
+        if not 0 <= getattr(s, name) <= 1:
+            raise ConfigError(f"synth config: scanner.{name} must lie in [0, 1], got {getattr(s, name)}")
+    strip = cfg.pipeline.strip_error_mm
+    if len(strip) != 2 or not -MAX_STRIP_ERROR_MM <= strip[0] <= strip[1] <= MAX_STRIP_ERROR_MM:
+        raise ConfigError(
+            f"synth config: pipeline.strip_error_mm must be (low, high) within +-{MAX_STRIP_ERROR_MM:g} mm, "
+            f"got {tuple(strip)}"
+        )
     for name in ("inplane_mm", "slice_mm"):  # acquisition averages blocks of round(mm / spacing) voxels
         if round(getattr(s, name)[1] / cfg.spacing) > min(cfg.shape):
             raise ConfigError(

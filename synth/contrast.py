@@ -47,8 +47,8 @@ def source_weights(means: np.ndarray, effects: Effects) -> torch.Tensor:
     csf, gm, wm = (float(m) for m in means)
     shift = csf - gm  # a thinned voxel's grey matter now reads as CSF
     thin_global = effects.cortical_thinning
-    thin_temporal = min(effects.temporal_thinning, 1.0 - thin_global)
-    return torch.tensor([csf, gm, wm, shift * thin_global, shift * thin_temporal], dtype=torch.float32)
+    thin_pattern = min(effects.pattern_thinning, 1.0 - thin_global)
+    return torch.tensor([csf, gm, wm, shift * thin_global, shift * thin_pattern], dtype=torch.float32)
 
 
 def form_image(source: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

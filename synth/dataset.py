@@ -18,7 +18,7 @@ from common.distributed import get_rank, get_world_size
 from common.errors import DataError
 from synth.config import SynthConfig
 from synth.generator import Generator
-from synth.subject import SubjectPlan, corpus_plan
+from synth.subject import SubjectPlan, corpus_plan, rendering
 
 
 class SyntheticMRIStream(IterableDataset):
@@ -68,9 +68,10 @@ class SyntheticMRIStream(IterableDataset):
         """The subject at corpus ``position`` (its covariates without making the volume)."""
         return corpus_plan(self.config, self.seed, position)
 
-    def volume(self, position: int) -> torch.Tensor:
-        """The image ``(1, D, H, W)`` of the subject at ``position``, made on the CPU."""
-        return self.generator(self.plan(position)).image
+    def volume(self, position: int, r: int = 0) -> torch.Tensor:
+        """The image ``(1, D, H, W)`` of the subject at ``position``, made on the CPU; ``r`` >= 1: a rescan of it,
+        the same anatomy by another scanner (``synth.subject.rendering``)."""
+        return self.generator(rendering(self.config, self.plan(position), r)).image
 
     def __len__(self) -> int:
         if self.length is None:
@@ -101,7 +102,9 @@ class GeneratedDirectory(Dataset):
     """Map-style dataset over a folder written by ``python -m synth generate|cohort``.
 
     Items are ``(1, D, H, W)`` float32 images at the generator's spacing, or dicts with ``image``, ``label``
-    (``(D, H, W)`` int64, when ``with_labels``) and the manifest's covariates (when ``return_covariates``).
+    (``(D, H, W)`` int64, when ``with_labels``) and the manifest's covariates (when ``return_covariates``): one
+    item per manifest row, so each of a subject's renderings (``generate --renderings K``) is an item.
+    ``subject_rows`` lists each subject's rows (its renderings), subjects in manifest order.
     """
 
     def __init__(self, directory: str | Path, with_labels: bool = False, return_covariates: bool = False):
@@ -115,11 +118,18 @@ class GeneratedDirectory(Dataset):
             )
         required = ("path", "subject_id", "label_path") if with_labels else ("path", "subject_id")
         self.table = read_manifest(manifest, required=required)
+        rows = self.table.groupby("subject_id", sort=False).indices
+        self.subject_rows = [[int(i) for i in rows[s]] for s in self.table["subject_id"].unique()]
         self.with_labels = with_labels
         self.return_covariates = return_covariates or with_labels
 
     def __len__(self) -> int:
         return len(self.table)
+
+    @property
+    def renderings(self) -> int:
+        """Renderings every subject has (1 for a folder made without ``--renderings``, and for a cohort)."""
+        return min(len(rows) for rows in self.subject_rows)
 
     def _read(self, path: Path, dtype: type) -> np.ndarray:
         try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from synth.anatomy import BRAIN_CENTRE_MM, anatomy_at, output_affine
-from synth.artefacts import acquire, log_bias_field
+from synth.artefacts import acquire, brain_mask, k_space_artefacts, log_bias_field
 from synth.atrophy import atrophy_basis, atrophy_displacement, template_lattice
 from synth.config import SynthConfig
 from synth.contrast import form_image, source_weights
@@ -45,7 +45,7 @@ def warm_up(cfg: SynthConfig) -> None:
     """Build this process's template caches for ``cfg`` now (the anatomy at its spacing, the atrophy basis: a
     few seconds at 1-2 mm). Before forking workers (DataLoader, a cohort's pool), so that they share the caches
     instead of each building its own before its first volume."""
-    anatomy_at(cfg.spacing)
+    anatomy_at(cfg.spacing, cfg.atrophy.ad_pattern)
     atrophy_basis(cfg.nonlinear.grid_lattice_mm)
 
 
@@ -56,7 +56,7 @@ class Generator:
         self.cfg = cfg
         self.shape = cfg.shape
         self.affine = output_affine(cfg.spacing, self.shape)
-        self.anatomy = anatomy_at(cfg.spacing)
+        self.anatomy = anatomy_at(cfg.spacing, cfg.atrophy.ad_pattern)
         self.velocity_lattice = template_lattice(cfg.nonlinear.lattice_mm)
         self.atrophy_lattice = template_lattice(cfg.nonlinear.grid_lattice_mm)
         self.basis = atrophy_basis(cfg.nonlinear.grid_lattice_mm)
@@ -74,7 +74,9 @@ class Generator:
         """Where each lattice point reads the template: grid (d, h, w, 3), noise seed, head and image scale."""
         cfg = self.cfg
         matrix, shift, head = random_pose(cfg.affine, rng, plan.sex)  # first draw: see head_scale()
-        noise_seed = int(rng.integers(2**62))
+        noise_seed = int(rng.integers(2**62))  # drawn by every rendering, so the shape draws after it stay the same
+        if plan.acquisition_seed is not None:  # a rescan (synth.subject.rendering): its own noise and pose
+            noise_seed = int(np.random.default_rng(plan.acquisition_seed).integers(2**62))
         image_scale = head
         if cfg.pipeline.name == "t1-linear":  # registered: from a child seed, so the shape draws stay the same
             matrix, shift = registered_pose(cfg.pipeline, np.random.default_rng([noise_seed, 1]))
@@ -92,12 +94,14 @@ class Generator:
 
     def _lattice_stage(self, plan: SubjectPlan) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         """Per subject, on the CPU (lattices of 4-8 mm): the (grid, log bias) fields ``(4, d, h, w)``, the
-        tissue weights ``(5,)``, the noise seed, the head and image scale, all drawn from the plan's volume seed."""
+        tissue weights ``(5,)``, the noise seed, the head and image scale, all drawn from the plan's volume seed
+        (a rescan's noise, residual pose and bias from its acquisition seed)."""
         rng = np.random.default_rng(plan.volume_seed)
         cfg, scanner = self.cfg, plan.scanner
         grid, noise_seed, head, image_scale = self._where(plan, rng)  # grid (d, h, w, 3)
+        bias_rng = rng if plan.acquisition_seed is None else np.random.default_rng([noise_seed, 2])
         bias_sd = scanner.bias_sd * (cfg.pipeline.bias_residual if cfg.pipeline.name == "t1-linear" else 1.0)
-        bias = log_bias_field(self.out_lattice, bias_sd, cfg.scanner.bias_control_spacing_mm, rng)
+        bias = log_bias_field(self.out_lattice, bias_sd, cfg.scanner.bias_control_spacing_mm, bias_rng)
         coarse = torch.cat([grid.permute(3, 0, 1, 2), bias[None]])  # (4, d, h, w)
         return coarse, source_weights(np.asarray(scanner.means), plan.effects), noise_seed, head, image_scale
 
@@ -114,7 +118,9 @@ class Generator:
         ``t1-linear`` the background (outside the brain) is zero, as a skull-stripping pipeline's brain mask leaves
         it (otherwise the noise floor enters every z-scoring and shifts each site's brain intensities)."""
         scanner = plan.scanner
-        brain = image > 1e-3 if self.cfg.pipeline.name == "t1-linear" else None
+        cfg = self.cfg
+        brain = brain_mask(image, cfg.pipeline, cfg.spacing, noise_seed) if cfg.pipeline.name == "t1-linear" else None
+        image = k_space_artefacts(image, scanner, cfg.spacing)  # ringing, motion ghosts (when the scanner has them)
         noise_gen = torch.Generator(image.device).manual_seed(noise_seed)
         image = acquire(image, self.cfg.spacing, scanner.resolution_mm, scanner.noise_sd, scanner.rician, noise_gen)
         image = image.clamp_(0.0, 1.0).pow_(scanner.gamma)
@@ -174,7 +180,7 @@ class Generator:
         src = self.anatomy.source
         thinned = (
             plan.effects.cortical_thinning * src[3]
-            + min(plan.effects.temporal_thinning, 1 - plan.effects.cortical_thinning) * src[4]
+            + min(plan.effects.pattern_thinning, 1 - plan.effects.cortical_thinning) * src[4]
         )
         csf, gm, wm = src[0] + thinned, src[1] - thinned, src[2]
         # argmax over (csf, gm, wm), first wins ties; elementwise: argmax(0) over channels is ~10x slower on CPU

@@ -11,7 +11,9 @@ regions are built from simple shapes in MNI space (RAS+, mm) intersected with th
 - caudate: ellipsoids at (±13, 10, 10), semi-axes (5, 11, 9) mm, grey matter > 0.35, outside the ventricles;
 - midbrain (with the substantia nigra): an ellipsoid at (0, -26, -10), semi-axes (13, 11, 8) mm, brain tissue;
 - temporal lobes (a weight for AD's extra cortical thinning, not a label): smooth ellipsoids at (±45, -18,
-  -20), semi-axes (22, 42, 20) mm.
+  -20), semi-axes (22, 42, 20) mm;
+- parietal and occipital lobes (the weight of posterior-predominant AD's thinning): smooth ellipsoids at
+  (±28, -70, 28), semi-axes (28, 32, 38) mm.
 
 The coordinates follow the usual MNI positions of these structures (e.g. the Harvard-Oxford subcortical
 atlas); they are an approximation good enough for volume effects, not a segmentation.
@@ -71,13 +73,24 @@ def _capsule(axes: Grid, a: tuple[float, ...], b: tuple[float, ...], radius: flo
     return out
 
 
-def temporal_weight(axes: Grid) -> np.ndarray:
-    """Smooth weight (X, Y, Z) in [0, 1]: 1 in the temporal lobes, falling off over ~1 semi-axis."""
+def _lobe_weight(axes: Grid, centre: tuple[float, float, float], semi: tuple[float, float, float]) -> np.ndarray:
+    # 1 inside the ellipsoid pair (mirrored at x = 0), falling off over ~1 semi-axis outside
     w = np.zeros(tuple(len(ax) for ax in axes), np.float32)
     for sx in (-1, 1):
-        r2 = _ellipsoid(axes, (45.0 * sx, -18.0, -20.0), (22.0, 42.0, 20.0))
+        r2 = _ellipsoid(axes, (centre[0] * sx, centre[1], centre[2]), semi)
         w = np.maximum(w, np.exp(-np.maximum(r2 - 1.0, 0.0) * 2.0).astype(np.float32))
     return w
+
+
+def temporal_weight(axes: Grid) -> np.ndarray:
+    """Smooth weight (X, Y, Z) in [0, 1]: 1 in the temporal lobes, falling off over ~1 semi-axis."""
+    return _lobe_weight(axes, (45.0, -18.0, -20.0), (22.0, 42.0, 20.0))
+
+
+def posterior_weight(axes: Grid) -> np.ndarray:
+    """Smooth weight (X, Y, Z) in [0, 1]: 1 in the parietal and occipital lobes (posterior cortical atrophy's
+    territory), falling off over ~1 semi-axis."""
+    return _lobe_weight(axes, (28.0, -70.0, 28.0), (28.0, 32.0, 38.0))
 
 
 def build_regions(axes: Grid, csf: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:

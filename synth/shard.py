@@ -2,9 +2,10 @@
 
 Shard ``K/N`` (K = 1 .. N) makes subjects ``(K-1)·n//N .. K·n//N - 1`` into the same folder as every other
 shard and writes ``manifest.shard-K-of-N.csv`` and, beside it, the settings it was made with
-(``manifest.shard-K-of-N.json``: ``n``, job, full config); ``merge`` checks that all N shard manifests are
-there, were made with one set of settings (each other's and the folder's ``synth.yaml``) and cover
-``0 .. n-1`` once, and joins them into ``manifest.csv``. A subject's volume depends only on (seed,
+(``manifest.shard-K-of-N.json``: ``n``, job with its renderings per subject, full config); ``merge`` checks
+that all N shard manifests are there, were made with one set of settings (each other's and the folder's
+``synth.yaml``) and cover ``0 .. n-1`` once (each subject's renderings in order), and joins them into
+``manifest.csv``. A subject's volume depends only on (seed,
 index), and each shard's rows are formatted as the unsharded run formats them, so the union of the shards is
 byte-identical to ``python -m synth`` without ``--shard`` (tested).
 """
@@ -168,7 +169,9 @@ def merge(out: str | Path) -> Path:
             out, f"shards {', '.join(f'{k}/{count}' for k in missing)} have not finished (no manifest); run them"
         )
     settings = _check_settings(out, count)
-    header, lines, indices = None, [], []
+    job = settings.get("job")
+    renderings = int(job.get("renderings", 1)) if isinstance(job, dict) else 1
+    header, lines, volumes = None, [], []
     for k in range(1, count + 1):
         path = shards[k]
         text = path.read_text()
@@ -180,20 +183,25 @@ def merge(out: str | Path) -> Path:
         lines.append(body)
         try:
             rows = pd.read_csv(path)
-            indices += rows["index"].tolist()
+            rendering = rows["rendering"].tolist() if "rendering" in rows else [0] * len(rows)  # older: 1 each
+            volumes += list(zip(rows["index"].tolist(), rendering))
         except (ValueError, KeyError) as e:  # pandas' parser errors are ValueErrors
             problem = f"is not a shard manifest ({type(e).__name__}: {e}); rerun shard {k}/{count}"
             raise DataError(path, problem) from None
         _check_rows(path, rows, settings)
-    n = len(indices)
-    if indices != list(range(n)):
-        raise DataError(out, f"the shard manifests do not cover subjects 0 .. {n - 1} once each, in order")
+    n = len(volumes) // renderings
+    if volumes != [(i, r) for i in range(n) for r in range(renderings)]:
+        raise DataError(
+            out,
+            f"the shard manifests do not cover subjects 0 .. {n - 1} once each ({renderings} rendering(s) each), "
+            "in order",
+        )
     for k in range(1, count + 1):  # each shard holds exactly its range of n: no shard was run with another --n
         rows = sum(1 for line in lines[k - 1].splitlines() if line)
-        if rows != len(Shard(k, count).indices(n)):
+        if rows != renderings * len(Shard(k, count).indices(n)):
             raise DataError(
                 shards[k],
-                f"holds {rows} subjects, shard {k}/{count} of {n} should hold "
+                f"holds {rows // renderings} subjects, shard {k}/{count} of {n} should hold "
                 f"{len(Shard(k, count).indices(n))}; was it run with another --n?",
             )
     manifest = out / "manifest.csv"

@@ -1,9 +1,12 @@
 """Who a synthetic subject is — covariates, atrophy, scanner — as a pure function of (seed, index).
 
 A subject's randomness comes from ``numpy.random.SeedSequence(seed, spawn_key=key)`` with a key naming the
-source (cohort/corpus subject ``(0, index)``, site ``(1, site)``), split into independent children for
-covariates, effects, scanner and volume. So the same seed and index give the same subject whatever the number
-of workers or the order of generation, and a plan can be rebuilt without making the volume.
+source (cohort/corpus subject ``(0, index)``, site ``(1, site)``, rendering ``(2, index, r)``), split into
+independent children for covariates, effects, scanner and volume. So the same seed and index give the same subject
+whatever the number of workers or the order of generation, and a plan can be rebuilt without making the volume.
+
+A subject can be scanned again: ``rendering(cfg, plan, r)`` is the same anatomy (pose, shape, atrophy) on another
+scanner, with its own noise, residual registration pose and bias field; rendering 0 is the plan itself.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from synth.atrophy import Effects, sample_effects
 from synth.config import TASKS, SynthConfig
 from synth.scanner import ScannerProfile, jitter_for_subject, sample_site
 
-SUBJECT_KEY, SITE_KEY = 0, 1
+SUBJECT_KEY, SITE_KEY, RENDERING_KEY = 0, 1, 2
 DIAGNOSES = {"ad": ("CN", "AD"), "pd": ("HC", "PD"), "brain_age": ("CN",)}
 
 
@@ -35,12 +38,17 @@ class SubjectPlan:
     effects: Effects
     scanner: ScannerProfile
     volume_seed: np.random.SeedSequence  # drives pose, deformation, bias and noise
+    rendering: int = 0  # which scan of the subject (``rendering``): 0 is the plan's own
+    # renderings >= 1: drives the noise, the residual registration pose and the bias; None: the volume seed does
+    acquisition_seed: np.random.SeedSequence | None = None
 
     def row(self) -> dict[str, object]:
-        """The manifest columns this plan decides (paths and measured volumes are added by the writer)."""
+        """The manifest columns this plan decides (paths and measured volumes are added by the writer); each
+        rendering is a session of its own (another visit, another scanner)."""
         return {
             "subject_id": self.subject_id,
-            "session_id": "ses-1",
+            "session_id": f"ses-{self.rendering + 1}",
+            "rendering": self.rendering,
             "site": self.site,
             "age": round(self.age, 2),
             "sex": self.sex,
@@ -101,6 +109,21 @@ def twin(cfg: SynthConfig, plan: SubjectPlan, diagnosis: str) -> SubjectPlan:
     eff = np.random.SeedSequence(plan.seed, spawn_key=(SUBJECT_KEY, plan.index)).spawn(4)[1]  # as in _plan
     effects = sample_effects(cfg.atrophy, plan.age, diagnosis, np.random.default_rng(eff))
     return replace(plan, diagnosis=diagnosis, effects=effects)
+
+
+def rendering(cfg: SynthConfig, plan: SubjectPlan, r: int) -> SubjectPlan:
+    """Scan ``r`` of ``plan``'s subject: the same anatomy (pose, random deformation, atrophy: the volume seed's
+    draws) on a scanner of its own (site ``synth``: drawn from ``(seed, index, r)``, jittered for the subject),
+    with its own noise, residual registration pose and bias field, as when one person is scanned twice and each
+    scan is registered on its own. ``r = 0`` is ``plan`` itself, voxel for voxel; ``plan`` must be rendering 0."""
+    if r < 0 or plan.rendering != 0:
+        raise ValueError(f"rendering() takes a rendering-0 plan and r >= 0, got rendering {plan.rendering}, r {r}")
+    if r == 0:
+        return plan
+    scan, acquisition = np.random.SeedSequence(plan.seed, spawn_key=(RENDERING_KEY, plan.index, r)).spawn(2)
+    scan_rng = np.random.default_rng(scan)
+    scanner = jitter_for_subject(sample_site(cfg, cfg.contrast, scan_rng), cfg, scan_rng)
+    return replace(plan, site="synth", scanner=scanner, rendering=r, acquisition_seed=acquisition)
 
 
 def corpus_plan(cfg: SynthConfig, seed: int, index: int) -> SubjectPlan:

@@ -2,8 +2,9 @@
 they live (``python -m synth calibrate`` checks the generator against them; docs/synth.md shows them).
 
 Volumes are fractions of intracranial volume (ICV = every label but background), measured on label maps; ``old``
-is > 75 y and ``young`` < 35 y in the brain-age cohort; AD effects compare the AD cohort's two groups; PD's d
-compares each PD subject with itself as HC (a twin), over the HC group's sd.
+is > 75 y and ``young`` < 35 y in the brain-age cohort; AD effects compare the AD cohort's two groups (ratios of
+means, and Cohen's d over the pooled sd, which also checks how much subjects vary); PD's d compares each PD subject
+with itself as HC (a twin), over the HC group's sd.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ TARGETS = (
         1.15,
         1.5,
         "Nestor et al., Brain 2008 (ADNI ventricular enlargement); Apostolova et al., Alz Dis Assoc Disord 2012",
+    ),
+    Target(
+        "ad_hippocampus_d",
+        "hippocampi / ICV, AD vs CN Cohen's d (cohort: between-subject spread)",
+        -1.5,
+        -1.0,
+        "issue #28's range for real cohorts (hippocampal volume alone: ROC-AUC ~0.76-0.86 for equal-variance "
+        "normals); Cuingnet et al., NeuroImage 2011 (ADNI: hippocampus-based classifiers below the whole-brain ones' "
+        "81 % sensitivity / 95 % specificity); manual volumetry of small samples separates better (Laakso et al., "
+        "Neurobiol Aging 1998: 92 % correct); our reading, not a published d",
     ),
     Target(
         "pd_max_abs_d",

@@ -93,6 +93,25 @@ def test_pd_d_divides_the_twin_differences_by_the_hc_groups_sd():
     assert measure(cohorts)["pd_d_midbrain"] == pytest.approx(-1.5 / 2)  # ICV 1000 mL for all: fractions scale alike
 
 
+def test_ad_d_is_the_group_difference_over_the_pooled_sd():
+    # CN hippocampus 8, 10 mL (var 2), AD 5, 9 (var 8): pooled sd sqrt((2 + 8) / 2) = sqrt(5); ICV 1000 mL for all
+    cohorts = _cohorts()
+    cohorts["ad"] = with_icv(
+        pd.DataFrame(
+            [
+                _subject(70, diagnosis="CN", hippocampus=8),
+                _subject(70, diagnosis="CN", hippocampus=10),
+                _subject(70, diagnosis="AD", hippocampus=5),
+                _subject(70, diagnosis="AD", hippocampus=9),
+            ]
+        )
+    )
+    m = measure(cohorts)
+    assert m["ad_hippocampus_d"] == pytest.approx((7 - 9) / np.sqrt(5))
+    assert np.isnan(m["ad_ventricle_d"])  # no spread in either group: d undefined
+    assert "lateral ventricles / ICV (cohort, no target): +nan" in table(m)[0]
+
+
 def test_table_marks_failures():
     m = measure(_cohorts())
     text, ok = table(m)

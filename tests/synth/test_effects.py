@@ -35,14 +35,14 @@ def _as(plan, cfg, age=None, diagnosis=None):
 
 
 def test_effect_sizes_grow_with_age_and_disease():
-    cfg = AtrophyConfig(individual_sd=0.0)
+    cfg = AtrophyConfig(individual_sd=0.0, hippocampus_sd_mm=0.0, pattern_sd=0.0)  # covariates only, no own spread
     rng = np.random.default_rng(0)
     young, old = sample_effects(cfg, 25, "CN", rng), sample_effects(cfg, 85, "CN", rng)
     ad, pd = sample_effects(cfg, 85, "AD", rng), sample_effects(cfg, 85, "PD", rng)
     assert old.ventricle_mm > young.ventricle_mm and old.hippocampus_mm > young.hippocampus_mm
     assert old.cortical_thinning > young.cortical_thinning
     assert ad.hippocampus_mm > old.hippocampus_mm and ad.ventricle_mm > old.ventricle_mm
-    assert ad.temporal_thinning > 0 and old.temporal_thinning == 0
+    assert ad.pattern_thinning > 0 and old.pattern_thinning == 0
     assert pd.midbrain_mm > 0 and pd.putamen_mm > 0 and ad.midbrain_mm == 0
 
 
