@@ -31,6 +31,7 @@ from common.io import atomic_write
 from common.models import create_backbone
 from pretrain.config import PretrainConfig, validate
 from pretrain.corpora import CORPORA, CorpusStream, build_source, make_loader, require_covariates, synthmri_device
+from pretrain.corpora.weak_labels import WeakLabels
 from pretrain.engine import Engine, add_launcher_arguments, build_ds_config, init_distributed
 from pretrain.objectives import build_objective
 from pretrain.precision import run_precision
@@ -107,6 +108,7 @@ def loaders(cfg, source, objective, engine: Engine, rank: int, world: int) -> Ca
             views,
             cfg.data.batch_size,
             covariates=objective.needs_covariates,
+            labels=WeakLabels.from_config(cfg),
             **position.stream_kwargs(),
         )
         return make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)

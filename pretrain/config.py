@@ -18,6 +18,7 @@ from pretrain.corpora import CORPORA
 from pretrain.corpora.video import VIDEO_READERS
 from pretrain.objectives import OBJECTIVES
 from pretrain.objectives.mae import MASKINGS
+from pretrain.views import VIEWS, rescan_views
 
 
 @dataclass
@@ -104,6 +105,10 @@ class ContrastiveConfig:
     momentum: float = 0.99  # MoCo v3: momentum encoder EMA at step 0, raised to 1 by a cosine over training
     queue_size: int = 0  # SimCLR / MoCo: past embeddings kept as extra negatives (small batches); 0: none
     sigma: float = 5.0  # yaware: bandwidth of the RBF kernel on age, in years (Dufumier et al. 2021)
+    # weak labels for the objective's covariates (yaware's age), fixed per subject: how much of the gain is the label
+    label_noise_sd: float = 0.0  # each subject's label is its covariate + N(0, sd²), in the covariate's units (years)
+    label_fraction: float = 1.0  # share of subjects with a label; the others have none (SimCLR's term only)
+    views: str = "augment"  # augment: one volume twice; rescan: two renderings of a subject by two scanners (synth)
     # views for registered brains: the two views of a subject must share enough that it can be told apart from
     # the others (measured: SimCLR at batch 4 stayed at chance with 0.4-1.0 crops, 3-axis flips and p=0.8
     # intensity changes; docs/pretrain.md)
@@ -117,10 +122,18 @@ class ContrastiveConfig:
 
 
 @dataclass
+class HybridConfig:
+    # mae_contrastive: loss = MAE + weight × NT-Xent. Not tuned: 0.5 puts NT-Xent near chance (ln 31 = 3.4 at batch
+    # 16) at ~1.7 against norm-pix MSE's ~1.3, yet its encoder gradient was 11-43× MAE's (docs/pretrain.md)
+    contrastive_weight: float = 0.5
+
+
+@dataclass
 class ObjectiveConfig:
-    name: str = "mae"  # a name in pretrain.objectives.OBJECTIVES (mae, simclr, moco, yaware)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    name: str = "mae"  # a name in pretrain.objectives.OBJECTIVES (mae, mae_contrastive, simclr, moco, yaware)
+    mae: MAEConfig = field(default_factory=MAEConfig)  # mae, mae_contrastive
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # simclr, moco, yaware, mae_contrastive
+    hybrid: HybridConfig = field(default_factory=HybridConfig)  # mae_contrastive
 
 
 @dataclass
@@ -166,6 +179,7 @@ def validate(cfg: PretrainConfig) -> None:
         "model.attn_backend": (cfg.model.attn_backend, BACKENDS),
         "train.precision": (cfg.train.precision, PRECISIONS),
         "data.synthmri.device": (cfg.data.synthmri.device, DEVICES),
+        "objective.contrastive.views": (cfg.objective.contrastive.views, VIEWS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -196,6 +210,25 @@ def validate(cfg: PretrainConfig) -> None:
         )
     if any(int(a) not in (0, 1, 2) for a in con.flip_axes):
         raise ConfigError(f"objective.contrastive.flip_axes must name axes 0, 1, 2, got {list(con.flip_axes)}")
+    if rescan_views(cfg) and not CORPORA[cfg.corpus].rescans:
+        raise ConfigError(
+            f"objective.contrastive.views=rescan needs two renderings of each subject, which corpus {cfg.corpus} "
+            "has not; use corpus synthmri (on the fly, or a folder made by `python -m synth generate --renderings 2`)"
+        )
+    if not (con.label_noise_sd >= 0 and 0 <= con.label_fraction <= 1):
+        raise ConfigError(
+            "objective.contrastive.label_noise_sd must be >= 0 and label_fraction in [0, 1], got "
+            f"{con.label_noise_sd} and {con.label_fraction}"
+        )
+    if (con.label_noise_sd or con.label_fraction < 1) and not OBJECTIVES[cfg.objective.name].cls.needs_covariates:
+        raise ConfigError(
+            f"objective.contrastive.label_noise_sd / label_fraction weaken the covariates an objective learns from, "
+            f"but objective {cfg.objective.name} uses none; use yaware"
+        )
+    if not cfg.objective.hybrid.contrastive_weight >= 0:
+        raise ConfigError(
+            f"objective.hybrid.contrastive_weight must be >= 0, got {cfg.objective.hybrid.contrastive_weight}"
+        )
     check_covariates(cfg)
 
 

@@ -32,6 +32,8 @@ from common.io import file_hash
 from pretrain.corpora.medical import find_nifti
 from pretrain.corpora.mixed import mixture_weights
 from pretrain.corpora.synthmri import synth_config
+from pretrain.corpora.weak_labels import WeakLabels
+from pretrain.objectives import OBJECTIVES
 from synth.dataset import GeneratedDirectory
 
 # What each corpus feeds the model, as the nearest of common's intensity modes and in words: synthmri and video
@@ -48,8 +50,10 @@ def export_metadata(cfg) -> dict:
     """Provenance recorded with the exported encoder (``arch`` and the package version are added on export).
     ``sources`` holds each corpus the run drew from with its weight and real preprocessing; ``intensity`` and
     ``crop_foreground`` are their shared setting, or ``"mixed"`` / None when a mixed corpus combines different
-    ones; ``training_data`` says what each source's data was."""
+    ones; ``training_data`` says what each source's data was, and with which labels (weak labels) where the
+    objective learnt from covariates."""
     d = cfg.data
+    needs = OBJECTIVES[cfg.objective.name].cls.needs_covariates
     weights = mixture_weights(d.mixed) if cfg.corpus == "mixed" else {cfg.corpus: 1.0}
     sources, data, hashed = {}, {}, None
     for name, weight in weights.items():
@@ -72,6 +76,8 @@ def export_metadata(cfg) -> dict:
         else:
             mode, how = SOURCE_SCALING[name]
             data[name] = _synthmri_summary(cfg) if name == "synthmri" else {"video_paths": len(d.video.paths)}
+        if needs:
+            data[name]["labels"] = WeakLabels.from_config(cfg).describe(needs)
         sources[name] = {"weight": weight, "intensity": mode, "crop_foreground": crop, "preprocessing": how}
         if mode == "percentile" and percentiles is not None:
             sources[name]["percentiles"] = percentiles

@@ -1,8 +1,10 @@
-"""Two random 3D views of a volume for the contrastive objectives, built from MONAI transforms.
+"""Two random 3D views of a subject for the contrastive objectives, built from MONAI transforms.
 
 SimCLR's recipe moved to 3D MRI: random resized crop, flips, affine, intensity (contrast, scale, shift),
 noise, blur and an MRI bias field. Each view is seeded from the item's generator, so a resumed stream repeats
-it.
+it. ``objective.contrastive.views`` says what the two views start from: ``augment``, one volume twice;
+``rescan``, two renderings of one subject by two scanners (synth's, ``Source.pair``): a positive pair that shares
+the anatomy and differs in everything a scanner decides, before any augmentation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from monai.transforms import (
 )
 
 from common.errors import ConfigError
+from pretrain.objectives import OBJECTIVES
+
+VIEWS = ("augment", "rescan")  # objective.contrastive.views
+
+
+def rescan_views(cfg) -> bool:
+    """Whether the run's (``PretrainConfig``) objective takes views, made from two renderings of a subject."""
+    return cfg.objective.contrastive.views == "rescan" and OBJECTIVES[cfg.objective.name].cls.needs_views
 
 
 def build_view_transform(cfg, input_size: Sequence[int]) -> Compose:
@@ -58,14 +68,19 @@ def build_view_transform(cfg, input_size: Sequence[int]) -> Compose:
 
 
 class TwoViews:
-    """``(volume, rng) -> {"view1", "view2"}``: two independent draws of the view pipeline."""
+    """``(volume, rng) -> {"view1", "view2"}``: two independent draws of the view pipeline, of one volume or,
+    given two (a subject's renderings, when ``rescan``), one of each."""
 
     def __init__(self, cfg, input_size: Sequence[int]):
         self.transform = build_view_transform(cfg, input_size)
+        self.rescan = cfg.views == "rescan"  # the stream hands two renderings of a subject (Source.pair)
 
-    def __call__(self, volume: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, volume: torch.Tensor | tuple[torch.Tensor, torch.Tensor], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        volumes = volume if isinstance(volume, tuple) else (volume, volume)
         views = {}
-        for key in ("view1", "view2"):
+        for key, source in zip(("view1", "view2"), volumes):
             self.transform.set_random_state(seed=int(rng.integers(2**31)))
-            views[key] = torch.as_tensor(self.transform(volume)).contiguous()
+            views[key] = torch.as_tensor(self.transform(source)).contiguous()
         return views

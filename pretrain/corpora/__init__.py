@@ -19,22 +19,26 @@ from pretrain.corpora.stream import CorpusStream, Source, StreamPosition, make_l
 from pretrain.corpora.synthmri import SynthMRISource
 from pretrain.corpora.video import VideoSource
 from pretrain.registry import Registry
+from pretrain.views import rescan_views
 
 
 @dataclass(frozen=True)
 class RegisteredCorpus:
     build: Callable[[Any], Source]  # the run config -> the corpus's items
     covariates: tuple[str, ...] = ()  # per-item covariates its batches can carry (an objective's needs_covariates)
+    rescans: bool = False  # it can give two renderings of one subject (Source.pair): objective.contrastive.views=rescan
     description: str | None = None  # how the exported model card words it; None: by its name
 
 
 CORPORA: Registry[RegisteredCorpus] = Registry("corpus", RegisteredCorpus)
 
 
-@CORPORA.register("synthmri", covariates=("age",), description="synthetic brain MRI (synth/, generated on the fly)")
+@CORPORA.register(
+    "synthmri", covariates=("age",), rescans=True, description="synthetic brain MRI (synth/, generated on the fly)"
+)
 def _synthmri(cfg) -> SynthMRISource:
     d = cfg.data
-    return SynthMRISource(d.synthmri, d.shape, d.spacing, cfg.train.seed)
+    return SynthMRISource(d.synthmri, d.shape, d.spacing, cfg.train.seed, rescan=rescan_views(cfg))
 
 
 # age only from a manifest with the column (a folder of NIfTI files has none; pretrain.config.check_covariates)

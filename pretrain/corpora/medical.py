@@ -103,6 +103,13 @@ class MedicalSource:
             raise DataError(self.files[row], f"{self.manifest}: {name} {self.table[name].iloc[row]!r} is not a number")
         return float(value)
 
+    def subject(self, position: int) -> str:
+        """Whose image the item is: the manifest's ``subject_id`` (one label for all of a subject's sessions), or
+        the file's path where the row has none."""
+        row = file_at(position, len(self.files), self.seed)
+        subject = self.table["subject_id"].iloc[row] if self.table is not None and "subject_id" in self.table else None
+        return str(subject) if pd.notna(subject) else str(self.files[row])
+
     def item(self, position: int, rng: np.random.Generator) -> torch.Tensor:
         path = self.files[file_at(position, len(self.files), self.seed)]
         volume = self.preprocess({"image": str(path)})["image"]  # (1, *crop_from); DataError if unreadable

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -21,13 +20,19 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from common.data.stream_order import batch_positions, worker_batches
 from common.errors import DataError
+from pretrain.corpora.weak_labels import WeakLabels
+
+if TYPE_CHECKING:
+    from pretrain.views import TwoViews
 
 log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
     """A corpus: ``item(position, rng)`` returns a ``(1, D, H, W)`` float32 tensor or raises ``DataError``;
-    corpora with covariates (``covariates`` in ``pretrain.corpora.CORPORA``) also have ``covariate(position, name)``."""
+    corpora with covariates (``covariates`` in ``pretrain.corpora.CORPORA``) also have ``covariate(position, name)``
+    and ``subject(position)``, whose item it is (weak labels are fixed per subject); corpora registered with
+    ``rescans`` also have ``pair(position, rng)``: two volumes of the item's subject (two renderings, rescan views)."""
 
     name: str
 
@@ -45,12 +50,15 @@ def file_at(position: int, n: int, seed: int) -> int:
     return int(_epoch_permutation(n, seed, epoch)[offset])
 
 
+EXACT_LABELS = WeakLabels()  # every subject's covariates as the corpus has them
 FALLBACK_STRIDE = 2**40  # attempt a of a bad item reads position + a * stride: far beyond any real position
 
 
 class CorpusStream(IterableDataset):
-    """Endless batches ``{"image": (B, 1, D, H, W)}`` (or the ``views`` of each volume) from ``source``, from
-    batch ``start`` on, with each of ``covariates`` as a (B,) float32 tensor (an objective's ``needs_covariates``).
+    """Endless batches ``{"image": (B, 1, D, H, W)}`` (or the ``views`` of each item: of its volume, or of its
+    subject's two renderings when ``views.rescan``) from ``source``, from batch ``start`` on, with each of
+    ``covariates`` as a (B,) float32 tensor (an objective's ``needs_covariates``), as the subject's ``labels``
+    (exact by default; NaN where a weakly labelled subject has none).
 
     An unreadable or too-short item is replaced by the item at a fallback position (``position + a *
     FALLBACK_STRIDE`` for attempt ``a``), so batches stay deterministic; skipped items are counted (``_skipped``),
@@ -64,11 +72,12 @@ class CorpusStream(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        views: Callable[[torch.Tensor, np.random.Generator], dict[str, torch.Tensor]] | None = None,
+        views: TwoViews | None = None,
         batch_size: int = 1,
         start: int = 0,
         max_consecutive_bad: int = 64,
         covariates: tuple[str, ...] = (),
+        labels: WeakLabels = EXACT_LABELS,
     ):
         super().__init__()
         self.source = source
@@ -76,10 +85,12 @@ class CorpusStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.views = views
+        self.rescan = views is not None and views.rescan  # items are two renderings of a subject (source.pair)
         self.batch_size = batch_size
         self.start = start
         self.max_consecutive_bad = max_consecutive_bad
         self.covariates = tuple(covariates)
+        self.labels = labels
         self._consecutive = 0  # bad items in a row, in this worker
 
     def __iter__(self):
@@ -96,8 +107,10 @@ class CorpusStream(IterableDataset):
             at = position + attempt * FALLBACK_STRIDE
             rng = np.random.default_rng([self.seed, at])
             try:
-                volume = self.source.item(at, rng)
+                volume = self.source.pair(at, rng) if self.rescan else self.source.item(at, rng)
                 values = {name: self.source.covariate(at, name) for name in self.covariates}
+                if values and not self.labels.exact:
+                    values = self.labels.apply(values, self.source.subject(at))
             except DataError as e:
                 self._consecutive += 1
                 log.warning("corpus %s: skipped item %d (rank %d): %s", self.source.name, at, self.rank, e)

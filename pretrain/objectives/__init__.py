@@ -1,4 +1,5 @@
-"""Self-supervised objectives: MAE (ViTs), SimCLR, MoCo v3 and y-aware contrastive (ViTs and CNNs).
+"""Self-supervised objectives: MAE and MAE + contrastive (ViTs), SimCLR, MoCo v3 and y-aware contrastive (ViTs and
+CNNs).
 
 Each is an ``Objective`` (``base.py``): an ``nn.Module`` holding the backbone as ``encoder`` (what gets exported)
 whose ``forward(batch)`` returns a dict with ``"loss"``, and that declares what it needs (``needs_views``,
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from pretrain.objectives.base import Objective
 from pretrain.objectives.mae import MaskedAutoencoder
+from pretrain.objectives.mae_contrastive import ContrastiveMaskedAutoencoder
 from pretrain.objectives.moco import MoCoV3
 from pretrain.objectives.simclr import SimCLR
 from pretrain.objectives.yaware import YAwareContrastive
@@ -59,6 +61,28 @@ def _yaware(cfg, encoder: nn.Module) -> YAwareContrastive:
     return YAwareContrastive(encoder, c.proj_hidden, c.proj_dim, c.temperature, c.sigma)
 
 
+@OBJECTIVES.register(
+    "mae_contrastive",
+    cls=ContrastiveMaskedAutoencoder,
+    description="masked autoencoding with a contrastive term (MAE + NT-Xent, as CAN)",
+)
+def _mae_contrastive(cfg, encoder: nn.Module) -> ContrastiveMaskedAutoencoder:
+    m, c = cfg.mae, cfg.contrastive
+    return ContrastiveMaskedAutoencoder(
+        encoder,
+        m.mask_ratio,
+        m.masking,
+        m.norm_pix_loss,
+        m.decoder_dim,
+        m.decoder_depth,
+        m.decoder_heads,
+        c.proj_hidden,
+        c.proj_dim,
+        c.temperature,
+        cfg.hybrid.contrastive_weight,
+    )
+
+
 def build_objective(cfg, encoder: nn.Module) -> Objective:
     """The objective ``cfg.name`` (an ``ObjectiveConfig``) around ``encoder``."""
     return OBJECTIVES[cfg.name].build(cfg, encoder)
@@ -66,6 +90,7 @@ def build_objective(cfg, encoder: nn.Module) -> Objective:
 
 __all__ = [
     "OBJECTIVES",
+    "ContrastiveMaskedAutoencoder",
     "MaskedAutoencoder",
     "MoCoV3",
     "Objective",

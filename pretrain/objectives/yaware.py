@@ -7,7 +7,9 @@ InfoNCE in which every other view j of the global batch is a positive of anchor 
     L_i = -Σ_{j ≠ i} w_ij / Σ_{k ≠ i} w_ik · log( exp(s_ij / T) / Σ_{k ≠ i} exp(s_ik / T) )
 
 The two views of one subject have equal y, so σ → 0 gives SimCLR's NT-Xent (distinct ages). Backbone and
-projection head as in SimCLR; the covariate comes with the batch (``needs_covariates``).
+projection head as in SimCLR; the covariate comes with the batch (``needs_covariates``). A subject without a label
+(y NaN: weak labels, ``pretrain/corpora/weak_labels.py``) has its own other view as its only positive, SimCLR's
+term, and is no labelled anchor's positive: with no label in the batch the loss is NT-Xent.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ def kernel_weights(y_anchor: torch.Tensor, y_all: torch.Tensor, sigma: float) ->
 
 
 def yaware_nce(z1: torch.Tensor, z2: torch.Tensor, y: torch.Tensor, temperature: float, sigma: float) -> torch.Tensor:
-    """The y-aware InfoNCE of paired embeddings z1, z2 (B, d) with covariate y (B,), over the global batch.
-    Chance level (all similarities equal): ln(2WB − 1), as NT-Xent's."""
-    logits, self_idx, _ = batch_logits(z1, z2, temperature)  # (2B, 2WB), own column at -inf
+    """The y-aware InfoNCE of paired embeddings z1, z2 (B, d) with covariate y (B,; NaN: no label), over the
+    global batch. Chance level (all similarities equal): ln(2WB − 1), as NT-Xent's."""
+    logits, self_idx, positive = batch_logits(z1, z2, temperature)  # (2B, 2WB), own column at -inf
     y_all, _ = gather_no_grad(y.float().reshape(-1, 1))  # (W*B, 1)
     y_all = y_all.reshape(-1)
-    weights = kernel_weights(torch.cat([y, y]), torch.cat([y_all, y_all]), sigma)  # (2B, 2WB)
+    weights = kernel_weights(torch.cat([y, y]), torch.cat([y_all, y_all]), sigma)  # (2B, 2WB), NaN: unlabelled
+    # a pair with an unlabelled side weighs 0; a view's own other view always 1 (SimCLR's positive)
+    weights = weights.nan_to_num(0.0).masked_fill(F.one_hot(positive, logits.shape[1]).bool(), 1.0)
     own = F.one_hot(self_idx, logits.shape[1]).bool()
     weights = weights.masked_fill(own, 0.0)
     weights = weights / weights.sum(dim=1, keepdim=True)  # ≥ the other view's weight 1: never zero
