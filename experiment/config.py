@@ -43,11 +43,13 @@ OWNED = {
 class CohortSpec:
     n: int = 60  # subjects in the labelled cohort
     sites: int = 3  # scanner sites; each gets both classes
+    finetune: bool = True  # false: generated only for the report's oracle ceiling and domain gap, never fine-tuned
 
 
 @dataclass
 class SynthStage:
-    corpus_n: int = 64  # unlabelled pre-training volumes
+    corpus_n: int = 64  # unlabelled pre-training subjects
+    corpus_renderings: int = 1  # scans per corpus subject, each by another scanner (>= 2 for rescan views)
     contrast: str = "t1"  # contrast of the pre-training corpus: t1 | random (contrast-agnostic)
     corpus_backend: str = "anatomy"  # anatomy (MNI152 model) | ldm (sampled from a trained latent diffusion model)
     ldm_model: str | None = None  # for backend ldm: an ldm-train run, its export, or the public bundle's folder
@@ -56,6 +58,8 @@ class SynthStage:
     # YAML, whose mappings merge into the defaults)
     cohorts: dict[str, CohortSpec] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)  # synth config key=value for corpus and cohorts
+    cohort_config: str | None = None  # a synth YAML the cohorts are generated from (null: the corpus's defaults)
+    cohort_overrides: list[str] = field(default_factory=list)  # synth config key=value for the cohorts only
 
 
 @dataclass
@@ -133,12 +137,21 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"in_site_scheme must be one of {IN_SITE_SCHEMES}, not {cfg.in_site_scheme!r}")
     if cfg.synth.corpus_backend not in CORPUS_BACKENDS:
         raise ConfigError(f"synth.corpus_backend must be one of {CORPUS_BACKENDS}, not {cfg.synth.corpus_backend!r}")
+    if cfg.synth.corpus_renderings < 1:
+        raise ConfigError(f"synth.corpus_renderings must be >= 1, got {cfg.synth.corpus_renderings}")
+    if cfg.synth.corpus_backend == "ldm" and cfg.synth.corpus_renderings != 1:
+        raise ConfigError("synth.corpus_renderings: an ldm corpus has one image per subject; set it to 1")
     if cfg.synth.corpus_backend == "ldm" and not cfg.synth.ldm_model:
         raise ConfigError("synth.corpus_backend=ldm needs synth.ldm_model: an ldm-train run or bundle folder")
     if not cfg.synth.cohorts and not cfg.cohorts:
         raise ConfigError(
             "no tasks: list generated cohorts in synth.cohorts, e.g. ad: {n: 120, sites: 3} "
             f"(tasks: {list(TASKS)}), or your own in cohorts, e.g. ad: manifest.csv"
+        )
+    if not finetuned_cohorts(cfg) and not cfg.cohorts:
+        raise ConfigError(
+            f"no task to fine-tune: every cohort of synth.cohorts ({list(cfg.synth.cohorts)}) has finetune: false; "
+            "set finetune: true on one, or list your own in cohorts"
         )
     both = sorted(set(cfg.synth.cohorts) & set(cfg.cohorts))
     if both:
@@ -164,6 +177,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_ood_sites(cfg)
 
 
+def finetuned_cohorts(cfg: ExperimentConfig) -> dict[str, CohortSpec]:
+    """The generated cohorts the grid fine-tunes on (the others are made for the report's oracle and gap only)."""
+    return {task: spec for task, spec in cfg.synth.cohorts.items() if spec.finetune}
+
+
 def _check_fractions(key: str, fractions: list[float]) -> None:
     if not fractions:
         raise ConfigError(f"{key} is empty: list the training fractions, e.g. {key}=[1.0]")
@@ -173,12 +191,11 @@ def _check_fractions(key: str, fractions: list[float]) -> None:
 
 
 def _check_ood_sites(cfg: ExperimentConfig) -> None:
-    """The held-out sites must be sites every generated cohort will have (``site0`` .. ``site{n-1}``), leaving one
-    to train (your cohorts' sites are checked against their manifests by ``experiment.stages``)."""
-    synth = cfg.synth
+    """The held-out sites must be sites every fine-tuned generated cohort will have (``site0`` .. ``site{n-1}``),
+    leaving one to train (your cohorts' sites are checked against their manifests by ``experiment.stages``)."""
     if not cfg.ood_sites:
         raise ConfigError("ood_sites is empty: name the held-out site(s), e.g. [site2], or set ood=false")
-    for task, spec in synth.cohorts.items():
+    for task, spec in finetuned_cohorts(cfg).items():
         sites = [f"site{i}" for i in range(spec.sites)]
         unknown = [s for s in cfg.ood_sites if s not in sites]
         if unknown:

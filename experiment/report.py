@@ -1,5 +1,7 @@
-"""``report.md`` of an experiment: what ran, pre-training losses, in-site and out-of-site tables, the gain of each
-pre-trained init over scratch, learning curves, and what the numbers can and cannot say."""
+"""``report.md`` of an experiment: what ran, pre-training losses, each generated cohort's oracle ceiling and domain
+gap to the corpus, in-site and
+out-of-site tables, the gain of each pre-trained init over scratch, learning curves, which head start the cells
+chose, and what the numbers can and cannot say."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ import pandas as pd
 from common.checkpoint import read_export_metadata
 from common.io import atomic_write_text
 from experiment.config import ExperimentConfig
+from experiment.oracle import ORACLE_FOLDS, ORACLE_SEEDS
 from finetune.gains import markdown as gains_markdown
+from finetune.metrics import with_ci
+from finetune.modes.full import HEAD_STARTS
 from finetune.report import markdown, summarise
+from finetune.run import METRICS_FILE
 
 EXPORT = Path("export") / "encoder.safetensors"  # a pre-training run's encoder, inside its run folder
 
@@ -103,6 +109,114 @@ def _tables(results_csv: Path) -> tuple[pd.DataFrame | None, str]:
     return summary, "\n".join("#" + line if line.startswith("## ") else line for line in lines)
 
 
+def _oracle_md(cfg: ExperimentConfig, oracle: dict[str, dict]) -> list[str]:
+    """Each generated cohort's oracle ceiling (``experiment.oracle``), and what it bounds."""
+    if not oracle:
+        return []
+    lines = [
+        "## Oracle ceiling: what a perfect volumetric pipeline reaches",
+        "",
+        "A linear model on each generated cohort's true regional volumes (its label maps' volumes / ICV; age and sex "
+        "as covariates for a diagnosis): logistic regression or ridge, "
+        f"{ORACLE_FOLDS}-fold stratified CV × {len(ORACLE_SEEDS)} seeds, 95 % bootstrap CI over subjects. It is "
+        "what a segmentation without error followed by the usual volumetric analysis reaches; an image model can "
+        "pass it only by reading what the regional volumes do not hold.",
+        "",
+        "| cohort | fine-tuned | metric | oracle (95 % CI) | subjects |",
+        "|---|---|---|---|---|",
+    ]
+    for task, c in oracle.items():
+        spec = cfg.synth.cohorts.get(task)
+        tuned = "yes" if spec is None or spec.finetune else "no (oracle only)"
+        value = with_ci(c["value"], c["ci_low"], c["ci_high"])
+        lines.append(f"| {task} | {tuned} | {c['metric']} | {value} | {c['n_subjects']} |")
+    if "pd" in oracle:
+        lines += [
+            "",
+            "PD's effect in the generator is a shrinkage of the midbrain and putamen (and slightly larger ventricles), "
+            "which these volumes hold without error: no init is expected to gain above this ceiling "
+            f"({oracle['pd']['metric']} {oracle['pd']['value']:.3f}).",
+        ]
+    return [*lines, ""]
+
+
+def _domain_gap_md(gaps: dict[str, dict]) -> list[str]:
+    """How well classifiers tell the corpus's volumes from each generated cohort's (``synth.gap``)."""
+    if not gaps:
+        return []
+    lines = [
+        "## Domain gap between the pre-training corpus and each cohort",
+        "",
+        "Cross-validated logistic regressions telling the corpus's volumes from the cohort's (`synth.gap`): on "
+        "voxels pooled to 8 mm (anatomy, contrast, artefacts) and on each volume's brain-intensity histogram "
+        "(contrast, noise, artefacts). ROC-AUC 0.5: the two cannot be told apart; 1.0: every volume gives its source "
+        "away. Cohorts of the corpus's own generator need not be at 0.5 either: their ages, diagnoses and scanner "
+        "sites can differ from the corpus's.",
+        "",
+        "| cohort | volumes (corpus / cohort) | voxels ROC-AUC | voxels balanced accuracy | histogram ROC-AUC |",
+        "|---|---|---|---|---|",
+    ]
+    for task, g in gaps.items():
+        lines.append(
+            f"| {task} | {g['n_a']} / {g['n_b']} | {g['voxels']['roc_auc']:.3f} | "
+            f"{g['voxels']['balanced_accuracy']:.3f} | {g['histogram']['roc_auc']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def head_choices(grid_dir: Path) -> pd.DataFrame:
+    """Per task, backbone and init of a grid: how many folds kept each head start (``train.head_init=choose``,
+    ``finetune.modes.full``); empty when no cell chose."""
+    results = grid_dir / "results.csv"
+    if not results.is_file() or results.stat().st_size < 2:
+        return pd.DataFrame()
+    rows = []
+    for _, cell in pd.read_csv(results).iterrows():
+        for fold in json.loads((grid_dir / cell["run_dir"] / METRICS_FILE).read_text())["folds"]:
+            if "head_val_scores" in fold:
+                rows.append({"task": cell["task"], "backbone": cell["backbone"], "init": cell["init"], **fold})
+    if not rows:
+        return pd.DataFrame()
+    counts = pd.crosstab([pd.DataFrame(rows)[k] for k in ("task", "backbone", "init")], pd.DataFrame(rows)["head_init"])
+    return counts.reindex(columns=list(HEAD_STARTS), fill_value=0).reset_index()
+
+
+def _head_choices_md(grid_dirs: dict[str, Path]) -> list[str]:
+    tables = {name: head_choices(path) for name, path in grid_dirs.items()}
+    tables = {name: t for name, t in tables.items() if not t.empty}
+    if not tables:
+        return []
+    lines = [
+        "## Head start chosen on validation subjects",
+        "",
+        "`train.head_init: choose`: every fold was fine-tuned from a random head and from the linear probe's (LP-FT), "
+        "with the same seed, rows and batch order, and the model whose best validation score was higher predicted the "
+        "test subjects. Folds that kept each start:",
+        "",
+        "| grid | task | backbone | init | " + " | ".join(HEAD_STARTS) + " |",
+        "|---|---|---|---|" + "---|" * len(HEAD_STARTS),
+    ]
+    for name, table in tables.items():
+        for _, r in table.iterrows():
+            counts = " | ".join(str(int(r[start])) for start in HEAD_STARTS)
+            lines.append(f"| {name.replace('_', '-')} | {r['task']} | {r['backbone']} | {r['init']} | {counts} |")
+    return [*lines, ""]
+
+
+def _cohort_words(cfg: ExperimentConfig) -> str:
+    s = cfg.synth
+    generated = [
+        f"{t} {c.n} subjects over {c.sites} sites" + ("" if c.finetune else " (oracle only, not fine-tuned)")
+        for t, c in s.cohorts.items()
+    ]
+    source = [f"`{s.cohort_config}`"] if s.cohort_config else []
+    source += [f"`{item}`" for item in s.cohort_overrides]
+    if s.cohorts and source:
+        generated[0] = f"generated from {' + '.join(source)}, not the corpus's generator settings: {generated[0]}"
+    own = [f"{t} from {Path(m).name}" for t, m in cfg.cohorts.items()]
+    return "- Labelled cohorts: " + ", ".join(generated + own)
+
+
 def _in_site_words(cfg: ExperimentConfig) -> str:
     p = cfg.grid.base.protocol
     if cfg.in_site_scheme == "holdout":
@@ -116,9 +230,13 @@ def write_experiment_report(
     timings: dict[str, float],
     pretrain_dirs: dict[str, Path],
     grid_dirs: dict[str, Path],
+    oracle: dict[str, dict] | None = None,
+    domain_gaps: dict[str, dict] | None = None,
 ) -> Path:
     """Write ``out/report.md`` from the config, stage wall times (stage -> seconds), each pre-training run's
-    folder (by pretrain entry name) and the grids' folders (``in_site``, ``out_of_site``)."""
+    folder (by pretrain entry name), the grids' folders (``in_site``, ``out_of_site``), the generated cohorts'
+    oracle ceilings (task -> ``experiment.oracle.oracle_ceiling``) and their domain gaps to the corpus (task ->
+    ``synth.gap.domain_gap``)."""
     s = cfg.synth
     data = cfg.grid.base.data
     total = sum(v for v in timings.values())
@@ -136,18 +254,13 @@ def write_experiment_report(
         f"- Synthetic pre-training corpus: {s.corpus_n} volumes ({s.contrast} contrast) at {cfg.spacing:g} mm."
         if any(p.corpus == "synthmri" for p in cfg.pretrain)
         else "- No synthetic pre-training corpus.",
-        "- Labelled cohorts: "
-        + ", ".join(
-            [f"{t} {c.n} subjects over {c.sites} sites" for t, c in s.cohorts.items()]
-            + [f"{t} from {Path(m).name}" for t, m in cfg.cohorts.items()]
-        )
-        + f"; held-out site(s) for the out-of-site test: {', '.join(cfg.ood_sites)}.",
+        _cohort_words(cfg) + f"; held-out site(s) for the out-of-site test: {', '.join(cfg.ood_sites)}.",
         f"- Video corpus: {cfg.video.count} synthetic clips of moving, deforming shapes "
         f"({cfg.video.frames} frames, {cfg.video.height}×{cfg.video.width})."
         if any(p.corpus == "video" for p in cfg.pretrain)
         else "- No video pre-training.",
         f"- Model input: {list(data.shape)} voxels at {list(data.spacing)} mm; fine-tuning mode "
-        f"`{cfg.grid.base.train.mode}`, {_in_site_words(cfg)} in-site; "
+        f"`{cfg.grid.base.train.mode}` (head start `{cfg.grid.base.train.head_init}`), {_in_site_words(cfg)} in-site; "
         f"training fractions {list(cfg.grid.fractions)}; seeds {list(cfg.grid.seeds)}.",
         "- Backbones: "
         + ", ".join(f"`{b.label}` = {b.name} {dict(b.kwargs) or ''}".strip() for b in cfg.grid.backbones)
@@ -164,6 +277,8 @@ def write_experiment_report(
         "",
         *_pretrain_table(cfg, pretrain_dirs),
         "",
+        *_oracle_md(cfg, oracle or {}),
+        *_domain_gap_md(domain_gaps or {}),
     ]
     in_summary, in_tables = _tables(grid_dirs["in_site"] / "results.csv")
     lines += [f"## In-site results ({_in_site_words(cfg)} over all sites)", "", in_tables, ""]
@@ -196,6 +311,7 @@ def write_experiment_report(
             for png in sorted((grid_dirs["out_of_site"] / "plots").glob("*_per_site.png")):
                 lines.append(f"![{png.stem}]({os.path.relpath(png, out)})")
             lines.append("")
+    lines += _head_choices_md(grid_dirs)
     lines += [
         "## What this can and cannot show",
         "",

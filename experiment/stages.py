@@ -2,13 +2,16 @@
 
 Stages, each resumable and skipped when its outputs exist:
 
-1. ``corpus``   unlabelled synthetic MRI for pre-training (``python -m synth generate``)
-2. ``cohorts``  labelled AD / PD / brain-age cohorts over K scanner sites (``python -m synth cohort``)
-3. ``video``    synthetic clips of moving, deforming shapes (``synth.video``; the video corpus, no downloads)
-4. ``pretrain`` one DeepSpeed run per entry of ``pretrain`` (``python -m pretrain``), each exporting an encoder
-5. ``finetune`` scratch vs every pre-trained init on every task and training fraction (``finetune.grid``),
-   with subject-level k-fold CV; then the same grid tested on held-out sites
-6. ``report``   ``report.md``: the tables, learning curves and out-of-site results
+1. ``corpus``     unlabelled synthetic MRI for pre-training (``python -m synth generate``)
+2. ``cohorts``    labelled AD / PD / brain-age cohorts over K scanner sites (``python -m synth cohort``), from the
+   corpus's generator settings or their own (``synth.cohort_config``, ``synth.cohort_overrides``)
+3. ``oracle``     each generated cohort's ceiling: a linear model on its true regional volumes (``experiment.oracle``)
+4. ``domain_gap`` how well classifiers tell the corpus's volumes from each generated cohort's (``synth.gap``)
+5. ``video``      synthetic clips of moving, deforming shapes (``synth.video``; the video corpus, no downloads)
+6. ``pretrain``   one DeepSpeed run per entry of ``pretrain`` (``python -m pretrain``), each exporting an encoder
+7. ``finetune``   scratch vs every pre-trained init on every fine-tuned task and training fraction
+   (``finetune.grid``), with subject-level k-fold CV; then the same grid tested on held-out sites
+8. ``report``     ``report.md``: the tables, learning curves and out-of-site results
 
 The synth and pretrain stages run as child processes through the same CLIs a user runs (so DeepSpeed starts and
 ends cleanly, and each child resumes on its own terms); fine-tuning runs in this process.
@@ -37,14 +40,17 @@ from common.data import read_manifest
 from common.errors import ConfigError, NeurotransferError
 from common.io import atomic_write_text
 from common.models import list_backbones
-from experiment.config import ExperimentConfig, PretrainSpec, validate
+from experiment.config import ExperimentConfig, PretrainSpec, finetuned_cohorts, validate
+from experiment.oracle import oracle_ceiling
 from experiment.report import write_experiment_report
 from finetune.config import GridConfig, InitEntry
 from finetune.config import validate as validate_run
 from finetune.grid import expand, run_grid
 from pretrain.config import PretrainConfig, SynthMRIConfig
 from pretrain.config import validate as validate_pretrain
+from pretrain.views import rescan_views
 from synth.config import SynthConfig
+from synth.gap import domain_gap
 from synth.video import write_synthetic_videos
 
 log = logging.getLogger(__name__)
@@ -127,6 +133,12 @@ class Experiment:
                 validate_pretrain(cfg)
             except ConfigError as e:
                 raise ConfigError(f"pretrain entry {spec.name!r} ({spec.config} + its overrides): {e}") from None
+            if spec.corpus == "synthmri" and rescan_views(cfg) and self.cfg.synth.corpus_renderings < 2:
+                raise ConfigError(
+                    f"pretrain entry {spec.name!r} asks for rescan views (objective.contrastive.views=rescan), which "
+                    f"need two scans of each corpus subject; set synth.corpus_renderings: 2 (now "
+                    f"{self.cfg.synth.corpus_renderings})"
+                )
         self._check_cohorts()
         for ood in (False, True) if self.cfg.ood else (False,):
             self._check_grid(ood)
@@ -146,23 +158,34 @@ class Experiment:
                 )
 
     def synth_config(self, corpus: bool) -> SynthConfig:
-        """synth's config for the corpus (``corpus``) or the cohorts: defaults ⊕ ``synth.overrides``, at
-        ``spacing`` (and, for the corpus, ``synth.contrast``), checked by synth's own schema."""
+        """synth's config for the corpus (``corpus``) or the cohorts, checked by synth's own schema, at ``spacing``.
+
+        The corpus: synth's defaults ⊕ ``synth.overrides``, in ``synth.contrast``. The cohorts: ``synth.cohort_config``
+        (a synth YAML; none: synth's defaults) ⊕ ``synth.overrides`` ⊕ ``synth.cohort_overrides`` — the file's own
+        ``spacing`` is replaced (every synth YAML states one), its contrast is the cohorts'."""
         s = self.cfg.synth
-        owned = {"spacing": "spacing", "contrast": "synth.contrast"}
-        for item in s.overrides:
-            key = item.partition("=")[0].strip()
-            if key in owned:
-                raise ConfigError(f"synth.overrides sets {key} ({item!r}); set {owned[key]} instead (one key per fact)")
+        lists = {"synth.overrides": s.overrides} | ({} if corpus else {"synth.cohort_overrides": s.cohort_overrides})
+        for name, items in lists.items():
+            # the key the experiment sets it from (synth.contrast is the corpus's: the cohorts' contrast is theirs)
+            owned = {"spacing": "spacing"} | ({"contrast": "synth.contrast"} if name == "synth.overrides" else {})
+            for item in items:
+                key = item.partition("=")[0].strip()
+                if key in owned:
+                    raise ConfigError(f"{name} sets {key} ({item!r}); set {owned[key]} instead (one key per fact)")
+        file = None if corpus else s.cohort_config
+        if file is not None and not Path(file).is_file():
+            raise ConfigError(f"synth.cohort_config: {file} not found (a synth YAML, as in configs/synth/)")
+        overrides = [item for items in lists.values() for item in items]
+        where = " + ".join(([f"synth.cohort_config {file}"] if file else []) + [f"{k} {v}" for k, v in lists.items()])
         try:
-            base = to_object(load_config(SynthConfig, None, s.overrides))
+            base = to_object(load_config(SynthConfig, file, overrides))
             return dataclasses.replace(base, spacing=self.cfg.spacing, **({"contrast": s.contrast} if corpus else {}))
         except NeurotransferError as e:
             problem = str(e).splitlines()[0].removeprefix("command line: ")
-            raise ConfigError(f"synth.overrides {list(s.overrides)}: {problem}") from None
+            raise ConfigError(f"{where}: {problem}") from None
         except Exception as e:  # OmegaConf wraps SynthConfig's own check (__post_init__): keep its message
             cause = e.__cause__ or e.__context__ or e
-            raise ConfigError(f"synth.overrides {list(s.overrides)}: {str(cause).splitlines()[0]}") from None
+            raise ConfigError(f"{where}: {str(cause).splitlines()[0]}") from None
 
     def _check_grid(self, ood: bool) -> None:
         """Each cell's ``RunConfig`` as ``finetune.grid`` builds it, through ``finetune.config.validate``; the
@@ -223,7 +246,16 @@ class Experiment:
             ]
         else:
             cmd = self._synth_cmd(
-                "generate", True, "--out", str(self.corpus_dir()), "--n", str(s.corpus_n), "--seed", str(self.cfg.seed)
+                "generate",
+                True,
+                "--out",
+                str(self.corpus_dir()),
+                "--n",
+                str(s.corpus_n),
+                "--seed",
+                str(self.cfg.seed),
+                "--renderings",
+                str(s.corpus_renderings),
             )
         _child(cmd, self.out / "logs" / "corpus.log")
 
@@ -251,6 +283,37 @@ class Experiment:
 
     def _cohorts_done(self) -> bool:
         return all(self._manifest_complete(self.cohort_dir(t), spec.n) for t, spec in self.cfg.synth.cohorts.items())
+
+    def oracle_file(self) -> Path:
+        return self.out / "oracle.json"
+
+    def _oracle(self) -> None:
+        """Every generated cohort's oracle ceiling (``experiment.oracle``), bootstrapped as the grid's cells are."""
+        ceilings = {}
+        for task in self.cfg.synth.cohorts:
+            manifest = self.cohort_dir(task) / "manifest.csv"
+            ceilings[task] = oracle_ceiling(
+                pd.read_csv(manifest), task, self.cfg.grid.base.bootstrap, self.cfg.seed, source=str(manifest)
+            )
+            log.info("oracle ceiling of %s: %s %.3f", task, ceilings[task]["metric"], ceilings[task]["value"])
+        atomic_write_text(self.oracle_file(), json.dumps(ceilings, indent=1))
+
+    def gap_file(self) -> Path:
+        return self.out / "domain_gap.json"
+
+    def _domain_gap(self) -> None:
+        """The domain gap between the corpus and each generated cohort (``synth.gap.domain_gap``), saved after each
+        cohort: a killed run keeps the gaps it measured."""
+        gaps = json.loads(self.gap_file().read_text()) if self.gap_file().is_file() else {}
+        for task in self.cfg.synth.cohorts:
+            if task not in gaps:
+                gaps[task] = domain_gap(self.corpus_dir(), self.cohort_dir(task), seed=self.cfg.seed)
+                log.info("domain gap corpus -> %s: voxel ROC-AUC %.3f", task, gaps[task]["voxels"]["roc_auc"])
+                atomic_write_text(self.gap_file(), json.dumps(gaps, indent=1))
+
+    def _covers_cohorts(self, path: Path) -> bool:
+        """Whether the JSON at ``path`` holds a result for every generated cohort (a rerun does not recompute it)."""
+        return path.is_file() and set(self.cfg.synth.cohorts) <= set(json.loads(path.read_text()))
 
     @staticmethod
     def _manifest_complete(folder: Path, n: int) -> bool:
@@ -322,7 +385,7 @@ class Experiment:
 
     def grid_config(self, ood: bool) -> GridConfig:
         grid = copy.deepcopy(self.cfg.grid)
-        grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in self.cfg.synth.cohorts}
+        grid.tasks = {t: str(self.cohort_dir(t) / "manifest.csv") for t in finetuned_cohorts(self.cfg)}
         grid.tasks.update(self.cfg.cohorts)
         grid.inits = [InitEntry(name="scratch", spec="scratch")] + [
             InitEntry(name=spec.name, spec=str(self.export_path(spec)), backbones=[spec.backbone])
@@ -350,10 +413,14 @@ class Experiment:
     def stages(self) -> list[Stage]:
         stages = []
         if self.makes_corpus():
-            corpus_done = lambda: self._manifest_complete(self.corpus_dir(), self.cfg.synth.corpus_n)
+            s = self.cfg.synth
+            corpus_done = lambda: self._manifest_complete(self.corpus_dir(), s.corpus_n * s.corpus_renderings)
             stages.append(Stage("corpus", corpus_done, self._corpus))
         if self.cfg.synth.cohorts:
             stages.append(Stage("cohorts", self._cohorts_done, self._cohorts))
+            stages.append(Stage("oracle", lambda: self._covers_cohorts(self.oracle_file()), self._oracle))
+            if self.makes_corpus():
+                stages.append(Stage("domain_gap", lambda: self._covers_cohorts(self.gap_file()), self._domain_gap))
         if any(spec.corpus == "video" for spec in self.cfg.pretrain):
             stages.append(Stage("video", self.video_dir().is_dir, self._video))
         for spec in self.cfg.pretrain:
@@ -403,12 +470,20 @@ class Experiment:
         return self.out / "report.md"
 
     def _report(self) -> None:
+        # a result of a cohort this config no longer generates (an earlier run's) is left out
+        read = lambda path: {
+            task: result
+            for task, result in (json.loads(path.read_text()) if path.is_file() else {}).items()
+            if task in self.cfg.synth.cohorts
+        }
         write_experiment_report(
             self.cfg,
             self.out,
             dict(self.timings),
             {spec.name: self.pretrain_dir(spec) for spec in self.cfg.pretrain},
             {"in_site": self.grid_dir(False), "out_of_site": self.grid_dir(True)},
+            oracle=read(self.oracle_file()),
+            domain_gaps=read(self.gap_file()),
         )
 
 

@@ -11,7 +11,7 @@ from finetune.protocol import SCHEMES, ProtocolConfig
 
 TRAIN_MODES = ("linear", "full", "lora")  # finetune.modes.MODES implements each
 HEAD_NORMS = ("batch", "none")  # features standardised over the batch before the head, or not
-HEAD_INITS = ("random", "probe")  # full / LoRA fine-tuning: a small random head, or the linear probe's (LP-FT)
+HEAD_INITS = ("random", "probe", "choose")  # full / LoRA: a random head, the probe's (LP-FT), or the better one
 THRESHOLDS = ("youden", "argmax")  # a binary task's decision cut
 MISSING = ("drop", "error")  # a row whose label or covariate cell is empty: left out and counted, or refused
 
@@ -77,7 +77,8 @@ class TrainConfig:
     head_dropout: float = 0.0
     # HEAD_INITS: probe = the head starts as a linear probe of the frozen initial features, its strength chosen on
     # the validation subjects (LP-FT, Kumar et al. 2022: a random head's first gradients distort pre-trained
-    # features, and few labels give it few steps to catch up)
+    # features, and few labels give it few steps to catch up); choose = each fold trained from both starts, the
+    # one with the better best validation score kept (twice the training time)
     head_init: str = "random"
     precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda

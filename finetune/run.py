@@ -385,7 +385,7 @@ def _save_model(
         "fold_name": info["name"],
         "seed": cfg.train.seed,
         "fraction": cfg.fraction,
-        **{k: info[k] for k in ("n_train", "n_val", "n_test", "val_score", "best_epoch") if k in info},
+        **{k: info[k] for k in ("n_train", "n_val", "n_test", "val_score", "best_epoch", "head_init") if k in info},
     }
     return write_model_folder(folder, model, preprocess_config(cfg.data), task, {"fine_tuning": tuning}, train)
 

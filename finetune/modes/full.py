@@ -1,13 +1,19 @@
 """Full fine-tuning: AdamW with layer-wise lr decay (ViTs), linear warm-up + cosine, class-weighted loss,
 early stopping on the validation metric, bf16 autocast where the hardware has it. A step whose loss is NaN/Inf
-is skipped and counted; ``MAX_NONFINITE_STREAK`` of them in a row stop the fold with advice."""
+is skipped and counted; ``MAX_NONFINITE_STREAK`` of them in a row stop the fold with advice.
+
+The head starts random, as the linear probe (LP-FT), or as whichever of the two validates better
+(``train.head_init=choose``: the fold is trained from both starts and the better best-epoch validation score is
+kept; the test rows are predicted by the kept model only)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_NONFINITE_STREAK = 10  # NaN/Inf training losses in a row that stop the fold (as pre-training's default)
 ADVICE = "use train.precision=fp32 or a lower optim.lr"
+HEAD_STARTS = ("random", "probe")  # what train.head_init=choose trains from, in this order (a tie keeps the first)
 
 
 def param_groups(model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -93,13 +100,56 @@ def predict(
     return torch.cat(outs) if outs else torch.zeros(0, 1)
 
 
+@dataclass
+class Fitted:
+    """A fold's model trained from one head start, its best validation epoch restored."""
+
+    model: FineTuneModel
+    decode: Callable[[torch.Tensor], np.ndarray]  # model outputs -> probabilities or predictions in target units
+    score: tuple[float, float]  # its best validation score (``_validate``: larger is better)
+    info: dict  # what metrics.json records for the fold
+
+
 def fit_predict_full(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train backbone + head on the training rows, keep the best validation epoch, predict val and test."""
+    """Train backbone + head on the training rows, keep the best validation epoch, predict val and test.
+
+    ``cfg.head_init`` names the head's start, or ``choose``: the fold is trained from each of ``HEAD_STARTS`` with
+    the same seed, rows and batch order, and the model whose best validation score is higher is kept (ties broken
+    by the validation loss, as early stopping breaks them; a full tie keeps ``random``). Its info says which
+    (``head_init``) and both scores (``head_val_scores``); only the kept model sees the test rows."""
+    if cfg.head_init == "choose":
+        fitted = {start: _fit(_for_start(inputs, start), cfg, optim, start) for start in HEAD_STARTS}
+        start = max(HEAD_STARTS, key=lambda s: fitted[s].score)
+        scores = {s: fitted[s].info["val_score"] for s in HEAD_STARTS}
+        log.info("fold %d: head_init choose -> %s (validation scores %s)", inputs.fold, start, scores)
+        kept = fitted[start]
+        kept.info["head_val_scores"] = scores
+        del fitted  # the other start's model leaves (device) memory before the predictions
+    else:
+        kept = _fit(inputs, cfg, optim, cfg.head_init)
+    if inputs.on_fitted is not None:
+        inputs.on_fitted(kept.model)
+    device, precision = resolve_device(cfg.device, key="train.device"), kept.info["precision"]
+    val_out, test_out = (
+        kept.decode(predict(kept.model, inputs.volumes, rows, cfg.batch_size, device, precision))
+        for rows in (inputs.val_idx, inputs.test_idx)
+    )
+    return val_out, test_out, kept.info
+
+
+def _for_start(inputs: FoldInputs, start: str) -> FoldInputs:
+    """The fold's inputs for one of ``choose``'s runs: its TensorBoard curves under a prefix of their own."""
+    return dataclasses.replace(inputs, tb_prefix=f"{inputs.tb_prefix}head_{start}/")
+
+
+def _fit(inputs: FoldInputs, cfg, optim, head_init: str) -> Fitted:
+    """Train from the head start ``head_init`` (``random`` or ``probe``) until early stopping and restore the best
+    validation epoch; nothing is predicted on the test rows."""
     seed_everything(inputs.seed)
     device = resolve_device(cfg.device, key="train.device")
     classification = inputs.kind == "classification"
     y = inputs.y
-    tr, va, te = inputs.train_idx, inputs.val_idx, inputs.test_idx
+    tr, va = inputs.train_idx, inputs.val_idx
 
     if classification:
         targets = torch.as_tensor(y, dtype=torch.long)
@@ -120,7 +170,7 @@ def fit_predict_full(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.nda
     model = FineTuneModel(inputs.make_backbone(), out_dim, cfg.head_dropout, cfg.head_norm).to(device)
     precision = _train_precision(model, loss_fn, inputs, targets, cfg, device, classification)
     head_probe = None
-    if cfg.head_init == "probe":
+    if head_init == "probe":
         head_probe = init_head_from_probe(
             model, inputs, targets.numpy(), cfg.batch_size, device, precision, cfg.probe_l2
         )
@@ -147,7 +197,8 @@ def fit_predict_full(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.nda
     # step, so that a skipped step leaves none of its NaNs in the model
     stats = [b for b in model.buffers() if b.is_floating_point()]
     kept = [b.clone() for b in stats]
-    bar = progress(total=cfg.epochs, desc=f"fold {inputs.fold}", unit="epoch", leave=False, disable=None)
+    desc = f"fold {inputs.fold}, {head_init} head"
+    bar = progress(total=cfg.epochs, desc=desc, unit="epoch", leave=False, disable=None)
     for epoch in range(cfg.epochs):
         model.train()
         running = torch.zeros((), device=device)
@@ -207,23 +258,17 @@ def fit_predict_full(inputs: FoldInputs, cfg, optim) -> tuple[np.ndarray, np.nda
             f"fold {inputs.fold}: the training loss was NaN/Inf at every step ({skipped}); nothing trained: {ADVICE}"
         )
     model.load_state_dict(best_state)
-    if inputs.on_fitted is not None:
-        inputs.on_fitted(model)
-    val_out = decode(predict(model, inputs.volumes, va, cfg.batch_size, device, precision))
-    test_out = decode(predict(model, inputs.volumes, te, cfg.batch_size, device, precision))
-    return (
-        val_out,
-        test_out,
-        {
-            "best_epoch": selector.best_epoch,
-            "epochs_run": epoch + 1,
-            "val_score": float(selector.best_score[0]),
-            "precision": precision,
-            "nonfinite_skipped": skipped,
-            **({"head_probe_l2": head_probe} if head_probe is not None else {}),
-            **({} if classification else {"target_mean": mean, "target_std": std}),  # the head predicts z-scores
-        },
-    )
+    info = {
+        "best_epoch": selector.best_epoch,
+        "epochs_run": epoch + 1,
+        "val_score": float(selector.best_score[0]),
+        "precision": precision,
+        "nonfinite_skipped": skipped,
+        "head_init": head_init,
+        **({"head_probe_l2": head_probe} if head_probe is not None else {}),
+        **({} if classification else {"target_mean": mean, "target_std": std}),  # the head predicts z-scores
+    }
+    return Fitted(model, decode, selector.best_score, info)
 
 
 def _train_precision(model, loss_fn, inputs: FoldInputs, targets, cfg, device, classification: bool) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_every_stage_wrote_its_outputs(finished):
         manifest = pd.read_csv(out / "data" / f"cohort_{task}" / "manifest.csv")
         assert len(manifest) == 12 and set(manifest["site"]) == {"site0", "site1"}
     assert len(pd.read_csv(out / "data" / "synthmri" / "manifest.csv")) == 4
+    assert all(
+        set(json.loads((out / f).read_text())) == {"ad", "pd", "brain_age"} for f in ("oracle.json", "domain_gap.json")
+    )
     assert len(list((out / "data" / "video").glob("*.mp4"))) == 2
     for spec in cfg.pretrain:
         meta = read_export_metadata(out / "pretrain" / spec.name / "export" / "encoder.safetensors")
@@ -76,11 +80,18 @@ def _column(text: str, header: str) -> list[str]:
 def test_report_shows_finite_numbers_and_its_images(finished):
     _, out, report = finished
     text = report.read_text()
-    for heading in ("## In-site results", "### Gain of each pre-trained init over scratch", "## Out-of-site"):
+    for heading in (
+        "## Oracle ceiling",
+        "## Domain gap",
+        "## In-site results",
+        "### Gain of each pre-trained init over scratch",
+        "## Out-of-site",
+    ):
         assert heading in text
     gains = _column(text, "gain (95 % CI)")  # "+0.041 [-0.020, +0.100]" per paired comparison
     primary = [c for c in _column(text, "(95 % CI)") if c not in gains]  # "0.812 [0.601, 0.950] ★" per cell
-    assert len(primary) == 3 * 5 * 2 + 3 * 5  # tasks x (backbone, init) x fractions, + out-of-site
+    # tasks x (backbone, init) x fractions, + out-of-site, + each cohort's oracle ceiling
+    assert len(primary) == 3 * 5 * 2 + 3 * 5 + 3
     assert all(math.isfinite(float(cell.split()[0])) for cell in primary), primary
     assert gains and all(math.isfinite(float(g.split()[0])) for g in gains), gains
     assert set(_column(text, "verdict")) == {"too_few"}  # 12 subjects: below the 20 a verdict needs

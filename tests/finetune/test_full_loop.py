@@ -214,3 +214,56 @@ def test_lp_ft_chooses_its_head_from_the_linear_probes_grid():
         assert info["head_probe_l2"] == l2
         starts[l2] = val_out
     assert np.abs(starts[0.5] - starts[5e4]).max() > 1.0  # 5e4 shrinks the ridge towards the mean age
+
+
+@pytest.mark.parametrize(
+    "random_scores, probe_scores, chosen, best",
+    [
+        ([0.6, 0.95, 0.7, 0.6], [0.8, 0.9, 0.85, 0.8], "random", 1),  # random's epoch 1
+        ([0.6, 0.7, 0.65, 0.6], [0.8, 0.6, 0.9, 0.8], "probe", 4 + 2),  # probe's epoch 2, after random's 4
+    ],
+)
+def test_choose_keeps_the_head_start_that_validates_better(monkeypatch, random_scores, probe_scores, chosen, best):
+    """``head_init=choose`` trains the fold from a random head, then from the probe (patience 9: every epoch runs),
+    and keeps the run whose best validation score is higher, at its best epoch; only that model predicts the test
+    rows, once. Scripted so that each start wins once."""
+    states = scripted_validation(monkeypatch, random_scores + probe_scores)
+    inputs = classification_fold()
+    tested, unpatched = [], full.predict
+
+    def predict(model, volumes, idx, *args):
+        if idx is inputs.test_idx:
+            tested.append(model)
+        return unpatched(model, volumes, idx, *args)
+
+    monkeypatch.setattr(full, "predict", predict)
+    fitted = []
+    inputs.on_fitted = lambda model: fitted.append((model, copy.deepcopy(model.state_dict())))
+    _, _, info = full.fit_predict_full(inputs, *config(epochs=4, patience=9, head_init="choose"))
+    assert info["head_init"] == chosen
+    assert info["head_val_scores"] == {"random": max(random_scores), "probe": max(probe_scores)}
+    assert len(states) == 8 and len(fitted) == 1
+    assert_same_state(fitted[0][1], states[best])
+    assert tested == [fitted[0][0]]  # the test rows were predicted once, by the kept model
+
+
+def test_choose_predicts_what_the_chosen_head_start_alone_predicts():
+    """The two runs of ``choose`` are the runs each start makes alone (same seed, rows, batch order, augmentation
+    and dropout draws): the kept model's predictions and weights equal the chosen start's run on its own, and the
+    other start's recorded score is what it scores alone."""
+    inputs = classification_fold(augment=True)
+    cfg = dict(epochs=3, head_dropout=0.3, head_norm="batch")
+    fitted = fitted_state(inputs)
+    val_out, test_out, info = full.fit_predict_full(inputs, *config(head_init="choose", **cfg))
+    alone = {}
+    for start in ("random", "probe"):
+        torch.manual_seed(123)  # a process's random stream before the run: each run must draw from its own seed
+        again = classification_fold(augment=True)
+        state = fitted_state(again)
+        alone[start] = (*full.fit_predict_full(again, *config(head_init=start, **cfg)), state[0])
+    val_alone, test_alone, info_alone, state_alone = alone[info["head_init"]]
+    np.testing.assert_array_equal(test_out, test_alone)
+    np.testing.assert_array_equal(val_out, val_alone)
+    assert_same_state(fitted[0], state_alone)
+    assert {k: v for k, v in info.items() if k != "head_val_scores"} == info_alone
+    assert info["head_val_scores"] == {start: alone[start][2]["val_score"] for start in alone}
