@@ -182,12 +182,31 @@ def _loss_and_grads(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model)
         loss.float().backward()
-        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        # the gradients themselves, in their dtype: ``preserved`` unsets them on the model, nothing writes them
+        grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
     return float(loss.detach().float()), grads
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-30))
+def _dot_and_squares(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """a·b, a·a and b·b in float64."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    return float(a @ b), float(a @ a), float(b @ b)
+
+
+def _cosine(ab: float, aa: float, bb: float) -> float:
+    return ab / max(math.sqrt(aa) * math.sqrt(bb), 1e-30)  # 0 where either vector is 0
+
+
+def gradient_cosines(
+    grads16: dict[str, torch.Tensor], grads32: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, float]]:
+    """The cosine of the whole bf16 gradient with fp32's, and of each weight's (2-D and up, fp32 gradient not 0).
+    Summed from per-tensor dot products and squares in float64, one tensor at a time: concatenating every
+    gradient into flat vectors would copy the whole model twice at start-up."""
+    sums = {n: _dot_and_squares(grads16[n], g) for n, g in grads32.items()}
+    total = _cosine(*(math.fsum(s[i] for s in sums.values()) for i in range(3)))
+    weights = {n: _cosine(*sums[n]) for n, g in grads32.items() if g.ndim >= 2 and sums[n][2] > 0}
+    return total, weights
 
 
 def self_check(
@@ -211,10 +230,7 @@ def self_check(
     if set(grads16) != set(grads32):
         return False, "bf16 leaves different parameters without a gradient than fp32"
     loss_err = abs(loss16 - loss32) / max(abs(loss32), 1e-6)
-    total = _cosine(
-        torch.cat([g.flatten() for g in grads16.values()]), torch.cat([g.flatten() for g in grads32.values()])
-    )
-    weights = {n: _cosine(grads16[n], g) for n, g in grads32.items() if g.ndim >= 2 and g.any()}
+    total, weights = gradient_cosines(grads16, grads32)
     worst = min(weights, key=weights.get, default=None)
     summary = f"loss {loss16:.4g} vs {loss32:.4g} in fp32 ({loss_err:.1%} off), gradient cosine {total:.3f}" + (
         f" (lowest {worst}: {weights[worst]:.3f})" if worst else ""

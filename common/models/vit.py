@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 import torch
@@ -31,6 +31,16 @@ def to_3tuple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     if len(values) != 3 or not all(isinstance(v, int) and v > 0 for v in values):
         raise ConfigError(f"{name} must be a positive int or three positive ints (D, H, W), got {value!r}")
     return values  # type: ignore[return-value]
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """``blocks`` applied in turn to ``x``. With ``checkpointed`` (and autograd recording) each block keeps only its
+    input for the backward and recomputes its activations there: one block's activations held instead of all of
+    them, for one more forward of each block. The encoder's and MAE's decoder's blocks both run through here."""
+    recompute = checkpointed and torch.is_grad_enabled()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+    return x
 
 
 class PatchEmbed3D(nn.Module):
@@ -177,7 +187,8 @@ class ViT3D(nn.Module):
             drop_path_rate: stochastic depth, rising linearly from 0 to this over the blocks.
             attn_drop, proj_drop: dropout on attention weights / after projections, active only in training.
             attn_backend: "auto", "sdpa", "math" or "xformers" (see ``common.attention``).
-            grad_checkpointing: recompute each block in backward to save activation memory.
+            grad_checkpointing: recompute each block in backward to save activation memory; MAE's decoder
+                follows this switch too (``run_blocks``).
             norm_eps: every LayerNorm's eps (timm 1e-6; MONAI's ViT uses 1e-5, so its imports reproduce
                 MONAI's features with 1e-5).
         """
@@ -305,11 +316,7 @@ class ViT3D(nn.Module):
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, C)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + n_keep, C)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from common.errors import ConfigError
 from common.models.pos_embed import sincos_3d
-from common.models.vit import Block, LayerNorm, ViT3D
+from common.models.vit import Block, LayerNorm, ViT3D, run_blocks
 from pretrain.objectives.base import Objective
 
 MASKINGS = ("random", "tube")  # per token, or one spatial mask repeated along D (VideoMAE's tube)
@@ -83,6 +83,8 @@ class MaskedAutoencoder(Objective):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token", "decoder_pos_embed"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's and the decoder's blocks in the backward. The switch is the encoder's
+        (``model.grad_checkpointing`` is set there, before the objective is built), so it is one switch."""
         self.encoder.set_grad_checkpointing(enable)
 
     @property
@@ -153,8 +155,7 @@ class MaskedAutoencoder(Objective):
         x_ = torch.cat([x[:, P:], mask_tokens], dim=1)  # (B, N, Cd) visible then masked
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Cd))  # (B, N, Cd) raster order
         x = torch.cat([x[:, :P], x_], dim=1) + self.decoder_pos_embed  # (B, P + N, Cd)
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = run_blocks(self.decoder_blocks, x, self.encoder.grad_checkpointing)
         x = self.decoder_pred(self.decoder_norm(x))  # (B, P + N, pd*ph*pw*C)
         return x[:, P:]
 

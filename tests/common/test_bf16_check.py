@@ -3,14 +3,18 @@ it computes in fp32 instead, and ``auto`` keeps bf16 only where the model's own 
 kernel is simulated, so this runs on any CPU; the real one (oneDNN's, on AVX512-BF16 CPUs) is checked where it
 exists."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.functional import cosine_similarity
 
 from common import bf16_check, precision
 from common.bf16_check import (
     Fp32Conv3d,
     faulty_convolutions,
+    gradient_cosines,
     kernel_error,
     run_in_fp32,
     self_check,
@@ -106,6 +110,52 @@ def test_the_kernel_check_leaves_the_model_and_the_random_stream_as_they_were(mo
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_gradient_cosines_are_those_of_the_concatenated_gradients():
+    """``self_check`` sums per-tensor products in float64 instead of concatenating every gradient (a copy of the
+    whole model twice over): the same cosines as the flat vectors', to float rounding, bf16 gradients included."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (64, 32), "b": (32,), "conv": (8, 4, 3, 3, 3), "zero": (4, 4), "tiny": (1,)}
+    grads32 = {n: torch.randn(s, generator=g) * (n != "zero") for n, s in shapes.items()}
+    for noise in (0.1, 1.0, 3.0):
+        for dtype in (torch.float32, torch.bfloat16):
+            grads16 = {n: (v + noise * torch.randn(v.shape, generator=g)).to(dtype) for n, v in grads32.items()}
+            flat = lambda grads: torch.cat([v.float().flatten() for v in grads.values()])
+            total, weights = gradient_cosines(grads16, grads32)
+            assert total == pytest.approx(float(cosine_similarity(flat(grads16), flat(grads32), dim=0, eps=1e-30)))
+            assert weights.keys() == {"w", "conv"}  # 2-D and up, fp32 gradient not all zero
+            for n, cos in weights.items():
+                expected = cosine_similarity(grads16[n].float().flatten(), grads32[n].flatten(), dim=0, eps=1e-30)
+                assert cos == pytest.approx(float(expected), abs=1e-6)
+
+
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_rss_growth(run) -> int:
+    """Bytes by which this process's peak resident memory rose above its resident memory while ``run()`` ran."""
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS now
+        f.write("5")
+    before = proc_status_bytes("VmRSS")
+    run()
+    return proc_status_bytes("VmHWM") - before
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable VmHWM")
+def test_the_self_check_holds_no_copy_of_the_gradients_beyond_its_two_passes():
+    """At start-up the check's peak sets the run's peak where it exceeds training's: it holds fp32's gradients and
+    then bf16's (and autocast's bf16 weights), no clones and no concatenation of them. Measured: 2.3x the fp32
+    weights' bytes; 7.2x with clones and flat copies (a ViT-B MAE's start-up at 96³: 3.79 GiB, now 1.75 GiB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(16)))  # 64 MiB of weights, tiny activations
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = torch.randn(4, 1024)
+    loss = lambda m: m(x).square().mean()
+    self_check(model, loss, "cpu")  # the allocator's first growth is not the check's
+    assert peak_rss_growth(lambda: self_check(model, loss, "cpu")) < 3.5 * weights
 
 
 class GarbageGradient(torch.autograd.Function):
