@@ -80,7 +80,7 @@ class TrainConfig:
     # features, and few labels give it few steps to catch up); choose = each fold trained from both starts, the
     # one with the better best validation score kept (twice the training time)
     head_init: str = "random"
-    precision: str = "auto"  # auto (bf16 autocast where the hardware computes bf16 natively) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where the hardware computes bf16 natively) | bf16 | fp32
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     # L2 penalties λ of the linear probe (mode linear, LP-FT's head, `probe`): ridge alpha = λ, logistic C = 1/λ
     probe_l2: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])

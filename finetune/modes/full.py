@@ -1,6 +1,8 @@
 """Full fine-tuning: AdamW with layer-wise lr decay (ViTs), linear warm-up + cosine, class-weighted loss,
-early stopping on the validation metric, bf16 autocast where the hardware has it. A step whose loss is NaN/Inf
-is skipped and counted; ``MAX_NONFINITE_STREAK`` of them in a row stop the fold with advice.
+early stopping on the validation metric, bf16 where the hardware has it. In bf16 the trained weights are stored in
+bf16 and stepped through their fp32 masters (``common.master_weights``: no per-step cast of every weight, fused
+AdamW on the masters, clipping folded in); the best epoch's masters are the fp32 model returned. A step whose loss
+is NaN/Inf is skipped and counted; ``MAX_NONFINITE_STREAK`` of them in a row stop the fold with advice.
 
 The head starts random, as the linear probe (LP-FT), or as whichever of the two validates better
 (``train.head_init=choose``: the fold is trained from both starts and the better best-epoch validation score is
@@ -23,7 +25,8 @@ from torch.utils.data import DataLoader
 from common.bf16_check import train_precision
 from common.distributed import seed_everything
 from common.errors import TrainingDiverged
-from common.optim import adamw
+from common.master_weights import MasterAdamW, master_values, restore, to_bf16_weights
+from common.optim import adamw, adamw_kernel
 from common.precision import autocast, resolve_device
 from common.schedule import warmup_cosine
 from common.tb import progress
@@ -184,7 +187,12 @@ def _fit(inputs: FoldInputs, cfg, optim, head_init: str) -> Fitted:
         generator=generator,
     )
     groups = param_groups(model, optim.lr, optim.weight_decay, optim.layer_decay)
-    optimizer = adamw(groups, device, lr=optim.lr)  # fused
+    # bf16: bf16 weights, their fp32 masters in the optimizer, which also clips (after the probe, fitted in fp32)
+    masters = to_bf16_weights(model) if precision == "bf16" else {}
+    if masters:
+        optimizer = MasterAdamW(groups, masters, optim.grad_clip, lr=optim.lr, **adamw_kernel(device))
+    else:
+        optimizer = adamw(groups, device, lr=optim.lr)  # fused
     steps_per_epoch = max(1, len(loader))
     total = steps_per_epoch * cfg.epochs
     warmup = min(total, max(1, round(optim.warmup_epochs * steps_per_epoch)))
@@ -230,7 +238,7 @@ def _fit(inputs: FoldInputs, cfg, optim, head_init: str) -> Fitted:
             streak, taken = 0, taken + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if optim.grad_clip > 0:
+            if optim.grad_clip > 0 and not masters:
                 nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -249,7 +257,8 @@ def _fit(inputs: FoldInputs, cfg, optim, head_init: str) -> Fitted:
         bar.set_postfix_str(f"loss {train_loss:.3f}, val {shown}", refresh=False)
         bar.update()
         if is_best:
-            best_state = copy.deepcopy(model.state_dict())
+            with master_values(masters, model):  # the fp32 weights
+                best_state = copy.deepcopy(model.state_dict())
         if stop:
             break
     bar.close()
@@ -257,6 +266,7 @@ def _fit(inputs: FoldInputs, cfg, optim, head_init: str) -> Fitted:
         raise TrainingDiverged(
             f"fold {inputs.fold}: the training loss was NaN/Inf at every step ({skipped}); nothing trained: {ADVICE}"
         )
+    restore(masters)  # fp32 weights again, for the predictions, the model folder and the exports
     model.load_state_dict(best_state)
     info = {
         "best_epoch": selector.best_epoch,

@@ -6,7 +6,9 @@ showed the MLPs matter as much); CNNs adapt every ``Conv3d`` (peft's ``lora.Conv
 ``rank`` channels, then a 1³ up-projection). Per fold only what was trained is written:
 ``OUT/adapters/foldK.safetensors`` holds the adapters, the norms (with their running statistics) and the head.
 Then the adapters are merged into the weights they adapt (``merge_lora``): the fold's predictions and its model
-folder (``finetune.model_folder``) come from the same plain backbone, which loads without peft.
+folder (``finetune.model_folder``) come from the same plain backbone, which loads without peft. In bf16 the
+adapters, norms and head train as full fine-tuning's weights do (bf16, fp32 masters); the frozen weights stay fp32,
+so that merging adds the adapters' small update to them without rounding it away.
 """
 
 from __future__ import annotations
