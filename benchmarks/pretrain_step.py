@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -173,8 +175,8 @@ def build_steps(
     task: str, size: int, batch: int, precision: str, which=("ours", "base"), checkpointing: bool = False
 ) -> dict:
     """{"ours": step, "base": step} (or those in ``which``) for one precision, with freshly built models; the
-    SimCLR baseline starts from our initial weights. ``checkpointing``: ours recomputes its encoder's blocks in
-    the backward (``model.grad_checkpointing``; MONAI's model has no such switch)."""
+    SimCLR baseline starts from our initial weights. ``checkpointing``: ours recomputes its encoder's and its MAE
+    decoder's blocks in the backward (``model.grad_checkpointing``; MONAI's model has no such switch)."""
     cfg = recipe(task, size, batch, checkpointing)
     steps = {}
     if "ours" in which or task != "mae":
@@ -204,6 +206,14 @@ def _memory_child(task: str, which: str, size: int, batch: int, precision: str, 
     from pretrain.engine import init_distributed
 
     init_distributed()
+    # the code both sides load (MONAI's package import alone pulls in transformers, pandas and matplotlib,
+    # ~0.28 GiB) is in the baseline, so that each side's figure is its training memory, not the libraries'
+    import monai.networks.nets  # noqa: F401
+
+    import pretrain.objectives  # noqa: F401
+
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
     base = proc_status_gb("VmRSS")
     step = build_steps(task, size, batch, precision, (which,), checkpointing)[which]
     start = proc_status_gb("VmHWM") - base  # building the model and, in bf16, checking it
@@ -212,15 +222,20 @@ def _memory_child(task: str, which: str, size: int, batch: int, precision: str, 
     x = example_batch(task, size, batch)
     for _ in range(2):  # the second step has the optimizer state allocated: the steady-state peak
         step(x)
-    queue.put({"steps": proc_status_gb("VmHWM") - base, "start": start})
+    peak = proc_status_gb("VmHWM") - base
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed blocks mapped; the RSS after this is what stays
+    resident = proc_status_gb("VmRSS") - base  # between steps: weights, masters, optimizer state
+    queue.put({"steps": peak, "start": start, "resident": resident})
 
 
 def peak_memory_gb(
     task: str, which: str, size: int, batch: int, precision: str, checkpointing: bool = False
 ) -> dict[str, float]:
     """Peak memory in GiB above the imports of one model's training steps (``steps``: weights, gradients,
-    optimizer state, activations), and of building it and checking its bf16 step before them (``start``), in a
-    fresh child process."""
+    optimizer state, activations), of building it and checking its bf16 step before them (``start``), and what
+    stays between steps (``resident``: weights, masters, optimizer state), in a fresh child process. ``steps``
+    minus ``resident`` is what a step itself needs: activations, gradients and temporaries."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_child, args=(task, which, size, batch, precision, checkpointing, queue))
@@ -396,7 +411,7 @@ def grid(sizes: list[int], batches: list[int], precisions: list[str], steps: int
     rows = []
     print(
         "precision  size batch tokens |   ours s    GiB | +ckpt s    GiB |  MONAI s    GiB | ours/MONAI time  mem | "
-        "ckpt/ours time  mem",
+        "ckpt/ours time  mem | step GiB: ours +ckpt ratio",
         flush=True,
     )
     for precision in precisions:
@@ -415,19 +430,22 @@ def grid(sizes: list[int], batches: list[int], precisions: list[str], steps: int
                         step(x)
                         seconds[v] += (time.perf_counter() - start) / steps
                 del built
-                mem = {
-                    v: peak_memory_gb("mae", w, size, batch, precision, ckpt)["steps"]
-                    for v, (w, ckpt) in VARIANTS.items()
-                }
+                peaks = {v: peak_memory_gb("mae", w, size, batch, precision, ckpt) for v, (w, ckpt) in VARIANTS.items()}
+                mem = {v: p["steps"] for v, p in peaks.items()}
+                # what the step needs above the state kept between steps: activations, gradients, temporaries
+                step_mem = {v: p["steps"] - p["resident"] for v, p in peaks.items()}
                 row = {"precision": precision, "size": size, "batch": batch, "tokens": (size // 16) ** 3}
                 row.update({f"{v}_s": round(seconds[v], 3) for v in VARIANTS})
                 row.update({f"{v}_gib": round(mem[v], 3) for v in VARIANTS})
+                row.update({f"{v}_step_gib": round(step_mem[v], 3) for v in VARIANTS})
                 rows.append(row)
                 print(
                     f"{precision:>9} {size:5d} {batch:5d} {row['tokens']:6d} | "
                     + " | ".join(f"{seconds[v]:8.3f} {mem[v]:6.2f}" for v in VARIANTS)
                     + f" | {seconds['ours'] / seconds['monai']:15.2f} {mem['ours'] / mem['monai']:4.2f} | "
-                    f"{seconds['ours_ckpt'] / seconds['ours']:14.2f} {mem['ours_ckpt'] / mem['ours']:4.2f}",
+                    f"{seconds['ours_ckpt'] / seconds['ours']:14.2f} {mem['ours_ckpt'] / mem['ours']:4.2f} | "
+                    f"{step_mem['ours']:14.2f} {step_mem['ours_ckpt']:5.2f} "
+                    f"{step_mem['ours_ckpt'] / step_mem['ours']:5.2f}",
                     flush=True,
                 )
     exponents: dict[str, dict[str, dict[int, float]]] = {}
