@@ -200,6 +200,17 @@ def proc_status_gb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _in_child(target, *args):
+    """``target(*args, queue)`` run in a fresh process (a world of one of its own); what it puts on the queue."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
 def _memory_child(task: str, which: str, size: int, batch: int, precision: str, checkpointing: bool, queue) -> None:
     for key in ENV_OF_A_WORLD:  # a world of one of its own (the parent's port is taken)
         os.environ.pop(key, None)
@@ -236,13 +247,7 @@ def peak_memory_gb(
     optimizer state, activations), of building it and checking its bf16 step before them (``start``), and what
     stays between steps (``resident``: weights, masters, optimizer state), in a fresh child process. ``steps``
     minus ``resident`` is what a step itself needs: activations, gradients and temporaries."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(task, which, size, batch, precision, checkpointing, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    return _in_child(_memory_child, task, which, size, batch, precision, checkpointing)
 
 
 def matmul_peak_gflops(dtype: torch.dtype, sizes=(2048, 3072), reps: int = 3) -> float:
@@ -402,9 +407,30 @@ def compare(task: str, size: int, batch: int, steps: int, precisions, peak: dict
 VARIANTS = {"ours": ("ours", False), "ours_ckpt": ("ours", True), "monai": ("base", False)}
 
 
+def _grid_times_child(size: int, batch: int, precision: str, steps: int, queue) -> None:
+    """Seconds per step of each of ``VARIANTS`` at one grid cell, timed alternately (a process per cell: the
+    engines of a cell are not all freed when it ends, and a whole grid in one process runs out of memory)."""
+    for key in ENV_OF_A_WORLD:
+        os.environ.pop(key, None)
+    from pretrain.engine import init_distributed
+
+    init_distributed()
+    x = example_batch("mae", size, batch)
+    built = {v: build_steps("mae", size, batch, precision, (w,), ckpt)[w] for v, (w, ckpt) in VARIANTS.items()}
+    for step in built.values():  # warm-up: allocator, optimizer state, oneDNN kernels
+        step(x)
+    seconds = dict.fromkeys(built, 0.0)
+    for _ in range(steps):
+        for v, step in built.items():
+            start = time.perf_counter()
+            step(x)
+            seconds[v] += (time.perf_counter() - start) / steps
+    queue.put(seconds)
+
+
 def grid(sizes: list[int], batches: list[int], precisions: list[str], steps: int) -> dict:
     """The cost-growth table: seconds per MAE step and peak memory of each of ``VARIANTS`` at every input size
-    (cubes) and batch, per precision, timed alternately in this process; then per precision, variant and batch
+    (cubes) and batch, per precision, timed alternately in a process per cell; then per precision, variant and batch
     the exponent ``a`` of time ∝ tokens^a fitted (least squares in log-log) over the sizes."""
     import numpy as np
 
@@ -417,19 +443,7 @@ def grid(sizes: list[int], batches: list[int], precisions: list[str], steps: int
     for precision in precisions:
         for size in sizes:
             for batch in batches:
-                x = example_batch("mae", size, batch)
-                built = {
-                    v: build_steps("mae", size, batch, precision, (w,), ckpt)[w] for v, (w, ckpt) in VARIANTS.items()
-                }
-                for step in built.values():  # warm-up: allocator, optimizer state, oneDNN kernels
-                    step(x)
-                seconds = dict.fromkeys(built, 0.0)
-                for _ in range(steps):
-                    for v, step in built.items():
-                        start = time.perf_counter()
-                        step(x)
-                        seconds[v] += (time.perf_counter() - start) / steps
-                del built
+                seconds = _in_child(_grid_times_child, size, batch, precision, steps)
                 peaks = {v: peak_memory_gb("mae", w, size, batch, precision, ckpt) for v, (w, ckpt) in VARIANTS.items()}
                 mem = {v: p["steps"] for v, p in peaks.items()}
                 # what the step needs above the state kept between steps: activations, gradients, temporaries
