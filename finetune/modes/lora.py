@@ -7,8 +7,8 @@ showed the MLPs matter as much); CNNs adapt every ``Conv3d`` (peft's ``lora.Conv
 ``OUT/adapters/foldK.safetensors`` holds the adapters, the norms (with their running statistics) and the head.
 Then the adapters are merged into the weights they adapt (``merge_lora``): the fold's predictions and its model
 folder (``finetune.model_folder``) come from the same plain backbone, which loads without peft. In bf16 the
-adapters, norms and head train as full fine-tuning's weights do (bf16, fp32 masters); the frozen weights stay fp32,
-so that merging adds the adapters' small update to them without rounding it away.
+adapters and the head train as full fine-tuning's weights do (bf16, with fp32 masters; the norms in fp32); the
+frozen weights stay fp32, so that merging adds the adapters' small update to them without rounding it away.
 """
 
 from __future__ import annotations
